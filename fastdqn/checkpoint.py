@@ -1,0 +1,90 @@
+"""Checkpoint files: written atomically, loaded without executing code from the file.
+
+A checkpoint is `ckpt-<env_step>.pt` in the run dir. Writing goes to a temporary file in the same dir, is
+fsynced, then renamed over the final name, so a crash at any moment leaves either the old set of checkpoints
+or the new one, never a half-written file under a checkpoint name. The newest `keep` checkpoints are kept.
+Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings and containers of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdqn.errors import CheckpointError
+
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: Path, env_step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{env_step:012d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep: int) -> Path:
+    """Atomically write `payload` as the checkpoint of `env_step`, then drop all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(run_dir, env_step)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint file safely; raise CheckpointError on a truncated, corrupt or unsafe file."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' does not exist") from None
+    except Exception as exc:  # torch raises many types for damaged files
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({reason}): "
+                              "delete it to resume from the previous one") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"'{path}' is not a fastdqn checkpoint")
+    return payload
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint in `run_dir`, or CheckpointError if there is none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn train`")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"run dir '{run_dir}' has no checkpoint (ckpt-*.pt): start a new run instead of resuming")
+    return found[-1]

@@ -1,0 +1,248 @@
+"""The one typed configuration object of a run, and how YAML files and `--set key=value` fill it.
+
+Unit convention: every count of "steps" in this file is counted in *env steps*, one transition of one env.
+A vector step of 16 envs is 16 env steps. `total_steps`, `learning_starts`, `train_every`,
+`target_update_interval`, the epsilon schedule, `eval_every`, `log_every` and `checkpoint_every` all use it,
+so a config means the same thing whatever `num_envs` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fastdqn.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line documentation (shown by `fastdqn train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Every hyperparameter of a fastdqn run. Steps are env steps (one transition of one env)."""
+
+    # --- environment -------------------------------------------------------------------------------------
+    env_id: str = _f("CartPole-v1", "gymnasium environment id (Discrete action space)")
+    num_envs: int = _f(1, "environments stepped together in one vector step")
+    vector_mode: Literal["sync", "async"] = _f("sync", "gymnasium vector env: in-process or one process per env")
+    seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
+    total_steps: int = _f(50_000, "env steps to train for (all envs together)")
+    max_episode_steps: int = _f(0, "time limit per episode, 0 = the env's own")
+
+    # --- replay ------------------------------------------------------------------------------------------
+    buffer_size: int = _f(50_000, "replay capacity in transitions (one env step each)")
+    learning_starts: int = _f(1_000, "env steps collected before the first gradient update (warm-up)")
+    batch_size: int = _f(128, "transitions per gradient update")
+    train_every: int = _f(4, "env steps between training phases; with N envs a vector step is N env steps")
+    gradient_steps: int = _f(1, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
+
+    # --- learning ----------------------------------------------------------------------------------------
+    gamma: float = _f(0.99, "discount factor, in [0, 1]")
+    learning_rate: float = _f(1e-3, "Adam learning rate (start value of the LR schedule)")
+    lr_schedule: Literal["constant", "linear"] = _f("constant", "learning rate over training: constant or linear decay")
+    lr_end: float = _f(1e-4, "final learning rate of the linear LR schedule, reached at total_steps")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    loss: Literal["huber", "mse"] = _f("huber", "TD loss: Huber (smooth L1) or mean squared error")
+    huber_delta: float = _f(1.0, "Huber loss threshold between quadratic and linear")
+    double_dqn: bool = _f(False, "Double DQN: online net picks a', target net evaluates it")
+    max_grad_norm: float = _f(10.0, "clip the global gradient norm to this; 0 = no clipping")
+    target_update: Literal["hard", "soft", "none"] = _f(
+        "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, or none (target = online net)")
+    target_update_interval: int = _f(500, "env steps between hard target copies")
+    tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
+    hidden_sizes: list[int] = _f([128, 128], "MLP hidden layer widths")
+
+    # --- exploration -------------------------------------------------------------------------------------
+    epsilon_schedule: Literal["linear", "exponential", "step", "constant"] = _f(
+        "linear", "epsilon-greedy schedule over env steps")
+    epsilon_start: float = _f(1.0, "epsilon at step 0, in [0, 1]")
+    epsilon_end: float = _f(0.05, "epsilon floor, in [0, 1]")
+    epsilon_decay_steps: int = _f(10_000, "linear: steps to reach epsilon_end; exponential: time constant; step: steps between drops")
+    epsilon_step_factor: float = _f(0.5, "step schedule: epsilon is multiplied by this at every drop")
+
+    # --- preprocessing -----------------------------------------------------------------------------------
+    clip_rewards: bool = _f(False, "store rewards clipped to [-1, 1] (returns are still reported raw)")
+    normalize_obs: bool = _f(False, "normalize observations by a running mean and std inside the network")
+
+    # --- speed -------------------------------------------------------------------------------------------
+    device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
+    compile: bool = _f(False, "torch.compile the update step")
+    amp: bool = _f(False, "bf16 autocast in the update step and acting (loss and optimizer stay fp32)")
+    torch_threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
+
+    # --- evaluation --------------------------------------------------------------------------------------
+    eval_every: int = _f(5_000, "env steps between greedy evaluations; 0 = only at the end")
+    eval_episodes: int = _f(10, "episodes per evaluation, each on its own seeded env")
+    eval_epsilon: float = _f(0.0, "epsilon during evaluation (0 = greedy)")
+    solved_return: float = _f(475.0, "evaluation mean return that counts as solved (for reports)")
+
+    # --- logging and checkpoints -------------------------------------------------------------------------
+    log_every: int = _f(1_000, "env steps between reading device counters into logs and console")
+    checkpoint_every: int = _f(10_000, "env steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept in the run dir (at least 1)")
+    save_replay: bool = _f(False, "put the replay buffer in checkpoints (exact resume, larger files)")
+
+    # ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, **changes: Any) -> Config:
+        """A validated copy with some keys changed (values are coerced like `--set`)."""
+        return from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> Config:
+        """Raise ConfigError on a value that is out of range; return self."""
+        checks: list[tuple[bool, str]] = [
+            (self.num_envs >= 1, f"num_envs must be >= 1, got {self.num_envs}"),
+            (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
+            (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.batch_size <= self.buffer_size,
+             f"batch_size ({self.batch_size}) is larger than buffer_size ({self.buffer_size}): lower batch_size or raise buffer_size"),
+            (self.learning_starts >= 0, f"learning_starts must be >= 0, got {self.learning_starts}"),
+            (self.train_every >= 1, f"train_every must be >= 1, got {self.train_every}"),
+            (self.gradient_steps >= 1, f"gradient_steps must be >= 1, got {self.gradient_steps}"),
+            (0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.lr_end > 0, f"lr_end must be > 0, got {self.lr_end}"),
+            (self.huber_delta > 0, f"huber_delta must be > 0, got {self.huber_delta}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+            (self.target_update_interval >= 1, f"target_update_interval must be >= 1, got {self.target_update_interval}"),
+            (0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}"),
+            (len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+             f"hidden_sizes must be a non-empty list of positive widths, got {self.hidden_sizes}"),
+            (0.0 <= self.epsilon_start <= 1.0, f"epsilon_start must be in [0, 1], got {self.epsilon_start}"),
+            (0.0 <= self.epsilon_end <= 1.0, f"epsilon_end must be in [0, 1], got {self.epsilon_end}"),
+            (0.0 <= self.eval_epsilon <= 1.0, f"eval_epsilon must be in [0, 1], got {self.eval_epsilon}"),
+            (self.epsilon_decay_steps >= 1, f"epsilon_decay_steps must be >= 1, got {self.epsilon_decay_steps}"),
+            (0.0 < self.epsilon_step_factor <= 1.0, f"epsilon_step_factor must be in (0, 1], got {self.epsilon_step_factor}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.eval_episodes >= 1, f"eval_episodes must be >= 1, got {self.eval_episodes}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
+            (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def field_help(name: str) -> str:
+    return FIELDS[name].metadata["help"]
+
+
+def field_type_name(name: str) -> str:
+    hint = _HINTS[name]
+    if typing.get_origin(hint) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
+    return getattr(hint, "__name__", str(hint)) if not isinstance(hint, types.GenericAlias) else str(hint)
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `fastdqn train --help` lists the keys"
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a YAML value or a command-line string into the type of field `name`, or raise ConfigError."""
+    hint = _HINTS[name]
+    bad = ConfigError(f"config key '{name}' expects {field_type_name(name)}, got {value!r}")
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise bad from None
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            raise bad
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                as_float = float(value)
+            except ValueError:
+                raise bad from None
+            if as_float.is_integer():
+                return int(as_float)
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad
+        return list(value)
+    raise bad  # pragma: no cover - every field type is handled above
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> Config:
+    """Build a validated Config from a mapping of keys to (possibly string) values."""
+    for key in values:
+        if key not in FIELDS:
+            raise unknown_key_error(key, where)
+    return Config(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML into a flat mapping; error clearly on a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass a path such as configs/cartpole.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"config file '{path}' is not valid YAML ({first}): fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """Parse `--set key=value` items into a mapping (values stay strings; `coerce` types them)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out

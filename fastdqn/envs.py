@@ -1,0 +1,161 @@
+"""Vector environments for DQN, with one explicit autoreset convention.
+
+We use gymnasium's SAME_STEP autoreset: the step that ends an episode returns the *reset* observation of the
+next episode, and the true final observation in `info["final_obs"]`. `true_next_obs` puts the final one back,
+so every vector step yields exactly one valid transition per env and no stored transition ever pairs a final
+observation with a reset one. `terminated` (a terminal state) stops bootstrapping; `truncated` (a time limit)
+does not.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from fastdqn.config import Config
+from fastdqn.errors import EnvError
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise EnvError, with close matches, if gymnasium does not know `env_id`."""
+    if env_id in gym.registry:
+        return
+    if env_id.startswith("ALE/"):
+        try:  # ale-py registers its envs on import
+            import ale_py
+
+            gym.register_envs(ale_py)
+        except ImportError:
+            raise EnvError(f"env '{env_id}' needs ale-py: pip install 'fastdqn[atari]'") from None
+        if env_id in gym.registry:
+            return
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "see gymnasium's registry for ids"
+    raise EnvError(f"unknown env id '{env_id}': {hint}")
+
+
+def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """DQN needs a Discrete action space and, here, a flat Box observation."""
+    if not isinstance(action_space, gym.spaces.Discrete):
+        raise EnvError(f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
+                       "(use SAC/TD3 for continuous actions, or discretize the env)")
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise EnvError(f"env '{env_id}' has observation space {observation_space}: fastdqn's networks take a flat "
+                       "Box (vector) observation; wrap the env (e.g. FlattenObservation)")
+
+
+def _env_factory(cfg: Config, index: int) -> Callable[[], gym.Env]:
+    def make() -> gym.Env:
+        kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
+        env = gym.make(cfg.env_id, **kwargs)
+        # Returns and lengths of whole episodes, recorded before any reward processing.
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return make
+
+
+def make_vector_env(cfg: Config, num_envs: int, *, asynchronous: bool | None = None) -> gym.vector.VectorEnv:
+    """`num_envs` copies of `cfg.env_id` in a SAME_STEP-autoreset vector env (sync unless asked otherwise)."""
+    check_env_id(cfg.env_id)
+    use_async = cfg.vector_mode == "async" if asynchronous is None else asynchronous
+    fns = [_env_factory(cfg, i) for i in range(num_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
+    try:
+        envs = vector_cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    except gym.error.Error as exc:
+        raise EnvError(f"cannot create env '{cfg.env_id}': {exc}") from None
+    try:
+        check_spaces(cfg.env_id, envs.single_observation_space, envs.single_action_space)
+    except EnvError:
+        envs.close()
+        raise
+    return envs
+
+
+def true_next_obs(next_obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
+    """The observation each env really reached: the final one where an episode just ended."""
+    if "_final_obs" not in infos:
+        return next_obs
+    real = next_obs.copy()
+    for i in np.flatnonzero(infos["_final_obs"]):
+        real[i] = infos["final_obs"][i]
+    return real
+
+
+def finished_episodes(infos: dict[str, Any]) -> list[tuple[float, int]]:
+    """(return, length) of each episode that ended in this vector step, as recorded before reward clipping."""
+    final = infos.get("final_info")
+    if not final or "episode" not in final:
+        return []
+    ep, mask = final["episode"], final["_episode"]
+    return [(float(ep["r"][i]), int(ep["l"][i])) for i in np.flatnonzero(mask)]
+
+
+# --- exact env state for checkpoints ------------------------------------------------------------------------
+# A pure-Python env's state is its attributes (numbers, arrays, RNG states). We walk the vector env and its
+# wrappers and copy those plain-data attributes, as tensors and Python scalars, so a checkpoint can restore the
+# envs mid-episode while still loading with torch.load(weights_only=True). Envs whose state lives elsewhere (C
+# extensions, subprocesses) are restored as far as their plain attributes go; see README "Stopping and resuming".
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_env(obj: Any) -> bool:
+    return isinstance(obj, (gym.Env, gym.vector.VectorEnv))
+
+
+def _encode(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, _SCALARS):
+        return True, value
+    if isinstance(value, np.random.Generator):
+        return True, {"__rng__": value.bit_generator.state}
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return True, {"__ndarray__": torch.from_numpy(np.array(value, copy=True)), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return True, value.item()
+    return False, None
+
+
+def _decode(value: Any, current: Any) -> Any:
+    if isinstance(value, dict) and "__rng__" in value:
+        current.bit_generator.state = value["__rng__"]
+        return current
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return value["__ndarray__"].numpy().astype(value["dtype"], copy=True)
+    return value
+
+
+def get_env_state(envs: gym.vector.VectorEnv) -> dict[str, Any]:
+    """Plain-data snapshot of a vector env and every wrapper and env inside it, keyed by attribute path."""
+    state: dict[str, Any] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        for name, value in vars(obj).items():
+            key = f"{path}.{name}" if path else name
+            if _is_env(value):
+                walk(value, key)
+            elif isinstance(value, (list, tuple)) and value and all(_is_env(v) for v in value):
+                for i, child in enumerate(value):
+                    walk(child, f"{key}.{i}")
+            else:
+                ok, encoded = _encode(value)
+                if ok:
+                    state[key] = encoded
+
+    walk(envs, "")
+    return state
+
+
+def set_env_state(envs: gym.vector.VectorEnv, state: dict[str, Any]) -> None:
+    """Restore a snapshot made by `get_env_state` into envs built from the same config."""
+    for key, value in state.items():
+        *parents, name = key.split(".")
+        obj: Any = envs
+        for part in parents:
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        setattr(obj, name, _decode(value, getattr(obj, name, None)))

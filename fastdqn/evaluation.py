@@ -1,0 +1,36 @@
+"""Greedy (or small-epsilon) evaluation on separately seeded envs: one episode per env, all stepped together."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastdqn.config import Config
+from fastdqn.envs import make_vector_env
+
+EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
+
+
+def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episodes: int, seed: int,
+             device: torch.device) -> np.ndarray:
+    """Returns of `episodes` episodes, episode i on an env reset with seed `seed + EVAL_SEED_OFFSET + i`.
+
+    `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
+    """
+    envs = make_vector_env(cfg, episodes, asynchronous=False)
+    try:
+        obs, _ = envs.reset(seed=[seed + EVAL_SEED_OFFSET + i for i in range(episodes)])
+        returns = np.full(episodes, np.nan)
+        while np.isnan(returns).any():
+            actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+            obs, _, _, _, infos = envs.step(actions)
+            final = infos.get("final_info", {})
+            if "episode" in final:
+                for i in np.flatnonzero(final["_episode"]):
+                    if np.isnan(returns[i]):  # only each env's first episode counts
+                        returns[i] = final["episode"]["r"][i]
+        return returns
+    finally:
+        envs.close()

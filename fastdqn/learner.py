@@ -1,0 +1,161 @@
+"""The DQN learner: online and target Q-networks, the TD update, target syncs and epsilon-greedy acting.
+
+The update step is one function (`_update_step`) that runs eager or under `torch.compile`, with or without
+bf16 autocast. Every value that changes during training (learning rate, epsilon) enters it as a tensor or
+stays outside it, so a compiled step never recompiles. Metrics accumulate on the device and are read with
+`read_metrics()` every `log_every` env steps, the only host-device synchronisation of the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdqn.config import Config
+from fastdqn.networks import build_q_network
+from fastdqn.replay import Batch
+
+METRICS = ("loss", "q_mean", "grad_norm")
+
+
+def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, next_q_target: torch.Tensor,
+               next_q_online: torch.Tensor | None = None) -> torch.Tensor:
+    """y = r + gamma * (1 - terminated) * V(s').
+
+    DQN:        V(s') = max_a' Q_target(s', a').
+    Double DQN: V(s') = Q_target(s', argmax_a' Q_online(s', a')), when `next_q_online` is given.
+    A truncated (time-limit) transition has terminated = 0 and so bootstraps like any other.
+    """
+    if next_q_online is None:
+        next_v = next_q_target.max(dim=1).values
+    else:
+        next_v = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
+    return rewards + gamma * (1.0 - terminated) * next_v
+
+
+def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float) -> torch.Tensor:
+    if kind == "huber":
+        return F.huber_loss(q, y, delta=huber_delta)
+    return F.mse_loss(q, y)
+
+
+class DQNLearner:
+    """Owns the networks and the optimizer; knows nothing about environments or replay storage."""
+
+    def __init__(self, cfg: Config, obs_shape: tuple[int, ...], n_actions: int, device: torch.device):
+        self.cfg, self.device, self.n_actions = cfg, device, n_actions
+        self.q = build_q_network(obs_shape, n_actions, cfg).to(device)
+        # "none" is the no-target-network ablation: targets come from the online net itself.
+        self.target = self.q if cfg.target_update == "none" else copy.deepcopy(self.q).requires_grad_(False)
+        # A tensor learning rate: the LR schedule changes it in place, so a compiled step never recompiles.
+        self.lr = torch.tensor(cfg.learning_rate, dtype=torch.float32, device=device)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, eps=cfg.adam_eps,
+                                          capturable=device.type == "cuda")
+        self.metrics_sum = torch.zeros(len(METRICS), device=device)
+        self.metrics_count = 0
+        self.update_step = torch.compile(self._update_step) if cfg.compile else self._update_step
+
+    # --- the update -----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                     next_obs: torch.Tensor, terminated: torch.Tensor) -> torch.Tensor:
+        """One gradient step on one batch; returns [loss, mean Q(s,a), grad norm] as a device tensor."""
+        cfg = self.cfg
+        batch_size = obs.shape[0]
+        with self._autocast():
+            if self.target is self.q or cfg.double_dqn:
+                # One forward pass over s and s' together; the s' half is used without gradient.
+                q_both = self.q(torch.cat([obs, next_obs])).float()
+                q_all, next_q_online = q_both[:batch_size], q_both[batch_size:].detach()
+            else:
+                q_all, next_q_online = self.q(obs).float(), None
+            with torch.no_grad():
+                next_q_target = next_q_online if self.target is self.q else self.target(next_obs).float()
+        y = td_targets(rewards, terminated, cfg.gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+        q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
+        loss = td_loss(q, y, cfg.loss, cfg.huber_delta)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), max_norm)
+        self.optimizer.step()
+        if cfg.target_update == "soft":
+            self._soft_update()
+        return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()])
+
+    def update(self, batch: Batch) -> torch.Tensor:
+        """Run one update step and add its metrics to the device-side running sums."""
+        stats = self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated)
+        self.metrics_sum += stats
+        self.metrics_count += 1
+        return stats
+
+    def set_learning_rate(self, value: float) -> None:
+        self.lr.fill_(value)
+
+    # --- target network -------------------------------------------------------------------------------
+    def _tensors(self, net: nn.Module) -> list[torch.Tensor]:
+        return [*net.parameters(), *net.buffers()]
+
+    @torch.no_grad()
+    def sync_target(self) -> None:
+        """Hard update: theta_target <- theta (parameters and buffers such as normalizer statistics)."""
+        if self.target is not self.q:
+            torch._foreach_copy_(self._tensors(self.target), self._tensors(self.q))
+
+    @torch.no_grad()
+    def _soft_update(self) -> None:
+        """Polyak update: theta_target <- tau * theta + (1 - tau) * theta_target; buffers are copied."""
+        torch._foreach_lerp_(list(self.target.parameters()), list(self.q.parameters()), self.cfg.tau)
+        buffers = list(self.target.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(self.q.buffers()))
+
+    # --- acting ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """Epsilon-greedy actions for a batch of observations, decided on the device."""
+        with self._autocast():
+            greedy = self.q(obs).argmax(dim=1)
+        n = obs.shape[0]
+        explore = torch.rand(n, device=self.device) < epsilon
+        random_actions = torch.randint(0, self.n_actions, (n,), device=self.device)
+        return torch.where(explore, random_actions, greedy)
+
+    def observe(self, obs: torch.Tensor) -> None:
+        """Feed collected observations to the running normalizer, when there is one."""
+        normalizer = getattr(self.q, "normalizer", None)
+        if normalizer is not None:
+            normalizer.update(obs)
+
+    # --- metrics and state ----------------------------------------------------------------------------
+    def read_metrics(self) -> dict[str, float]:
+        """Mean of each metric since the last read (one device->host copy), then reset the sums."""
+        if self.metrics_count == 0:
+            return {}
+        means = (self.metrics_sum / self.metrics_count).tolist()
+        self.metrics_sum.zero_()
+        self.metrics_count = 0
+        return dict(zip(METRICS, means))
+
+    def state_dict(self) -> dict:
+        return {"q": self.q.state_dict(), "target": self.target.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.q.load_state_dict(state["q"])
+        if self.target is not self.q:
+            self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # load_state_dict replaces the param group's lr with the saved tensor: point it back at ours.
+        self.lr.copy_(torch.as_tensor(self.optimizer.param_groups[0]["lr"]))
+        self.optimizer.param_groups[0]["lr"] = self.lr

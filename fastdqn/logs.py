@@ -1,0 +1,74 @@
+"""Where a run reports: TensorBoard events, a metrics.jsonl file, and a rich console (progress bar, summary)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fastdqn.config import Config
+
+console = Console(stderr=True)
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard and metrics.jsonl, and drives the console progress bar."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True):
+        from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.writer = SummaryWriter(str(self.run_dir))
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.progress: Progress | None = None
+        if show_progress:
+            self.progress = Progress(
+                TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[sps]:>6} sps"), TextColumn("return {task.fields[ret]:>7}"),
+                TextColumn("eps {task.fields[eps]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=cfg.total_steps, completed=start_step,
+                                               sps="-", ret="-", eps=cfg.epsilon_start)
+            self.progress.start()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def record(self, kind: str, step: int, **values: Any) -> None:
+        """One line of metrics.jsonl: what `fastdqn report` and the ablation plots read back."""
+        self.metrics_file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        self.metrics_file.flush()
+
+    def advance(self, step: int, sps: float, recent_return: float | None, epsilon: float) -> None:
+        if self.progress is not None:
+            ret = "-" if recent_return is None else f"{recent_return:.1f}"
+            self.progress.update(self.task, completed=step, sps=f"{sps:.0f}", ret=ret, eps=epsilon)
+
+    def message(self, text: str) -> None:
+        (self.progress.console if self.progress else console).print(text)
+
+    def hparams(self, final_eval_mean: float) -> None:
+        flat = {k: (str(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}
+        self.writer.add_hparams(flat, {"hparams/final_eval_mean": final_eval_mean}, run_name="hparams")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.writer.close()
+        self.metrics_file.close()
+
+
+def summary_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table

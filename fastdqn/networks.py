@@ -1,0 +1,61 @@
+"""Q-networks: an MLP for vector observations, with optional running observation normalization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdqn.config import Config
+
+
+class RunningNormalizer(nn.Module):
+    """Running mean/variance of observations (parallel Welford), applied as (x - mean) / std.
+
+    Its statistics are buffers, so they travel with state_dict, target copies and checkpoints.
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.tensor(eps))
+        self.clip, self.eps = clip, eps
+
+    @torch.no_grad()
+    def update(self, batch: torch.Tensor) -> None:
+        batch = batch.float().reshape(-1, *self.mean.shape)
+        b_mean, b_var, b_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
+        total = self.count + b_count
+        delta = b_mean - self.mean
+        self.mean += delta * (b_count / total)
+        self.var.copy_((self.var * self.count + b_var * b_count + delta.square() * self.count * b_count / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+class MLPQNetwork(nn.Module):
+    """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False):
+        super().__init__()
+        self.normalizer = RunningNormalizer((obs_dim,)) if normalize_obs else None
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, n_actions))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float()
+        if self.normalizer is not None:
+            x = self.normalizer(x)
+        return self.net(x)
+
+
+def build_q_network(obs_shape: tuple[int, ...], n_actions: int, cfg: Config) -> nn.Module:
+    """The Q-network for an observation shape (the env module has already checked that it is supported)."""
+    return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs)

@@ -1,0 +1,304 @@
+"""The DQN training loop, top to bottom.
+
+    for each vector step (N env steps):
+        act epsilon-greedily on the device, step the envs, store one transition per env
+        run the gradient updates that are due (replay ratio = gradient_steps / train_every per env step)
+        copy the target net when a target_update_interval boundary is crossed
+        every log_every / eval_every / checkpoint_every env steps: read device counters, evaluate, save
+
+Every counter is in env steps, so changing `num_envs` changes how the work is batched, not what it means.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastdqn.checkpoint import load_checkpoint, save_checkpoint
+from fastdqn.config import Config
+from fastdqn.envs import finished_episodes, get_env_state, make_vector_env, set_env_state, true_next_obs
+from fastdqn.errors import CheckpointError, DeviceError, TrainingDiverged
+from fastdqn.evaluation import evaluate
+from fastdqn.learner import DQNLearner
+from fastdqn.logs import RunLogger, summary_table
+from fastdqn.replay import ReplayBuffer
+from fastdqn.schedules import epsilon_at, learning_rate_at
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without a GPU is a DeviceError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device '{name}' was asked for but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Did the count pass a multiple of `every` going from `before` to `after`?"""
+    return every > 0 and after // every > before // every
+
+
+@dataclass
+class Counters:
+    """Host-side progress counters; env_step is the unit of everything (one transition of one env)."""
+
+    env_step: int = 0
+    updates: int = 0
+    target_syncs: int = 0
+    episodes: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    env_steps: int
+    updates: int
+    episodes: int
+    wall_time: float
+    sps: float
+    final_eval_mean: float
+    final_eval_std: float
+    steps_to_solve: int | None  # first evaluation step whose mean reached cfg.solved_return
+    interrupted: bool = False
+    evals: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its current vector step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds envs, replay and learner from a Config and runs the loop; can save and restore itself."""
+
+    def __init__(self, cfg: Config, run_dir: Path, show_progress: bool = True):
+        self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
+        self.device = resolve_device(cfg.device)
+        if cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(cfg.seed)
+        self.envs = make_vector_env(cfg, cfg.num_envs)
+        obs_space = self.envs.single_observation_space
+        self.obs_shape = tuple(obs_space.shape)
+        self.n_actions = int(self.envs.single_action_space.n)
+        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        self.replay = ReplayBuffer(cfg.buffer_size, self.obs_shape, obs_dtype, self.device)
+        self.learner = DQNLearner(cfg, self.obs_shape, self.n_actions, self.device)
+        self.counters = Counters()
+        self.obs, _ = self.envs.reset(seed=cfg.seed)
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.evals: list[tuple[int, float, float]] = []
+        self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
+
+    # --- one vector step ------------------------------------------------------------------------------
+    def collect(self) -> None:
+        """Act in all envs once and store one transition per env."""
+        cfg, n = self.cfg, self.cfg.num_envs
+        obs_t = torch.as_tensor(self.obs, device=self.device)
+        epsilon = epsilon_at(cfg, self.counters.env_step)
+        actions = self.learner.act(obs_t, epsilon).cpu().numpy()
+        next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+        real_next = true_next_obs(next_obs, infos)
+        if cfg.clip_rewards:
+            rewards = np.clip(rewards, -1.0, 1.0)
+        self.replay.add(obs_t, torch.as_tensor(actions, device=self.device),
+                        torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
+                        torch.as_tensor(real_next, device=self.device),
+                        torch.as_tensor(terminated, dtype=torch.float32, device=self.device))
+        self.learner.observe(obs_t)
+        for ret, _length in finished_episodes(infos):
+            self.recent_returns.append(ret)
+            self.counters.episodes += 1
+            self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": _length},
+                                self.counters.env_step + n)
+        self.obs = next_obs
+        self.counters.env_step += n
+
+    def train(self) -> None:
+        """Run the gradient updates that are due, then any target sync that is due."""
+        cfg, c = self.cfg, self.counters
+        due = max(0, c.env_step - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps
+        if len(self.replay) < self.min_replay:
+            c.updates = due  # refilling after a resume without saved replay: skip, do not pile up updates
+        if due > c.updates:
+            self.learner.set_learning_rate(learning_rate_at(cfg, c.env_step))
+            for _ in range(due - c.updates):
+                self.learner.update(self.replay.sample(cfg.batch_size))
+            c.updates = due
+        syncs_due = c.env_step // cfg.target_update_interval
+        if cfg.target_update == "hard" and syncs_due > c.target_syncs:
+            self.learner.sync_target()
+        c.target_syncs = syncs_due
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, c = self.cfg, self.counters
+        self.logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress)
+        start_time, start_step = time.perf_counter(), c.env_step
+        interrupted = False
+        try:
+            with StopRequest() as stop:
+                while c.env_step < cfg.total_steps:
+                    before = c.env_step
+                    self.collect()
+                    self.train()
+                    sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+                    if crossed(before, c.env_step, cfg.log_every) or c.env_step >= cfg.total_steps:
+                        self.log(sps)
+                    if crossed(before, c.env_step, cfg.eval_every) and c.env_step < cfg.total_steps:
+                        self.evaluate()
+                    if crossed(before, c.env_step, cfg.checkpoint_every) and c.env_step < cfg.total_steps:
+                        self.save()
+                    if stop.requested:
+                        interrupted = True
+                        break
+            wall = time.perf_counter() - start_time
+            if interrupted:
+                self.save()
+                self.logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
+                                    f"Resume with: fastdqn train --resume {self.run_dir}[/]")
+                final_mean, final_std = (self.evals[-1][1], self.evals[-1][2]) if self.evals else (float("nan"),) * 2
+            else:
+                final_mean, final_std = self.evaluate()
+                self.save()
+                self.logger.hparams(final_mean)
+        finally:
+            self.logger.close()
+            self.envs.close()
+        steps_to_solve = next((s for s, m, _ in self.evals if m >= cfg.solved_return), None)
+        result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
+                             (c.env_step - start_step) / max(wall, 1e-9), final_mean, final_std, steps_to_solve,
+                             interrupted, list(self.evals))
+        if self.show_progress and not interrupted:
+            self.print_summary(result)
+        return result
+
+    def log(self, sps: float) -> None:
+        """Read the device counters (the loop's only sync) and write them out."""
+        cfg, step = self.cfg, self.counters.env_step
+        metrics = self.learner.read_metrics()
+        if metrics and not np.isfinite(metrics["loss"]):
+            raise TrainingDiverged(
+                f"TD loss became {metrics['loss']} at env step {step}: lower learning_rate or enable clip_rewards; "
+                f"the last finite state is the newest checkpoint in {self.run_dir}")
+        epsilon = epsilon_at(cfg, step)
+        scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate_at(cfg, step), "charts/SPS": sps}
+        scalars.update({f"losses/{k}": v for k, v in metrics.items()})
+        self.logger.scalars(scalars, step)
+        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        self.logger.record("train", step, sps=sps, epsilon=epsilon, recent_return=recent,
+                           episodes=self.counters.episodes, **metrics)
+        self.logger.advance(step, sps, recent, epsilon)
+
+    def evaluate(self) -> tuple[float, float]:
+        cfg, step = self.cfg, self.counters.env_step
+        returns = evaluate(lambda o: self.learner.act(o, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed,
+                           self.device)
+        mean, std = float(returns.mean()), float(returns.std())
+        self.evals.append((step, mean, std))
+        self.logger.scalars({"eval/mean_return": mean, "eval/std_return": std}, step)
+        self.logger.record("eval", step, mean=mean, std=std, returns=returns.tolist())
+        self.logger.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {cfg.eval_episodes} episodes")
+        return mean, std
+
+    def print_summary(self, r: TrainResult) -> None:
+        rows = {"env steps": r.env_steps, "gradient updates": r.updates, "episodes": r.episodes,
+                "wall time (s)": round(r.wall_time, 1), "env steps / s": round(r.sps),
+                "final eval mean": r.final_eval_mean, "final eval std": r.final_eval_std,
+                f"steps to eval >= {self.cfg.solved_return:g}": r.steps_to_solve or "not reached",
+                "run dir": str(r.run_dir)}
+        self.logger.message(summary_table(f"fastdqn: {self.cfg.env_id}", rows))
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "counters": vars(self.counters).copy(),
+            "learner": self.learner.state_dict(),
+            "rng": rng,
+            "obs": torch.from_numpy(np.array(self.obs, copy=True)),
+            "env_state": get_env_state(self.envs) if cfg.vector_mode == "sync" else {},
+            "recent_returns": list(self.recent_returns),
+            "evals": [list(e) for e in self.evals],
+        }
+        if cfg.save_replay:
+            state["replay"] = self.replay.state_dict()
+        return state
+
+    def save(self) -> Path:
+        """Checkpoint the whole run, refusing to overwrite good checkpoints with non-finite weights."""
+        params = [p for p in self.learner.q.parameters()]
+        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            raise TrainingDiverged(f"network weights became non-finite by env step {self.counters.env_step}: lower "
+                                   f"learning_rate or enable clip_rewards; the last finite state is the newest "
+                                   f"checkpoint in {self.run_dir}")
+        return save_checkpoint(self.state_dict(), self.run_dir, self.counters.env_step, self.cfg.keep_checkpoints)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint made by `state_dict` with a compatible config."""
+        saved = state["config"]
+        for key in ("env_id", "hidden_sizes", "normalize_obs", "num_envs"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
+                                      f"{key}={getattr(self.cfg, key)!r}: resume with the run's own config")
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
+                                  "resume with the run's own config") from None
+        self.counters = Counters(**state["counters"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if state["env_state"]:
+            set_env_state(self.envs, state["env_state"])
+            self.obs = state["obs"].numpy().copy()
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+        self.recent_returns.extend(state["recent_returns"])
+        self.evals = [tuple(e) for e in state["evals"]]
+
+
+def load_run_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' has format {state.get('format')}, this fastdqn reads "
+                              f"{CHECKPOINT_FORMAT}: evaluate it with the fastdqn version that wrote it")
+    return state
