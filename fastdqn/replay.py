@@ -1,7 +1,9 @@
 """A circular replay buffer of preallocated tensors on the training device.
 
-A vector step of N envs is added in one call (a slice copy, split in two where it wraps). Sampling draws
-indices on the device, so neither call synchronises with the host. Pixel observations (uint8) are kept as
+A vector step of N envs is added in one call, as one slice copy. The capacity is rounded up to a multiple of N,
+so the layout is fixed: slot `k * N + e` holds env `e`'s transition of some vector step, and the same env's
+next transition is N slots later (mod capacity). Sampling draws indices on the device, so neither call
+synchronises with the host. Pixel observations (uint8) are kept as
 uint8 and become float only inside the network.
 """
 
@@ -23,8 +25,10 @@ class Batch(NamedTuple):
 class ReplayBuffer:
     """Fixed-capacity FIFO of transitions; the oldest are overwritten once it is full."""
 
-    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device):
-        self.capacity, self.device = capacity, device
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
+                 device: torch.device):
+        capacity = -(-capacity // num_envs) * num_envs  # round up to whole vector steps
+        self.capacity, self.num_envs, self.device = capacity, num_envs, device
         self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
         self.next_obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
         self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -46,17 +50,13 @@ class ReplayBuffer:
 
     def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
             next_obs: torch.Tensor, terminated: torch.Tensor) -> None:
-        """Store one transition per env (leading dim N), all tensors already on the device."""
-        n = obs.shape[0]
-        if n > self.capacity:
-            raise ValueError(f"cannot add {n} transitions to a buffer of capacity {self.capacity}")
+        """Store one vector step: one transition per env (leading dim num_envs), tensors already on the device."""
+        n = self.num_envs
+        if obs.shape[0] != n:
+            raise ValueError(f"add expects one transition per env ({n}), got {obs.shape[0]}")
         new = {"obs": obs, "next_obs": next_obs, "actions": actions, "rewards": rewards, "terminated": terminated}
-        first = min(n, self.capacity - self.pos)  # rows that fit before the end
         for name, dest in self._storage().items():
-            src = new[name]
-            dest[self.pos:self.pos + first] = src[:first]
-            if first < n:
-                dest[:n - first] = src[first:]
+            dest[self.pos:self.pos + n] = new[name]
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 

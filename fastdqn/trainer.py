@@ -114,7 +114,7 @@ class Trainer:
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
-        self.replay = ReplayBuffer(cfg.buffer_size, self.obs_shape, obs_dtype, self.device)
+        self.replay = ReplayBuffer(cfg.buffer_size, cfg.num_envs, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(cfg, self.obs_shape, self.n_actions, self.device)
         self.counters = Counters()
         self.obs, _ = self.envs.reset(seed=cfg.seed)
