@@ -1,0 +1,25 @@
+"""Shared test fixtures: small, fast configs on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdqn.config import Config
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tests run with one torch thread so parallel agents and CI runners do not oversubscribe the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    """CartPole with a small net and short schedules: a few seconds of training at most."""
+    return Config(total_steps=2_000, learning_starts=200, buffer_size=1_000, batch_size=32, hidden_sizes=[32, 32],
+                  eval_every=0, eval_episodes=2, log_every=500, checkpoint_every=0, epsilon_decay_steps=1_000,
+                  target_update_interval=100, device="cpu")
