@@ -1,0 +1,121 @@
+"""Vector envs: SAME_STEP autoreset handled so no stored transition crosses an episode boundary (PITFALLS 2)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+from core_helpers import COUNTER_ENV, REWARD, TIME_LIMIT, drive, trainer_without_run
+from fastdqn.config import Config
+from fastdqn.envs import check_env_id, check_spaces, finished_episodes, make_vector_env, true_next_obs
+from fastdqn.errors import EnvError
+
+
+def step_counter_envs(num_envs: int, vector_steps: int, seed: int = 0):
+    """Yield (obs, real_next_obs, terminated, truncated, infos) of random steps of counter envs."""
+    envs = make_vector_env(Config(env_id=COUNTER_ENV), num_envs)
+    rng = np.random.default_rng(seed)
+    try:
+        obs, _ = envs.reset(seed=seed)
+        for _ in range(vector_steps):
+            next_obs, _, terminated, truncated, infos = envs.step(rng.integers(0, 2, num_envs))
+            yield obs, true_next_obs(next_obs, infos), terminated, truncated, infos
+            obs = next_obs
+    finally:
+        envs.close()
+
+
+def test_vector_env_uses_same_step_autoreset():
+    envs = make_vector_env(Config(env_id=COUNTER_ENV), 2)
+    try:
+        assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+        assert isinstance(envs, gym.vector.SyncVectorEnv)
+    finally:
+        envs.close()
+
+
+def test_no_transition_pairs_a_final_observation_with_a_reset_one():
+    """Two counter envs out of phase, 4-step limit: every (obs, real next obs) pair is one step of one episode."""
+    ended_alone = saw_terminated = saw_truncated = 0
+    for obs, real_next, terminated, truncated, infos in step_counter_envs(2, 200):
+        assert np.array_equal(real_next[:, 0], obs[:, 0] + 1), (obs, real_next)
+        assert np.array_equal(real_next[:, 1], obs[:, 1])
+        done = terminated | truncated
+        ended_alone += int(done.sum() == 1)
+        saw_terminated += int(terminated.sum())
+        saw_truncated += int((truncated & ~terminated).sum())
+        # the next obs the agent acts on is the reset one (t = 0) exactly where an episode ended
+        assert np.array_equal(infos.get("_final_obs", np.zeros(2, bool)), done)
+    assert ended_alone > 10  # the two envs really were out of phase
+    assert saw_terminated > 10 and saw_truncated > 10
+
+
+def test_truncated_final_obs_is_stored_as_next_obs(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, buffer_size=400, learning_starts=10_000)
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        drive(trainer, 400)
+        buf = trainer.replay
+        assert len(buf) == 400
+        t, next_t = buf.obs[:, 0], buf.next_obs[:, 0]
+        assert torch.equal(next_t, t + 1) and torch.equal(buf.next_obs[:, 1], buf.obs[:, 1])
+        # the time limit's final observation (t = 4) is stored, never the reset one (t = 0)
+        truncated = (next_t == TIME_LIMIT) & (buf.terminated == 0)
+        assert truncated.sum() > 10
+        assert (next_t > 0).all()
+        # a stored terminal flag only where the env really terminated (terminate_at is in 2..6)
+        assert set(next_t[buf.terminated == 1].tolist()) <= {2.0, 3.0, 4.0}
+        assert torch.equal(buf.rewards, torch.full_like(buf.rewards, REWARD))
+
+
+def test_finished_episodes_reports_raw_return_and_length():
+    found = []
+    for *_, infos in step_counter_envs(3, 60):
+        found += finished_episodes(infos)
+    assert len(found) > 20
+    for ret, length in found:
+        assert 2 <= length <= TIME_LIMIT
+        assert ret == pytest.approx(REWARD * length)
+
+
+def test_true_next_obs_leaves_running_envs_alone():
+    next_obs = np.array([[0.0, 7.0], [3.0, 9.0]], dtype=np.float32)
+    infos = {"final_obs": np.array([np.array([4.0, 5.0]), None], dtype=object), "_final_obs": np.array([True, False])}
+    real = true_next_obs(next_obs, infos)
+    assert real.tolist() == [[4.0, 5.0], [3.0, 9.0]]
+    assert next_obs.tolist() == [[0.0, 7.0], [3.0, 9.0]]  # the obs the agent acts on next is not changed
+    assert true_next_obs(next_obs, {}) is next_obs
+
+
+def test_unknown_env_id_suggests_close_matches():
+    with pytest.raises(EnvError, match="unknown env id 'CartPol-v1': did you mean 'CartPole-v1'"):
+        check_env_id("CartPol-v1")
+    with pytest.raises(EnvError, match="unknown env id 'Acrobot-v9'.*'Acrobot-v1'"):
+        make_vector_env(Config(env_id="Acrobot-v9"), 1)
+    with pytest.raises(EnvError, match="unknown env id 'zzzqqq'"):
+        check_env_id("zzzqqq")
+
+
+def test_continuous_action_space_names_the_space():
+    with pytest.raises(EnvError, match=r"Pendulum-v1' has action space Box\(.*Discrete action space"):
+        make_vector_env(Config(env_id="Pendulum-v1"), 1)
+
+
+def test_image_observation_space_is_rejected_with_the_fix():
+    with pytest.raises(EnvError, match="flat Box"):
+        check_spaces("img", gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), gym.spaces.Discrete(3))
+    check_spaces("ok", gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2))  # no error
+
+
+def test_max_episode_steps_overrides_the_time_limit():
+    envs = make_vector_env(Config(env_id="CartPole-v1", max_episode_steps=5), 1)
+    try:
+        envs.reset(seed=0)
+        for i in range(5):
+            _, _, terminated, truncated, infos = envs.step(np.array([i % 2]))  # alternate: CartPole stays up
+        assert truncated[0] and not terminated[0]
+        assert [length for _, length in finished_episodes(infos)] == [5]
+    finally:
+        envs.close()
