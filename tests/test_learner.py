@@ -1,0 +1,235 @@
+"""DQNLearner: the update computes the TD loss it should, target nets update as configured, acting honours
+epsilon, metrics read back, and the compiled and bf16 paths learn on a fixed batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fastdqn.config import Config
+from fastdqn.learner import METRICS, DQNLearner, td_loss, td_targets
+from fastdqn.replay import Batch
+
+CPU = torch.device("cpu")
+OBS_DIM, N_ACTIONS, BATCH = 4, 3, 64
+
+
+def make_learner(**changes) -> DQNLearner:
+    torch.manual_seed(0)
+    cfg = Config(hidden_sizes=[32, 32], device="cpu").updated(**changes)
+    return DQNLearner(cfg, (OBS_DIM,), N_ACTIONS, CPU)
+
+
+def fixed_batch(seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(obs=torch.randn(BATCH, OBS_DIM, generator=g),
+                 actions=torch.randint(0, N_ACTIONS, (BATCH,), generator=g),
+                 rewards=torch.randn(BATCH, generator=g),
+                 next_obs=torch.randn(BATCH, OBS_DIM, generator=g),
+                 terminated=(torch.rand(BATCH, generator=g) < 0.2).float())
+
+
+def perturb(net: torch.nn.Module, scale: float = 0.1) -> None:
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def expected_loss(learner: DQNLearner, batch: Batch) -> float:
+    """The TD loss computed the slow, obvious way, before the update."""
+    cfg = learner.cfg
+    with torch.no_grad():
+        q = learner.q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        next_target = learner.target(batch.next_obs)
+        next_online = learner.q(batch.next_obs) if cfg.double_dqn else None
+        y = td_targets(batch.rewards, batch.terminated, cfg.gamma, next_target, next_online)
+        return td_loss(q, y, cfg.loss, cfg.huber_delta).item()
+
+
+def params(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [*net.parameters(), *net.buffers()]]
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"double_dqn": True},
+    {"loss": "mse"},
+    {"target_update": "none"},
+    {"target_update": "none", "double_dqn": True},
+    {"target_update": "soft", "double_dqn": True, "loss": "mse", "normalize_obs": True},
+])
+def test_update_reports_the_td_loss_of_its_batch(changes):
+    learner = make_learner(gamma=0.9, **changes)
+    if learner.target is not learner.q:
+        perturb(learner.target)  # a target net that differs from the online one, so mixing them up shows
+    batch = fixed_batch()
+    expected = expected_loss(learner, batch)
+    stats = learner.update(batch)
+    assert stats.shape == (len(METRICS),)
+    assert stats[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hard_target_is_fixed_between_syncs_and_sync_copies_params_and_buffers():
+    learner = make_learner(normalize_obs=True)
+    assert all(not p.requires_grad for p in learner.target.parameters())
+    before = params(learner.target)
+    learner.observe(torch.randn(16, OBS_DIM) * 3 + 1)  # moves the online net's normalizer buffers
+    for seed in range(3):
+        learner.update(fixed_batch(seed))
+    assert all(torch.equal(a, b) for a, b in zip(before, params(learner.target)))
+    online = params(learner.q)
+    assert not all(torch.equal(a, b) for a, b in zip(online, before))
+    learner.sync_target()
+    after = params(learner.target)
+    assert len(after) == len(online) and all(torch.equal(a, b) for a, b in zip(online, after))
+    assert learner.target.normalizer.count.item() == pytest.approx(16.0)
+    # a copy, not shared storage: the next update moves the online net only
+    learner.update(fixed_batch(5))
+    assert all(torch.equal(a, b) for a, b in zip(after, params(learner.target)))
+
+
+def test_soft_update_is_a_tau_lerp_towards_the_updated_online_net():
+    tau = 0.1
+    learner = make_learner(target_update="soft", tau=tau, normalize_obs=True)
+    perturb(learner.target, 1.0)
+    learner.observe(torch.randn(16, OBS_DIM) + 2)
+    target_before = [p.detach().clone() for p in learner.target.parameters()]
+    learner.update(fixed_batch())
+    for old, new, online in zip(target_before, learner.target.parameters(), learner.q.parameters()):
+        assert torch.allclose(new, old + tau * (online - old), atol=1e-6)
+        assert not torch.allclose(new, online)
+    for target_buf, online_buf in zip(learner.target.buffers(), learner.q.buffers()):
+        assert torch.equal(target_buf, online_buf)  # normalizer statistics are copied, not averaged
+
+
+def test_no_target_network_means_the_online_net():
+    learner = make_learner(target_update="none")
+    assert learner.target is learner.q
+    before = params(learner.q)
+    learner.sync_target()  # nothing to copy, and nothing breaks
+    assert all(torch.equal(a, b) for a, b in zip(before, params(learner.q)))
+
+
+def test_act_with_epsilon_zero_is_greedy():
+    learner = make_learner()
+    obs = torch.randn(500, OBS_DIM)
+    with torch.no_grad():
+        greedy = learner.q(obs).argmax(dim=1)
+    assert torch.equal(learner.act(obs, 0.0), greedy)
+    assert greedy.unique().numel() > 1  # the check above is not trivially about one action
+
+
+def test_act_with_epsilon_one_is_uniform_over_actions():
+    torch.manual_seed(3)
+    learner = make_learner()
+    draws = 30_000
+    actions = learner.act(torch.zeros(draws, OBS_DIM), 1.0)
+    assert actions.dtype == torch.int64 and actions.device == CPU
+    counts = torch.bincount(actions, minlength=N_ACTIONS).double()
+    assert counts.numel() == N_ACTIONS
+    expected = draws / N_ACTIONS
+    assert float(((counts - expected) ** 2 / expected).sum()) < 20  # chi-square, 2 dof
+
+
+def test_act_with_intermediate_epsilon_mixes():
+    torch.manual_seed(4)
+    learner = make_learner()
+    obs = torch.zeros(30_000, OBS_DIM)  # one observation: one greedy action
+    greedy = learner.act(obs[:1], 0.0).item()
+    share = (learner.act(obs, 0.3) == greedy).double().mean().item()
+    assert share == pytest.approx(0.7 + 0.3 / N_ACTIONS, abs=0.015)
+
+
+def test_read_metrics_returns_the_mean_since_the_last_read():
+    learner = make_learner()
+    assert learner.read_metrics() == {}
+    stats = torch.stack([learner.update(fixed_batch(seed)) for seed in range(5)])
+    metrics = learner.read_metrics()
+    assert list(metrics) == list(METRICS)
+    assert [metrics[k] for k in METRICS] == pytest.approx(stats.mean(0).tolist(), rel=1e-6)
+    assert metrics["grad_norm"] > 0
+    assert learner.read_metrics() == {}  # the sums were reset
+    one = learner.update(fixed_batch(9))
+    assert learner.read_metrics()["loss"] == pytest.approx(one[0].item(), rel=1e-6)
+
+
+def test_grad_norm_is_reported_before_clipping_and_the_step_uses_the_clipped_gradient():
+    learner = make_learner(max_grad_norm=1e-3)
+    batch = fixed_batch()
+    reference = make_learner(max_grad_norm=0.0)
+    reference.update(batch)
+    raw_norm = torch.norm(torch.stack([p.grad.norm() for p in reference.q.parameters()])).item()
+    stats = learner.update(batch)
+    assert stats[2].item() == pytest.approx(raw_norm, rel=1e-4) and raw_norm > 1e-2
+    # Adam's first moment after one step is (1 - beta1) * the gradient it was given: the clipped one
+    first_moment = [learner.optimizer.state[p]["exp_avg"] / 0.1 for p in learner.q.parameters()]
+    assert torch.norm(torch.stack([m.norm() for m in first_moment])).item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_zero_grad_sets_gradients_to_none_not_zero():
+    learner = make_learner()
+    batch = fixed_batch()
+    reference = make_learner()
+    reference.update(batch)
+    stale = []
+    for p in learner.q.parameters():
+        p.grad = torch.full_like(p, 1e3)  # left over from an earlier step
+        stale.append(p.grad)
+    learner.update(batch)
+    for p, old, ref in zip(learner.q.parameters(), stale, reference.q.parameters()):
+        assert p.grad is not old  # a fresh tensor: the old one was dropped (set_to_none), not zeroed in place
+        assert torch.equal(old, torch.full_like(p, 1e3))
+        assert torch.allclose(p.grad, ref.grad)  # and the stale values were not accumulated
+
+
+def test_learning_rate_tensor_is_what_adam_steps_with():
+    batch = fixed_batch()
+    frozen = make_learner()
+    frozen.set_learning_rate(0.0)
+    before = params(frozen.q)
+    frozen.update(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(frozen.q)))
+
+    learner = make_learner()
+    learner.set_learning_rate(2.5e-3)
+    reference = make_learner()
+    adam = torch.optim.Adam(reference.q.parameters(), lr=2.5e-3, eps=reference.cfg.adam_eps)
+    learner.update(batch)
+    y = td_targets(batch.rewards, batch.terminated, reference.cfg.gamma, reference.target(batch.next_obs).detach())
+    q = reference.q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    adam.zero_grad()
+    td_loss(q, y, "huber", 1.0).backward()
+    torch.nn.utils.clip_grad_norm_(reference.q.parameters(), reference.cfg.max_grad_norm)
+    adam.step()
+    for a, b in zip(learner.q.parameters(), reference.q.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+def losses_on_a_fixed_batch(learner: DQNLearner, updates: int = 50) -> list[float]:
+    """Regression to fixed targets: the target net is never synced here, so the loss should fall steadily."""
+    batch = fixed_batch()
+    return [learner.update(batch)[0].item() for _ in range(updates)]
+
+
+def assert_learns(losses: list[float]) -> None:
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 0.9 * (len(losses) - 1), losses
+
+
+def test_amp_loss_is_finite_and_decreases_on_a_fixed_batch():
+    learner = make_learner(amp=True, learning_rate=1e-2)
+    assert_learns(losses_on_a_fixed_batch(learner))
+    assert all(p.dtype == torch.float32 for p in learner.q.parameters())  # weights and optimizer stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_loss_is_finite_and_decreases_on_a_fixed_batch():
+    learner = make_learner(compile=True, hidden_sizes=[16], learning_rate=1e-2)
+    assert learner.update_step is not learner._update_step
+    losses = losses_on_a_fixed_batch(learner)
+    assert_learns(losses)
+    eager = make_learner(hidden_sizes=[16], learning_rate=1e-2)
+    assert losses[0] == pytest.approx(losses_on_a_fixed_batch(eager, 1)[0], rel=1e-4)
