@@ -46,6 +46,8 @@ class Config:
     batch_size: int = _f(128, "transitions per gradient update")
     train_every: int = _f(4, "env steps between training phases; with N envs a vector step is N env steps")
     gradient_steps: int = _f(1, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
+    replay_buffer: bool = _f(True, "false = the no-replay ablation: each update trains once on the newest vector step "
+                             "(needs buffer_size = batch_size = train_every = num_envs, gradient_steps = 1)")
 
     # --- learning ----------------------------------------------------------------------------------------
     gamma: float = _f(0.99, "discount factor, in [0, 1]")
@@ -62,6 +64,15 @@ class Config:
     target_update_interval: int = _f(500, "env steps between hard target copies")
     tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
     hidden_sizes: list[int] = _f([128, 128], "MLP hidden layer widths")
+
+    # --- extensions (all off = the classic DQN) -----------------------------------------------------------
+    dueling: bool = _f(False, "dueling head: Q = V(s) + A(s, a) - mean_a A(s, a)")
+    n_step: int = _f(1, "n-step returns: sum n discounted rewards, then bootstrap gamma^n * V (cut at episode ends)")
+    prioritized: bool = _f(False, "proportional prioritized replay: sample with probability p^per_alpha, p = |TD error| + per_eps")
+    per_alpha: float = _f(0.6, "prioritized replay: how strongly priorities shape sampling (0 = uniform)")
+    per_beta_start: float = _f(0.4, "prioritized replay: importance-weight exponent at step 0")
+    per_beta_end: float = _f(1.0, "prioritized replay: importance-weight exponent reached (linearly) at total_steps")
+    per_eps: float = _f(1e-6, "prioritized replay: added to |TD error| so no transition gets priority 0")
 
     # --- exploration -------------------------------------------------------------------------------------
     epsilon_schedule: Literal["linear", "exponential", "step", "constant"] = _f(
@@ -134,6 +145,17 @@ class Config:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
+            (self.n_step >= 1, f"n_step must be >= 1, got {self.n_step}"),
+            (0.0 <= self.per_alpha <= 1.0, f"per_alpha must be in [0, 1], got {self.per_alpha}"),
+            (0.0 <= self.per_beta_start <= 1.0 and 0.0 <= self.per_beta_end <= 1.0,
+             f"per_beta_start and per_beta_end must be in [0, 1], got {self.per_beta_start}, {self.per_beta_end}"),
+            (self.per_eps > 0, f"per_eps must be > 0, got {self.per_eps}"),
+            (self.replay_buffer or all(v == self.num_envs for v in (self.buffer_size, self.batch_size, self.train_every))
+             and self.gradient_steps == 1,
+             f"replay_buffer: false trains once on each vector step: set buffer_size, batch_size and train_every to "
+             f"num_envs ({self.num_envs}) and gradient_steps to 1"),
+            (self.replay_buffer or not self.prioritized and self.n_step == 1,
+             "replay_buffer: false keeps one vector step only: it cannot be combined with prioritized or n_step > 1"),
         ]
         for ok, message in checks:
             if not ok:

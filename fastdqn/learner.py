@@ -23,9 +23,9 @@ from fastdqn.replay import Batch
 METRICS = ("loss", "q_mean", "grad_norm")
 
 
-def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, next_q_target: torch.Tensor,
-               next_q_online: torch.Tensor | None = None) -> torch.Tensor:
-    """y = r + gamma * (1 - terminated) * V(s').
+def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float | torch.Tensor,
+               next_q_target: torch.Tensor, next_q_online: torch.Tensor | None = None) -> torch.Tensor:
+    """y = r + gamma * (1 - terminated) * V(s'); for n-step returns r is the discounted sum and gamma is gamma^k.
 
     DQN:        V(s') = max_a' Q_target(s', a').
     Double DQN: V(s') = Q_target(s', argmax_a' Q_online(s', a')), when `next_q_online` is given.
@@ -38,10 +38,18 @@ def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, ne
     return rewards + gamma * (1.0 - terminated) * next_v
 
 
-def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float) -> torch.Tensor:
+def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Huber or squared TD error; with `weights` (prioritized replay) the mean of weight * loss."""
+    if weights is None:
+        if kind == "huber":
+            return F.huber_loss(q, y, delta=huber_delta)
+        return F.mse_loss(q, y)
     if kind == "huber":
-        return F.huber_loss(q, y, delta=huber_delta)
-    return F.mse_loss(q, y)
+        per_sample = F.huber_loss(q, y, delta=huber_delta, reduction="none")
+    else:
+        per_sample = F.mse_loss(q, y, reduction="none")
+    return (weights * per_sample).mean()
 
 
 class DQNLearner:
@@ -58,6 +66,7 @@ class DQNLearner:
                                           capturable=device.type == "cuda")
         self.metrics_sum = torch.zeros(len(METRICS), device=device)
         self.metrics_count = 0
+        self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
         self.update_step = torch.compile(self._update_step) if cfg.compile else self._update_step
 
     # --- the update -----------------------------------------------------------------------------------
@@ -67,8 +76,13 @@ class DQNLearner:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                     next_obs: torch.Tensor, terminated: torch.Tensor) -> torch.Tensor:
-        """One gradient step on one batch; returns [loss, mean Q(s,a), grad norm] as a device tensor."""
+                     next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One gradient step on one batch; returns ([loss, mean Q(s,a), grad norm], per-sample |TD error|).
+
+        `discounts` (gamma^k of n-step returns) replaces gamma and `weights` (prioritized replay) weight the
+        loss; both are tensors or None, so a compiled step sees no changing Python values.
+        """
         cfg = self.cfg
         batch_size = obs.shape[0]
         with self._autocast():
@@ -80,9 +94,10 @@ class DQNLearner:
                 q_all, next_q_online = self.q(obs).float(), None
             with torch.no_grad():
                 next_q_target = next_q_online if self.target is self.q else self.target(next_obs).float()
-        y = td_targets(rewards, terminated, cfg.gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+        gamma = cfg.gamma if discounts is None else discounts
+        y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
         q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss = td_loss(q, y, cfg.loss, cfg.huber_delta)
+        loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,11 +106,15 @@ class DQNLearner:
         self.optimizer.step()
         if cfg.target_update == "soft":
             self._soft_update()
-        return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()])
+        return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()]), (y - q).detach().abs()
 
     def update(self, batch: Batch) -> torch.Tensor:
-        """Run one update step and add its metrics to the device-side running sums."""
-        stats = self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated)
+        """Run one update step, add its metrics to the device-side running sums and return them.
+
+        The batch's per-sample |TD errors| stay in `self.td_errors` (device tensor) for priority updates.
+        """
+        stats, self.td_errors = self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs,
+                                                 batch.terminated, batch.discounts, batch.weights)
         self.metrics_sum += stats
         self.metrics_count += 1
         return stats

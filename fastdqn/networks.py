@@ -35,10 +35,33 @@ class RunningNormalizer(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
 
 
-class MLPQNetwork(nn.Module):
-    """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers."""
+class DuelingHead(nn.Module):
+    """features (B, F) -> Q (B, n_actions) = V(s) + A(s, a) - mean_a A(s, a) (Wang et al., 2016).
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False):
+    Subtracting the mean advantage makes V and A identifiable. With `hidden` > 0 each stream has its own
+    ReLU hidden layer of that width (the Atari CNN's 512), else each stream is one linear layer.
+    """
+
+    def __init__(self, in_features: int, n_actions: int, hidden: int = 0):
+        super().__init__()
+
+        def stream(out: int) -> nn.Module:
+            if hidden > 0:
+                return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out))
+            return nn.Linear(in_features, out)
+
+        self.value, self.advantage = stream(1), stream(n_actions)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        advantage = self.advantage(features)
+        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+
+
+class MLPQNetwork(nn.Module):
+    """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers, then a linear or dueling head."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False,
+                 dueling: bool = False):
         super().__init__()
         self.normalizer = RunningNormalizer((obs_dim,)) if normalize_obs else None
         layers: list[nn.Module] = []
@@ -46,7 +69,7 @@ class MLPQNetwork(nn.Module):
         for hidden in hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             width = hidden
-        layers.append(nn.Linear(width, n_actions))
+        layers.append(DuelingHead(width, n_actions) if dueling else nn.Linear(width, n_actions))
         self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -58,4 +81,4 @@ class MLPQNetwork(nn.Module):
 
 def build_q_network(obs_shape: tuple[int, ...], n_actions: int, cfg: Config) -> nn.Module:
     """The Q-network for an observation shape (the env module has already checked that it is supported)."""
-    return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs)
+    return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs, cfg.dueling)

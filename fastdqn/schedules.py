@@ -28,6 +28,15 @@ def epsilon_at(cfg: Config, step: int) -> float:
 def learning_rate_at(cfg: Config, step: int) -> float:
     """Learning rate after `step` env steps: constant, or linear from learning_rate to lr_end at total_steps."""
     if cfg.lr_schedule == "linear":
-        frac = min(step / cfg.total_steps, 1.0)
-        return cfg.learning_rate + (cfg.lr_end - cfg.learning_rate) * frac
+        return _over_training(cfg, step, cfg.learning_rate, cfg.lr_end)
     return cfg.learning_rate
+
+
+def per_beta_at(cfg: Config, step: int) -> float:
+    """Prioritized replay's importance-weight exponent: linear from per_beta_start to per_beta_end at total_steps."""
+    return _over_training(cfg, step, cfg.per_beta_start, cfg.per_beta_end)
+
+
+def _over_training(cfg: Config, step: int, start: float, end: float) -> float:
+    """Linear interpolation from `start` at step 0 to `end` at total_steps, flat after."""
+    return start + (end - start) * min(step / cfg.total_steps, 1.0)

@@ -28,8 +28,9 @@ from fastdqn.errors import CheckpointError, DeviceError, TrainingDiverged
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
 from fastdqn.logs import RunLogger, summary_table
-from fastdqn.replay import ReplayBuffer
-from fastdqn.schedules import epsilon_at, learning_rate_at
+from fastdqn.prioritized import PrioritizedReplayBuffer
+from fastdqn.replay import Batch, ReplayBuffer
+from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 
 CHECKPOINT_FORMAT = 1
 
@@ -45,6 +46,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device '{name}' was asked for but no CUDA GPU is available: use --device cpu")
     return device
+
+
+def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device) -> ReplayBuffer:
+    """The uniform or prioritized buffer the config asks for (n-step aware when n_step > 1)."""
+    if cfg.prioritized:
+        return PrioritizedReplayBuffer(cfg.buffer_size, cfg.num_envs, obs_shape, obs_dtype, device, cfg.n_step,
+                                       cfg.gamma, cfg.per_alpha, cfg.per_eps)
+    return ReplayBuffer(cfg.buffer_size, cfg.num_envs, obs_shape, obs_dtype, device, cfg.n_step, cfg.gamma)
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -114,7 +123,7 @@ class Trainer:
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
-        self.replay = ReplayBuffer(cfg.buffer_size, cfg.num_envs, self.obs_shape, obs_dtype, self.device)
+        self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(cfg, self.obs_shape, self.n_actions, self.device)
         self.counters = Counters()
         self.obs, _ = self.envs.reset(seed=cfg.seed)
@@ -136,7 +145,8 @@ class Trainer:
         self.replay.add(obs_t, torch.as_tensor(actions, device=self.device),
                         torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
                         torch.as_tensor(real_next, device=self.device),
-                        torch.as_tensor(terminated, dtype=torch.float32, device=self.device))
+                        torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
+                        torch.as_tensor(truncated, dtype=torch.float32, device=self.device))
         self.learner.observe(obs_t)
         for ret, _length in finished_episodes(infos):
             self.recent_returns.append(ret)
@@ -154,13 +164,22 @@ class Trainer:
             c.updates = due  # refilling after a resume without saved replay: skip, do not pile up updates
         if due > c.updates:
             self.learner.set_learning_rate(learning_rate_at(cfg, c.env_step))
+            if cfg.prioritized:
+                self.replay.beta = per_beta_at(cfg, c.env_step)
             for _ in range(due - c.updates):
-                self.learner.update(self.replay.sample(cfg.batch_size))
+                self.update_once()
             c.updates = due
         syncs_due = c.env_step // cfg.target_update_interval
         if cfg.target_update == "hard" and syncs_due > c.target_syncs:
             self.learner.sync_target()
         c.target_syncs = syncs_due
+
+    def update_once(self) -> None:
+        """One gradient step on a replay sample (the newest vector step without replay), then new priorities."""
+        batch: Batch = self.replay.sample(self.cfg.batch_size) if self.cfg.replay_buffer else self.replay.newest()
+        self.learner.update(batch)
+        if batch.indices is not None:
+            self.replay.update_priorities(batch.indices, self.learner.td_errors)
 
     # --- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -229,7 +248,7 @@ class Trainer:
         mean, std = float(returns.mean()), float(returns.std())
         self.evals.append((step, mean, std))
         self.logger.scalars({"eval/mean_return": mean, "eval/std_return": std}, step)
-        self.logger.record("eval", step, mean=mean, std=std, returns=returns.tolist())
+        self.logger.record("eval", step, mean=mean, std=std, returns=returns.tolist(), episodes=self.counters.episodes)
         self.logger.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {cfg.eval_episodes} episodes")
         return mean, std
 
