@@ -1,0 +1,109 @@
+"""Trainer: seeded determinism, the update count's meaning, warm-up, reward clipping, observation normalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdqn.envs as envs_module
+import fastdqn.trainer as trainer_module
+from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
+from fastdqn.trainer import Trainer
+
+
+def record_finished_episodes(monkeypatch) -> list[tuple[float, int]]:
+    """A list that collects every (return, length) the trainer reads from its envs, in order."""
+    episodes: list[tuple[float, int]] = []
+    real = envs_module.finished_episodes
+
+    def recording(infos):
+        found = real(infos)
+        episodes.extend(found)
+        return found
+
+    monkeypatch.setattr(trainer_module, "finished_episodes", recording)
+    return episodes
+
+
+def run_recording_episodes(cfg, run_dir, monkeypatch) -> tuple[list[tuple[float, int]], Trainer, object]:
+    """Trainer.run() that also returns every finished (return, length), in order."""
+    episodes = record_finished_episodes(monkeypatch)
+    trainer = Trainer(cfg, run_dir, show_progress=False)
+    result = trainer.run()
+    return episodes, trainer, result
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_returns_twice(tmp_path, tiny_cfg, monkeypatch):
+    cfg = tiny_cfg.updated(total_steps=1_500, eval_every=500)
+    first, t1, r1 = run_recording_episodes(cfg, tmp_path / "a", monkeypatch)
+    second, t2, r2 = run_recording_episodes(cfg, tmp_path / "b", monkeypatch)
+    assert len(first) > 20 and r1.updates > 0
+    assert first == second
+    assert r1.evals == r2.evals and len(r1.evals) == 3
+    assert (r1.final_eval_mean, r1.updates, r1.episodes) == (r2.final_eval_mean, r2.updates, r2.episodes)
+    for a, b in zip(t1.learner.q.state_dict().values(), t2.learner.q.state_dict().values()):
+        assert torch.equal(a, b)
+    other, _, _ = run_recording_episodes(cfg.updated(seed=2), tmp_path / "c", monkeypatch)
+    assert other != first  # the seed matters, so the equality above is not vacuous
+
+
+@pytest.mark.parametrize("num_envs", [1, 3, 8])
+def test_update_count_is_independent_of_num_envs(tmp_path, tiny_cfg, num_envs):
+    total, starts, every, grad_steps = 600, 120, 4, 2
+    cfg = tiny_cfg.updated(num_envs=num_envs, learning_starts=starts, train_every=every, gradient_steps=grad_steps,
+                           batch_size=8, hidden_sizes=[8])
+    calls = []
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        real_update = trainer.learner.update
+
+        def counting_update(batch):
+            calls.append(trainer.counters.env_step)
+            return real_update(batch)
+
+        trainer.learner.update = counting_update
+        drive(trainer, total)
+        assert trainer.counters.env_step == total
+        expected = (total - starts) // every * grad_steps
+        assert trainer.counters.updates == len(calls) == expected == 240
+    assert min(calls) > starts  # warm-up: no update until learning_starts env steps are stored
+    # the replay ratio holds all along, not only at the end: at most one vector step of updates behind
+    for step in sorted(set(calls)):
+        done_by_then = sum(1 for c in calls if c <= step)
+        assert done_by_then == (step - starts) // every * grad_steps
+
+
+def test_clip_rewards_stores_clipped_rewards_and_reports_raw_returns(tmp_path, tiny_cfg, monkeypatch):
+    """The counter env pays 2.5 a step: replay holds 1.0, episode returns stay 2.5 * length."""
+    episodes = record_finished_episodes(monkeypatch)
+    for clip, stored in ((True, 1.0), (False, REWARD)):
+        episodes.clear()
+        cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, clip_rewards=clip, buffer_size=100,
+                               learning_starts=10_000)
+        with trainer_without_run(cfg, tmp_path / str(clip)) as trainer:
+            drive(trainer, 100)
+            assert torch.equal(trainer.replay.rewards, torch.full((100,), stored))
+            assert list(trainer.recent_returns) == [r for r, _ in episodes][-20:]
+        assert len(episodes) > 10
+        assert all(ret == pytest.approx(REWARD * length) for ret, length in episodes)
+
+
+def test_normalize_obs_tracks_the_collected_observations(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.updated(normalize_obs=True, num_envs=4, learning_starts=10_000, buffer_size=400)
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        normalizer = trainer.learner.q.normalizer
+        assert normalizer.mean.abs().sum() == 0
+        drive(trainer, 400)
+        seen = trainer.replay.obs[:400].double()  # every observation acted on was stored once
+        assert normalizer.count.item() == pytest.approx(400, rel=1e-6)
+        assert torch.allclose(normalizer.mean.double(), seen.mean(0), atol=1e-4)
+        assert torch.allclose(normalizer.var.double(), seen.var(0, unbiased=False), rtol=1e-3, atol=1e-5)
+        # the network sees normalized inputs: about zero mean and unit variance on what was collected
+        normalized = normalizer(seen.float())
+        assert normalized.mean(0).abs().max() < 1e-3 and (normalized.std(0) - 1).abs().max() < 1e-2
+
+
+def test_normalize_obs_is_off_by_default(tmp_path, tiny_cfg):
+    with trainer_without_run(tiny_cfg, tmp_path) as trainer:
+        assert getattr(trainer.learner.q, "normalizer", None) is None
+        assert not tiny_cfg.clip_rewards
