@@ -119,3 +119,18 @@ def test_max_episode_steps_overrides_the_time_limit():
         assert [length for _, length in finished_episodes(infos)] == [5]
     finally:
         envs.close()
+
+
+def test_async_vector_env_collects_the_same_transitions_as_sync(tmp_path, tiny_cfg):
+    """`vector_mode: async` (one process per env) is a speed choice only: same seed, same stored transitions."""
+    stored = {}
+    for mode in ("sync", "async"):
+        cfg = tiny_cfg.updated(num_envs=2, vector_mode=mode, learning_starts=100, buffer_size=300, batch_size=16)
+        with trainer_without_run(cfg, tmp_path / mode) as trainer:
+            assert isinstance(trainer.envs, gym.vector.AsyncVectorEnv) == (mode == "async")
+            drive(trainer, 300)
+            replay = trainer.replay
+            stored[mode] = [replay.obs.clone(), replay.actions.clone(), replay.next_obs.clone(), replay.terminated.clone()]
+            assert trainer.counters.episodes > 5  # episode ends (final_obs from the worker processes) included
+    for sync_part, async_part in zip(stored["sync"], stored["async"]):
+        assert torch.equal(sync_part, async_part)
