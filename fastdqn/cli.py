@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any config key, e.g. --set learning_rate=3e-4 --set hidden_sizes=[256,256]")
     train.add_argument("--run-dir", help="where to write this run (default: RUNS_ROOT/<env>-s<seed>-<time>)")
-    train.add_argument("--runs-root", default="runs", help="parent dir of new run dirs")
+    train.add_argument("--runs-root", default="runs", help="parent dir of new run dirs (default: runs)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     train.add_argument("--quiet", action="store_true", help="no progress bar; print a JSON result line at the end")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy, seeded evaluation of a run's newest checkpoint",
                         description="Evaluate a run (its newest checkpoint) or one checkpoint file.")
     ev.add_argument("run", metavar="RUN_DIR_OR_CKPT", help="a run dir under runs/ or a ckpt-*.pt file")
-    ev.add_argument("--episodes", type=int, default=10, help="episodes, each on its own seeded env")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes, each on its own seeded env (default: 10)")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")
     ev.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
