@@ -141,6 +141,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment_plan(args: argparse.Namespace, make: Any) -> tuple[Any, Path]:
+    """`--resume DIR` -> that dir's plan; else make(config) and a new (or the given --out) dir."""
+    from fastdqn import experiments as X
+
+    if args.resume:
+        return X.load_plan(Path(args.resume)), Path(args.resume)
+    plan = make(config_from_args(args))
+    return plan, Path(args.out) if args.out else X.default_out(plan.kind, Path(args.runs_root))
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from fastdqn import experiments as X
+
+    ids = args.variants.split(",") if args.variants else None
+    plan, out = experiment_plan(args, lambda cfg: X.ablation_plan(cfg, args.seeds, ids))
+    return X.execute(plan, out, args.workers)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fastdqn import experiments as X
+
+    if not args.resume and not args.grid:
+        raise ConfigError("sweep needs --grid key=v1,v2 ... (or --resume DIR)")
+    plan, out = experiment_plan(args, lambda cfg: X.sweep_plan(cfg, X.parse_grid(args.grid or []), args.seeds,
+                                                               args.samples, args.sample_seed, args.metric))
+    return X.execute(plan, out, args.workers)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fastdqn import experiments as X
+    from fastdqn.logs import console
+
+    markdown, table = X.report(Path(args.dir))
+    console.print(table)
+    console.print(markdown.rsplit("\n\n", 1)[-1].strip())
+    return 0
+
+
+def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--config", metavar="YAML", help="base config file; flags and --set override it")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key of the base")
+    parser.add_argument("--seeds", type=int, default=5 if kind == "ablate" else 3,
+                        help="seeds per point: the config's seed, seed+1, ...")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained at the same time, one process each")
+    parser.add_argument("--out", help=f"experiment dir (default: RUNS_ROOT/{kind}-<time>)")
+    parser.add_argument("--runs-root", default="runs", help="parent of new experiment dirs")
+    parser.add_argument("--resume", metavar="DIR", help="continue an experiment dir: finished runs are not run again")
+    add_config_flags(parser)
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdqn", description="The fastest correct DQN trainer for PyTorch.",
@@ -169,6 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")
     ev.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
     ev.set_defaults(func=cmd_eval)
+
+    ab = sub.add_parser("ablate", help="the DQN ablation table: variants x seeds, a Markdown table and a plot",
+                        description="Train the ablation variants (full DQN, no target network, no replay buffer, "
+                                    "small buffer, no exploration decay, MSE loss, Double DQN) over several seeds "
+                                    "in worker processes, then write results.md and curves.png.")
+    ab.add_argument("--variants", metavar="ID,ID", help="variant ids to run instead of the lecture's seven: full, "
+                    "no-target, no-replay, small-buffer, no-decay, mse, double, dueling, nstep, per")
+    add_experiment_flags(ab, "ablate")
+    ab.set_defaults(func=cmd_ablate)
+
+    sw = sub.add_parser("sweep", help="grid or random search over config keys, seeds per point, resumable",
+                        description="Train every point of a grid (or --samples random points) over several seeds; "
+                                    "write results.md/results.csv sorted by --metric and best.yaml.")
+    sw.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="values per key, e.g. learning_rate=1e-3,3e-4 "
+                    "batch_size=32,64; with --samples a key may give a range lo:hi (log-uniform when lo > 0)")
+    sw.add_argument("--samples", type=int, default=0, help="random search: this many random points instead of the grid")
+    sw.add_argument("--sample-seed", type=int, default=0, help="seed of the random search")
+    sw.add_argument("--metric", default="final_return",
+                    choices=["final_return", "auc", "steps_to_solve", "episodes_to_solve"],
+                    help="what ranks the points (median over seeds; auc = mean greedy return over all evaluations)")
+    add_experiment_flags(sw, "sweep")
+    sw.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="rebuild an ablation's or sweep's table and plot from its dir",
+                         description="Rebuild results.md (and curves.png or results.csv/best.yaml) from what is on disk.")
+    rep.add_argument("dir", metavar="DIR", help="an experiment dir made by `fastdqn ablate` or `fastdqn sweep`")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

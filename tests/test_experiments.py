@@ -1,0 +1,154 @@
+"""Ablation and sweep plans, the no-replay variant, resumable sweeps, and reports rebuilt from disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdqn import config as C
+from fastdqn import experiments as X
+from fastdqn.cli import main
+from fastdqn.errors import ConfigError
+from fastdqn.trainer import Trainer
+
+TINY = {"total_steps": 300, "learning_starts": 100, "buffer_size": 500, "batch_size": 16, "hidden_sizes": [8],
+        "eval_every": 150, "eval_episodes": 2, "log_every": 100, "checkpoint_every": 0, "epsilon_decay_steps": 200,
+        "target_update_interval": 50, "device": "cpu", "solved_return": 12.0}
+
+
+@pytest.fixture
+def tiny_base() -> C.Config:
+    return C.from_dict(TINY)
+
+
+def test_ablation_plan_has_the_lecture_rows_as_valid_configs(tiny_base):
+    plan = X.ablation_plan(tiny_base.updated(double_dqn=True, dueling=True), seeds=3)
+    assert [p.name for p in plan.points] == ["full DQN", "no target network", "no replay buffer",
+                                             "small buffer (1,000)", "no exploration decay", "MSE loss (not Huber)",
+                                             "Double DQN"]
+    assert plan.seeds == [1, 2, 3]
+    full = plan.config(plan.points[0], 1)
+    assert not full.double_dqn and not full.dueling  # full DQN is the classic one, whatever the base enables
+    configs = {p.name: plan.config(p, 2) for p in plan.points}
+    assert configs["no target network"].target_update == "none"
+    no_replay = configs["no replay buffer"]
+    assert not no_replay.replay_buffer and no_replay.buffer_size == no_replay.batch_size == 1
+    assert configs["small buffer (1,000)"].buffer_size == 1_000
+    assert configs["no exploration decay"].epsilon_schedule == "constant"
+    assert configs["MSE loss (not Huber)"].loss == "mse" and configs["Double DQN"].double_dqn
+    assert all(c.seed == 2 for c in configs.values())
+
+
+def test_ablation_plan_rejects_an_unknown_variant(tiny_base):
+    with pytest.raises(ConfigError, match="unknown variant 'nope'.*no-replay"):
+        X.ablation_plan(tiny_base, 1, ["full", "nope"])
+
+
+def test_no_replay_variant_trains_once_on_each_vector_step(tiny_base, tmp_path, monkeypatch):
+    changes = X.ablation_variants(tiny_base.updated(num_envs=2))["no-replay"][1]
+    cfg = tiny_base.updated(num_envs=2, total_steps=40, **changes)
+    trainer = Trainer(cfg, tmp_path, show_progress=False)
+    seen = []
+    real_update = trainer.learner.update
+    monkeypatch.setattr(trainer.learner, "update", lambda batch: (seen.append(batch), real_update(batch))[1])
+    newest = []
+    real_add = trainer.replay.add
+    monkeypatch.setattr(trainer.replay, "add", lambda *a, **k: (newest.append(a[0].clone()), real_add(*a, **k))[1])
+    result = trainer.run()
+    assert result.updates == len(seen) == 20  # one update per vector step of 2 envs
+    for batch, obs in zip(seen, newest):  # each update is exactly the vector step just collected, in env order
+        assert torch.equal(batch.obs, obs)
+
+
+def test_grid_parsing_keeps_list_values_whole_and_checks_keys():
+    grid = X.parse_grid(["learning_rate=1e-3,3e-4", "hidden_sizes=[64,64],[128]"])
+    assert grid == {"learning_rate": ["1e-3", "3e-4"], "hidden_sizes": ["[64,64]", "[128]"]}
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        X.parse_grid(["batch_sise=32,64"])
+    with pytest.raises(ConfigError, match="key=value1"):
+        X.parse_grid(["learning_rate"])
+
+
+def test_sweep_plan_grid_and_random_search(tiny_base):
+    grid = X.parse_grid(["learning_rate=1e-3,3e-4,1e-4", "batch_size=16,32"])
+    plan = X.sweep_plan(tiny_base, grid, seeds=2)
+    assert len(plan.points) == 6 and plan.seeds == [1, 2]
+    assert {p.changes["batch_size"] for p in plan.points} == {16, 32}
+    assert plan.config(plan.points[0], 1).learning_rate == 1e-3
+    sampled = X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2", "batch_size=16,32"]), 1, samples=5)
+    assert 1 <= len(sampled.points) <= 5
+    assert all(1e-4 <= p.changes["learning_rate"] <= 1e-2 and p.changes["batch_size"] in (16, 32)
+               for p in sampled.points)
+    assert X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1, samples=5).to_json() == \
+        X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1, samples=5).to_json()  # seeded
+    with pytest.raises(ConfigError, match="--samples"):
+        X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1)
+    with pytest.raises(ConfigError, match="batch_size"):
+        X.sweep_plan(tiny_base, X.parse_grid(["batch_size=1000"]), 1)  # larger than buffer_size: invalid point
+
+
+def test_a_different_plan_in_the_same_dir_is_refused(tiny_base, tmp_path):
+    X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=16"]), 1), tmp_path)
+    X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=16"]), 1), tmp_path)  # the same: fine
+    with pytest.raises(ConfigError, match="different experiment"):
+        X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=32"]), 1), tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_resumes_without_rerunning_and_report_rebuilds_the_same_table(tiny_base, tmp_path):
+    out = tmp_path / "sweep"
+    plan = X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-3,1e-2"]), seeds=1, metric="auc")
+    ran: list[tuple[str, int]] = []
+    X.run_plan(plan, out, workers=2, on_done=lambda p, s, r: ran.append((p.name, s)))
+    assert sorted(ran) == sorted((p.name, 1) for p in plan.points)
+    results = {p.name: X.run_dir_of(out, p, 1) / X.RESULT_FILE for p in plan.points}
+    stamps = {name: path.stat().st_mtime_ns for name, path in results.items()}
+
+    ran.clear()
+    X.run_plan(plan, out, workers=1, on_done=lambda p, s, r: ran.append((p.name, s)))
+    assert ran == [] and {n: p.stat().st_mtime_ns for n, p in results.items()} == stamps  # nothing ran again
+
+    first = plan.points[0]
+    results[first.name].unlink()  # as if that run had been stopped: only it runs again
+    X.run_plan(plan, out, workers=1, on_done=lambda p, s, r: ran.append((p.name, s)))
+    assert ran == [(first.name, 1)]
+
+    markdown, _ = X.report(out)
+    csv_text = (out / X.CSV_FILE).read_text()
+    for name in (X.TABLE_FILE, X.CSV_FILE, X.BEST_FILE):
+        (out / name).unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / X.TABLE_FILE).read_text() == markdown and (out / X.CSV_FILE).read_text() == csv_text
+    rows = markdown.splitlines()[2:4]
+    assert all(row.startswith(f"| {rank} |") for rank, row in enumerate(rows, 1))
+    # the table is sorted by the metric: the first row's mean eval return is the higher median
+    summaries = {s.point.name: s for s in X.summarize(plan, out)}
+    best_name = min(summaries.values(), key=lambda s: X._sort_key(s, "auc")).point.name
+    best = C.from_dict({k: v for k, v in C.load_yaml(out / X.BEST_FILE).items()})
+    assert best == plan.config(next(p for p in plan.points if p.name == best_name), tiny_base.seed)
+    assert json.dumps(best.learning_rate) in rows[0]
+
+
+@pytest.mark.slow
+def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "ablate"
+    sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
+    assert main(["ablate", "--variants", "full,no-replay", "--seeds", "1", "--workers", "1", "--out", str(out),
+                 *sets]) == 0
+    table = (out / X.TABLE_FILE).read_text()
+    assert "| full DQN | " in table and "| no replay buffer | " in table and "mean return >= 12" in table
+    assert (out / X.PLOT_FILE).stat().st_size > 10_000
+    run = X.run_dir_of(out, X.Point("no replay buffer", {}), 1)
+    saved = C.load_yaml(run / "config.yaml")
+    assert saved["replay_buffer"] is False and saved["buffer_size"] == 1
+    assert (run / X.RESULT_FILE).is_file() and list(run.glob("events.out.tfevents*"))  # a normal run dir
+    assert main(["ablate", "--resume", str(out)]) == 0  # all finished: nothing runs, same table
+    assert (out / X.TABLE_FILE).read_text() == table
+
+
+def test_report_on_a_dir_without_a_plan_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) != 0
+    assert "has no plan.json" in capsys.readouterr().err
