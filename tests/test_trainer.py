@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import fastdqn
 import fastdqn.envs as envs_module
 import fastdqn.trainer as trainer_module
 from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
@@ -107,3 +112,32 @@ def test_normalize_obs_is_off_by_default(tmp_path, tiny_cfg):
     with trainer_without_run(tiny_cfg, tmp_path) as trainer:
         assert getattr(trainer.learner.q, "normalizer", None) is None
         assert not tiny_cfg.clip_rewards
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+PACKAGE_DIR = str(Path(fastdqn.__file__).resolve().parent)
+
+
+@pytest.mark.parametrize("changes", [{}, {"normalize_obs": True, "double_dqn": True, "target_update": "soft"}])
+def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, monkeypatch, changes):
+    """collect() + train() copy only the action vector to the host: no .item(), no branching on tensor values."""
+    cfg = tiny_cfg.updated(num_envs=4, learning_starts=100, lr_schedule="linear", target_update_interval=40,
+                           batch_size=16, **changes)
+    calls: collections.Counter[str] = collections.Counter()
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        drive(trainer, 200)  # past warm-up: updates, LR changes and target updates all happen below
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                real = getattr(torch.Tensor, name)
+
+                def counting(self, *args, _real=real, _name=name, **kwargs):
+                    if sys._getframe(1).f_code.co_filename.startswith(PACKAGE_DIR):
+                        calls[_name] += 1
+                    return _real(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counting)
+            drive(trainer, 600)
+        assert trainer.counters.updates == (600 - 100) // 4
+    vector_steps = (600 - 200) // 4
+    assert calls["numpy"] == vector_steps and calls["cpu"] <= vector_steps  # the one action copy
+    assert {k: v for k, v in calls.items() if k not in ("numpy", "cpu")} == {}
