@@ -44,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> C.Config:
-    """Defaults < base (a saved run's config) < --config file < --set items < named flags."""
+    """Defaults < Atari preset (ALE ids) < base (a saved run's config) < --config file < --set items < flags."""
     values: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
         values.update(C.load_yaml(args.config))
@@ -57,6 +57,10 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
             raise C.unknown_key_error(key, "--set")
     values.update(sets)
     values.update({k: getattr(args, k) for k in C.FIELDS if getattr(args, k, None) is not None})
+    from fastdqn.atari import ATARI_DEFAULTS, is_atari_id
+
+    if is_atari_id(str(values.get("env_id", ""))):  # the published DQN settings, under all the user gave
+        values = {**ATARI_DEFAULTS, **values}
     return C.from_dict(values, where=getattr(args, "config", None) or "config")
 
 
@@ -135,6 +139,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"checkpoint": ckpt.name, "env_step": state["counters"]["env_step"], "episodes": args.episodes,
               "seed": seed, "epsilon": epsilon, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
               "returns": returns.tolist()}
+    if args.video:
+        from fastdqn.video import record_episode, write_video
+
+        frames, video_return = record_episode(lambda o: learner.act(o, epsilon), cfg, seed, device)
+        video = write_video(frames, run_dir / f"{ckpt.stem}-seed{seed}.mp4")
+        result.update(video=str(video), video_return=video_return)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     console.print(summary_table(f"eval {run_dir.name}", {k: v for k, v in result.items() if k != "returns"}))
     print(json.dumps({"mean": result["mean"], "std": result["std"]}))
@@ -218,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")
     ev.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
+    ev.add_argument("--video", action="store_true",
+                    help="also record one episode (a whole game for Atari) to RUN_DIR/<ckpt>-seed<seed>.mp4 (.gif "
+                         "if no mp4 codec)")
     ev.set_defaults(func=cmd_eval)
 
     ab = sub.add_parser("ablate", help="the DQN ablation table: variants x seeds, a Markdown table and a plot",

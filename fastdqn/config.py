@@ -86,6 +86,18 @@ class Config:
     clip_rewards: bool = _f(False, "store rewards clipped to [-1, 1] (returns are still reported raw)")
     normalize_obs: bool = _f(False, "normalize observations by a running mean and std inside the network")
 
+    # --- Atari and other pixel envs (84x84 grayscale frame stacks; ignored for vector observations) ------
+    atari_backend: Literal["ale_vector", "gymnasium"] = _f(
+        "ale_vector", "ALE/* ids: ale-py's C++ vector env (threads) or gymnasium AtariPreprocessing (one env each)")
+    env_threads: int = _f(0, "ale_vector backend: C++ threads stepping the envs; 0 = one per env, up to the CPU count")
+    frame_stack: int = _f(4, "pixel envs: frames stacked into one observation (zero-padded at episode starts)")
+    frame_skip: int = _f(4, "Atari: emulator frames per action (max-pooled over the last two)")
+    noop_max: int = _f(30, "Atari: at most this many no-op actions at each reset (random start states)")
+    episodic_life: bool = _f(True, "Atari: a lost life ends the training episode (no bootstrap); scores stay whole-game")
+    fire_reset: bool = _f(True, "Atari: press FIRE after reset in games that need it to start")
+    repeat_action_probability: float = _f(0.25, "Atari: sticky actions, chance the previous action repeats (v5: 0.25)")
+    full_action_space: bool = _f(False, "Atari: all 18 actions instead of the game's minimal set")
+
     # --- speed -------------------------------------------------------------------------------------------
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     compile: bool = _f(False, "torch.compile the update step")
@@ -145,6 +157,12 @@ class Config:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
+            (self.env_threads >= 0, f"env_threads must be >= 0, got {self.env_threads}"),
+            (self.frame_stack >= 1, f"frame_stack must be >= 1, got {self.frame_stack}"),
+            (self.frame_skip >= 1, f"frame_skip must be >= 1, got {self.frame_skip}"),
+            (self.noop_max >= 0, f"noop_max must be >= 0, got {self.noop_max}"),
+            (0.0 <= self.repeat_action_probability <= 1.0,
+             f"repeat_action_probability must be in [0, 1], got {self.repeat_action_probability}"),
             (self.n_step >= 1, f"n_step must be >= 1, got {self.n_step}"),
             (0.0 <= self.per_alpha <= 1.0, f"per_alpha must be in [0, 1], got {self.per_alpha}"),
             (0.0 <= self.per_beta_start <= 1.0 and 0.0 <= self.per_beta_end <= 1.0,

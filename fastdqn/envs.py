@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from fastdqn.atari import is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
+from fastdqn.networks import is_pixel_shape
 
 
 def check_env_id(env_id: str) -> None:
@@ -40,10 +42,13 @@ def check_env_id(env_id: str) -> None:
 
 
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-    """DQN needs a Discrete action space and, here, a flat Box observation."""
+    """DQN needs a Discrete action space and a flat Box observation or a uint8 (C, 84, 84) frame stack."""
     if not isinstance(action_space, gym.spaces.Discrete):
         raise EnvError(f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
                        "(use SAC/TD3 for continuous actions, or discretize the env)")
+    if (isinstance(observation_space, gym.spaces.Box) and is_pixel_shape(tuple(observation_space.shape))
+            and observation_space.dtype == np.uint8):
+        return  # frame stacks from fastdqn.atari, for the CNN
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         raise EnvError(f"env '{env_id}' has observation space {observation_space}: fastdqn's networks take a flat "
                        "Box (vector) observation; wrap the env (e.g. FlattenObservation)")
@@ -60,13 +65,23 @@ def _env_factory(cfg: Config, index: int) -> Callable[[], gym.Env]:
 
 
 def make_vector_env(cfg: Config, num_envs: int, *, asynchronous: bool | None = None) -> gym.vector.VectorEnv:
-    """`num_envs` copies of `cfg.env_id` in a SAME_STEP-autoreset vector env (sync unless asked otherwise)."""
+    """`num_envs` copies of `cfg.env_id` in a SAME_STEP-autoreset vector env (sync unless asked otherwise).
+
+    Pixel envs (ALE ids, image observations) come from `atari.make_pixel_vector_env` instead: NEXT_STEP
+    autoreset and (frame_stack, 84, 84) uint8 stacks, which the trainer stores with `FrameReplay`.
+    """
     check_env_id(cfg.env_id)
     use_async = cfg.vector_mode == "async" if asynchronous is None else asynchronous
     fns = [_env_factory(cfg, i) for i in range(num_envs)]
     vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
     try:
-        envs = vector_cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+        if is_atari_id(cfg.env_id):
+            envs = make_pixel_vector_env(cfg, num_envs, asynchronous=use_async)
+        else:
+            envs = vector_cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+            if is_image_space(envs.single_observation_space):
+                envs.close()
+                envs = make_pixel_vector_env(cfg, num_envs, asynchronous=use_async)
     except gym.error.Error as exc:
         raise EnvError(f"cannot create env '{cfg.env_id}': {exc}") from None
     try:

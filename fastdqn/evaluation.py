@@ -7,8 +7,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastdqn.atari import evaluate_games
 from fastdqn.config import Config
 from fastdqn.envs import make_vector_env
+from fastdqn.networks import is_pixel_shape
 
 EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
 
@@ -20,8 +22,11 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episod
     `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
     """
     envs = make_vector_env(cfg, episodes, asynchronous=False)
+    seeds = [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
     try:
-        obs, _ = envs.reset(seed=[seed + EVAL_SEED_OFFSET + i for i in range(episodes)])
+        if is_pixel_shape(tuple(envs.single_observation_space.shape)):  # NEXT_STEP envs; raw whole-game scores
+            return evaluate_games(envs, policy, seeds, device)
+        obs, _ = envs.reset(seed=seeds)
         returns = np.full(episodes, np.nan)
         while np.isnan(returns).any():
             actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()

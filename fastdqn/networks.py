@@ -1,4 +1,4 @@
-"""Q-networks: an MLP for vector observations, with optional running observation normalization."""
+"""Q-networks: an MLP for vector observations (optional running normalization), the Nature CNN for frame stacks."""
 
 from __future__ import annotations
 
@@ -79,6 +79,40 @@ class MLPQNetwork(nn.Module):
         return self.net(x)
 
 
+class NatureCNN(nn.Module):
+    """uint8 frame stacks (B, C, 84, 84) -> Q-values: the Nature DQN net (Mnih et al., 2015).
+
+    Three convolutions and a 512-unit layer (or a dueling head with 512-unit streams). The uint8 -> [0, 1]
+    scaling happens here, so replay and acting move 1 byte per pixel. On CUDA the input goes channels_last,
+    the layout cuDNN's fastest convolutions (and bf16 tensor cores) want.
+    """
+
+    def __init__(self, in_channels: int, n_actions: int, dueling: bool = False):
+        super().__init__()
+        self.torso = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten())
+        features = 64 * 7 * 7
+        self.head = (DuelingHead(features, n_actions, hidden=512) if dueling else
+                     nn.Sequential(nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, n_actions)))
+        self.channels_last: bool | None = None  # None: only on CUDA
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float() * (1.0 / 255.0)
+        if self.channels_last if self.channels_last is not None else x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.torso(x))
+
+
+def is_pixel_shape(obs_shape: tuple[int, ...]) -> bool:
+    """(C, 84, 84) frame stacks go to the CNN; everything else to the MLP."""
+    return len(obs_shape) == 3 and tuple(obs_shape[1:]) == (84, 84)
+
+
 def build_q_network(obs_shape: tuple[int, ...], n_actions: int, cfg: Config) -> nn.Module:
     """The Q-network for an observation shape (the env module has already checked that it is supported)."""
+    if is_pixel_shape(obs_shape):
+        return NatureCNN(int(obs_shape[0]), n_actions, cfg.dueling)
     return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs, cfg.dueling)

@@ -1,0 +1,143 @@
+"""A replay buffer for frame-stack observations that stores each frame once, as uint8 on the training device.
+
+It uses the same fixed slot layout as `ReplayBuffer`: slot `k * N + e` belongs to env `e` at vector step `k`,
+and the same env's next vector step is N slots later. The pixel envs autoreset in NEXT_STEP mode (the step
+after an episode end returns the reset observation and ignores the action), so every vector step yields
+exactly one new frame per env, the true final frame included. A slot keeps
+
+    frame       the newest frame of the observation the env returned at that vector step  (84*84 bytes)
+    action, reward, terminated    of the transition that led to that observation          (8 + 4 + 1 bytes)
+    start       that observation is a reset observation: it begins an episode and ends no transition  (1 byte)
+
+The transition ending at slot s has next obs = the frames at s-(C-1)N, ..., s-N, s and obs = the frames at
+s-CN, ..., s-N (C = frame_stack): both stacks are gathered at sample time with one tensor index. Frames
+older than the episode's start slot are zero, which is what the envs' own frame stacks hold after a reset,
+so a stack never mixes two episodes; the env index never changes within a stack, so it never mixes two envs.
+Rows (vector steps) whose stack would reach into storage already overwritten are never sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdqn.errors import ConfigError
+from fastdqn.replay import Batch
+
+CANDIDATES = 4  # draws per sampled transition; the first valid one is taken (see `sample`)
+
+
+class FrameReplay:
+    """Circular buffer of single frames plus per-slot metadata; `sample` returns frame stacks."""
+
+    def __init__(self, capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_stack: int,
+                 device: torch.device):
+        capacity = -(-capacity // num_envs) * num_envs  # round up to whole vector steps
+        self.capacity, self.num_envs, self.stack, self.device = capacity, num_envs, frame_stack, device
+        self.rows = capacity // num_envs
+        if self.rows < frame_stack + 2:
+            raise ConfigError(f"buffer_size {capacity} holds {self.rows} vector steps of {num_envs} envs; a frame "
+                              f"stack of {frame_stack} needs at least {frame_stack + 2}: raise buffer_size to "
+                              f">= {(frame_stack + 2) * num_envs}")
+        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminated = torch.zeros(capacity, dtype=torch.uint8, device=device)
+        self.starts = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.pos = 0  # next slot to write (always a row start)
+        self.size = 0  # filled slots
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._storage().values())
+
+    def _storage(self) -> dict[str, torch.Tensor]:
+        return {"frames": self.frames, "actions": self.actions, "rewards": self.rewards,
+                "terminated": self.terminated, "starts": self.starts}
+
+    # --- writing ----------------------------------------------------------------------------------------
+    def add(self, frames: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
+            starts: torch.Tensor) -> None:
+        """Store one vector step: each env's newest frame and the transition that produced it (device tensors).
+
+        `starts[e]` marks a reset observation: its slot begins an episode and holds no transition.
+        """
+        n = self.num_envs
+        if frames.shape[0] != n:
+            raise ValueError(f"add expects one frame per env ({n}), got {frames.shape[0]}")
+        new = {"frames": frames, "actions": actions, "rewards": rewards, "terminated": terminated, "starts": starts}
+        for name, dest in self._storage().items():
+            dest[self.pos:self.pos + n] = new[name]
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def add_resets(self, frames: torch.Tensor) -> None:
+        """Store the newest frames of freshly reset observations (after `envs.reset()`): episode starts only."""
+        n = self.num_envs
+        zeros = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.add(frames, zeros, zeros.float(), zeros.to(torch.uint8), torch.ones(n, dtype=torch.bool,
+                                                                                  device=self.device))
+
+    # --- sampling ---------------------------------------------------------------------------------------
+    def _row_bounds(self) -> tuple[int, int, int]:
+        """(oldest physical row, lowest sampleable logical row, filled rows); logical rows count from the oldest."""
+        filled = self.size // self.num_envs
+        oldest = (self.pos // self.num_envs - filled) % self.rows
+        # Full: the oldest `stack` rows' obs stacks may reach rows already overwritten. Not full: row 0 is the
+        # first reset (all starts), so every stack is cut at it; only that row itself holds no transition.
+        low = self.stack if self.size == self.capacity else 1
+        return oldest, low, filled
+
+    def sample(self, batch_size: int) -> Batch:
+        """Uniform sample (with replacement) of valid transitions; indices and stacks built on the device.
+
+        Start slots hold no transition. Each sample draws CANDIDATES (row, env) pairs and keeps the first that is
+        not a start; if all are starts (probability (starts/slots)^CANDIDATES, ~1e-12 for Atari episodes), it
+        takes the same env's next row, which always holds a transition after a start (or the previous row when
+        the start is the newest row). No host sync, no Python loop over the batch.
+        """
+        oldest, low, filled = self._row_bounds()
+        if filled <= low:
+            raise ValueError(f"frame replay holds {filled} vector steps; sampling needs more than {low}")
+        shape = (batch_size, CANDIDATES)
+        rows = torch.randint(low, filled, shape, device=self.device)
+        envs = torch.randint(0, self.num_envs, shape, device=self.device)
+        ok = ~self.starts[self._slots(rows, envs, oldest)]
+        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid candidate, 0 if none
+        rows, envs, ok = rows.gather(1, first).squeeze(1), envs.gather(1, first).squeeze(1), ok.gather(1, first).squeeze(1)
+        rows = torch.where(ok, rows, torch.where(rows + 1 < filled, rows + 1, rows - 1))
+        return self.gather_rows(rows, envs, oldest)
+
+    def _slots(self, logical_rows: torch.Tensor, envs: torch.Tensor, oldest: int) -> torch.Tensor:
+        return ((logical_rows + oldest) % self.rows) * self.num_envs + envs
+
+    def gather_rows(self, rows: torch.Tensor, envs: torch.Tensor, oldest: int) -> Batch:
+        """Transitions ending at logical rows `rows` (>= 1; >= stack when full) of envs `envs`."""
+        c = self.stack
+        offsets = torch.arange(-c, 1, device=self.device)  # rows j-C .. j: obs is [0:C], next obs is [1:C+1]
+        slots = self._slots(rows.unsqueeze(1) + offsets, envs.unsqueeze(1), oldest)  # (B, C+1)
+        frames = self.frames[slots]  # (B, C+1, H, W)
+        # Keep the frame at row j-C+k only if no episode starts in rows j-C+k+1 .. j-1: older frames are zero.
+        starts = self.starts[slots[:, :c]].to(torch.int32)  # rows j-C .. j-1
+        later_starts = starts.flip(1).cumsum(1).flip(1)  # [k] = starts in rows j-C+k .. j-1
+        pad = torch.zeros((rows.shape[0], 2), dtype=torch.int32, device=self.device)
+        keep = torch.cat([later_starts[:, 1:], pad], dim=1) == 0  # (B, C+1)
+        frames = frames * keep.to(torch.uint8).view(*keep.shape, *(1,) * (frames.dim() - 2))
+        last = slots[:, c]
+        return Batch(frames[:, :c], self.actions[last], self.rewards[last], frames[:, 1:],
+                     self.terminated[last].float())
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Filled part of the buffer plus its position, for checkpoints (tensors and ints only)."""
+        return {"pos": self.pos, "size": self.size, **{k: v[:self.size].clone() for k, v in self._storage().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        size = state["size"]
+        if size > self.capacity:
+            raise ValueError(f"saved replay holds {size} transitions, more than this buffer's capacity {self.capacity}")
+        for name, dest in self._storage().items():
+            dest[:size] = state[name].to(self.device)
+        self.pos, self.size = state["pos"], size
