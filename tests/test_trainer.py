@@ -13,6 +13,7 @@ import fastdqn
 import fastdqn.envs as envs_module
 import fastdqn.trainer as trainer_module
 from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
+from fastdqn.config import Config
 from fastdqn.trainer import Trainer
 
 
@@ -141,3 +142,15 @@ def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, m
     vector_steps = (600 - 200) // 4
     assert calls["numpy"] == vector_steps and calls["cpu"] <= vector_steps  # the one action copy
     assert {k: v for k, v in calls.items() if k not in ("numpy", "cpu")} == {}
+
+
+@pytest.mark.slow
+def test_learns_cartpole_well_beyond_a_random_policy(tmp_path):
+    """The whole path learns: a sign error, a wrong gather or a broken target would keep returns near 20."""
+    cfg = Config(seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
+                 eval_every=2_000, eval_episodes=5, hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0,
+                 target_update_interval=250)
+    result = Trainer(cfg, tmp_path, show_progress=False).run()
+    means = [mean for _, mean, _ in result.evals]
+    assert len(means) == 3 and means[0] < 60  # it starts out poor
+    assert max(means) >= 100, means
