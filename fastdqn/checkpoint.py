@@ -4,6 +4,8 @@ A checkpoint is `ckpt-<env_step>.pt` in the run dir. Writing goes to a temporary
 fsynced, then renamed over the final name, so a crash at any moment leaves either the old set of checkpoints
 or the new one, never a half-written file under a checkpoint name. The newest `keep` checkpoints are kept.
 Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings and containers of them.
+Module weights are saved without torch.compile's `_orig_mod.` prefix, so compiled and eager runs read each
+other's checkpoints.
 """
 
 from __future__ import annotations
@@ -16,9 +18,23 @@ from typing import Any
 
 import torch
 
+from fastdqn.config import FIELDS
 from fastdqn.errors import CheckpointError
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_TMP_GLOB = ".ckpt-*.tmp"
+COMPILE_PREFIX = "_orig_mod."
+
+# Config keys a resumed run may change: run length, schedules that are pure functions of the step, logging,
+# evaluation, checkpointing, device and speed, and the fault settings. Every other key (env, network, replay
+# layout, update cadence, objective, and any key added later) defines what the checkpoint holds and is fixed.
+RESUME_CHANGEABLE = frozenset({
+    "total_steps", "learning_rate", "lr_schedule", "lr_end", "max_grad_norm", "clip_rewards",
+    "epsilon_schedule", "epsilon_start", "epsilon_end", "epsilon_decay_steps", "epsilon_step_factor",
+    "eval_every", "eval_episodes", "eval_epsilon", "solved_return", "log_every", "checkpoint_every",
+    "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "torch_threads",
+    "env_restarts", "nonfinite_skips",
+})
 
 
 def checkpoint_path(run_dir: Path, env_step: int) -> Path:
@@ -32,6 +48,31 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete temporary files left by a checkpoint write that was killed before its rename."""
+    for tmp in Path(run_dir).glob(_TMP_GLOB):
+        tmp.unlink(missing_ok=True)
+
+
+def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """A module state_dict with torch.compile's `_orig_mod.` prefixes removed (the eager module's keys)."""
+    return {k.replace(COMPILE_PREFIX, ""): v for k, v in state.items()}
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:
+    """Raise CheckpointError if `cfg` changes a key of the saved run's config that a resume cannot change."""
+    unknown = sorted(k for k in saved if k not in FIELDS)
+    if unknown:
+        raise CheckpointError(f"the checkpoint's config has keys this fastdqn does not know ({', '.join(unknown)}): "
+                              "resume it with the fastdqn version that wrote it")
+    current = cfg.to_dict()
+    changed = [k for k in FIELDS if k in saved and k not in RESUME_CHANGEABLE and saved[k] != current[k]]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise CheckpointError(f"cannot change {diffs} when resuming (it defines what the checkpoint holds): drop "
+                              "those flags to continue the run, or start a new run with another --run-dir")
 
 
 def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep: int) -> Path:
@@ -72,8 +113,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint '{path}' does not exist") from None
     except Exception as exc:  # torch raises many types for damaged files
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({reason}): "
-                              "delete it to resume from the previous one") from None
+        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        fix = f"move it away to resume from {older[-1].name}" if older else "it was the only one: start a new run"
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({reason}): {fix}") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"'{path}' is not a fastdqn checkpoint")
     return payload

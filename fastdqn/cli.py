@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NoReturn, Sequence
 
 import yaml
 
@@ -75,29 +76,49 @@ def write_config(cfg: C.Config, run_dir: Path) -> None:
 
 
 # --- subcommands -----------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
-    from fastdqn.checkpoint import latest_checkpoint
-    from fastdqn.trainer import Trainer, load_run_checkpoint, resolve_device
+def resume_trainer(args: argparse.Namespace) -> Any:
+    """The Trainer of `--resume RUN_DIR` at its newest checkpoint (at step 0 if killed before its first one)."""
+    from fastdqn.checkpoint import check_resume_config, latest_checkpoint, list_checkpoints, remove_partial_writes
+    from fastdqn.logs import console
+    from fastdqn.trainer import Trainer, load_run_checkpoint
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        ckpt = latest_checkpoint(run_dir)
-        state = load_run_checkpoint(ckpt, "cpu")
-        cfg = config_from_args(args, base=state["config"])
-        trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)
-        trainer.restore(load_run_checkpoint(ckpt, trainer.device))
-        write_config(cfg, run_dir)
+    run_dir = Path(args.resume)
+    if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume continues '{run_dir}' in place: drop --run-dir {args.run_dir}")
+    state = None
+    if run_dir.is_dir() and not list_checkpoints(run_dir) and (run_dir / CONFIG_FILE).is_file():
+        saved = C.load_yaml(run_dir / CONFIG_FILE)  # stopped before its first checkpoint: nothing to lose
     else:
-        cfg = config_from_args(args)
+        state = load_run_checkpoint(latest_checkpoint(run_dir), "cpu")
+        saved = state["config"]
+    cfg = config_from_args(args, base={k: v for k, v in saved.items() if k in C.FIELDS})
+    check_resume_config(saved, cfg)
+    trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)
+    remove_partial_writes(run_dir)
+    if state is None:
+        console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
+    else:
+        trainer.restore(state)
+    write_config(cfg, run_dir)
+    return trainer
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        trainer = resume_trainer(args)
+    else:
+        cfg = config_from_args(args)  # before importing torch, so a typo is reported at once
+        from fastdqn.trainer import Trainer, resolve_device
+
         resolve_device(cfg.device)  # fail before touching the disk
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, Path(args.runs_root))
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.overwrite:
-                raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-                                  "--overwrite to replace it, or another --run-dir")
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+            raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+                              "--overwrite to replace it, or another --run-dir")
+        trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)  # bad envs fail here, before the disk
+        if run_dir.exists():
             shutil.rmtree(run_dir)
         write_config(cfg, run_dir)
-        trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)
     result = trainer.run()
     if args.quiet:
         print(json.dumps({"run_dir": str(result.run_dir), "env_steps": result.env_steps,
@@ -109,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from fastdqn.checkpoint import latest_checkpoint
+    from fastdqn.checkpoint import latest_checkpoint, strip_compile_prefix
     from fastdqn.envs import make_vector_env
     from fastdqn.evaluation import evaluate
     from fastdqn.learner import DQNLearner
@@ -129,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     probe.close()
     learner = DQNLearner(cfg, obs_shape, n_actions, device)
     try:
-        learner.q.load_state_dict(state["learner"]["q"])
+        learner.q.load_state_dict(strip_compile_prefix(state["learner"]["q"]))
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint '{ckpt}' does not match its config's network "
                               f"({str(exc).splitlines()[0][:100]})") from None
@@ -202,9 +223,33 @@ def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 # --- parser ----------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `fastdqn: error:` line, naming the closest flag."""
+
+    def option_strings(self) -> list[str]:
+        """Every flag of this parser and of its subcommands."""
+        found: list[str] = []
+        for action in self._actions:
+            found += action.option_strings
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += sub.option_strings()
+        return found
+
+    def error(self, message: str) -> NoReturn:
+        _, marker, rest = message.partition("unrecognized arguments:")
+        hints = []
+        for flag in re.findall(r"(?:^|\s)(--?[A-Za-z][\w-]*)", rest) if marker else []:
+            close = difflib.get_close_matches(flag, self.option_strings(), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]} (for {flag})?")
+        hint = " ".join(hints) or f"see `{self.prog} --help`"
+        self.exit(2, f"fastdqn: error: {message}: {hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdqn", description="The fastest correct DQN trainer for PyTorch.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="fastdqn", description="The fastest correct DQN trainer for PyTorch.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -270,11 +315,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FastDQNError as exc:
         if args.debug:
             raise
-        print(f"fastdqn: error: {exc}", file=sys.stderr)
+        print(f"fastdqn: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fastdqn: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # from torch, gymnasium or the OS: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"fastdqn: error: {explain(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:600] or type(exc).__name__
+
+
+def explain(exc: Exception) -> str:
+    """One line for an error raised outside fastdqn's own checks: what happened and what to try."""
+    import gymnasium as gym
+
+    torch = sys.modules.get("torch")
+    text = one_line(exc)
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return f"out of device memory ({text[:200]}): lower batch_size, buffer_size or num_envs, or use --device cpu"
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return f"torch.compile failed ({type(exc).__name__}: {text[:300]}): run without --compile"
+    if isinstance(exc, gym.error.Error):
+        return f"gymnasium: {text}"
+    if isinstance(exc, OSError):
+        return f"{text}: check the path, its permissions and the free disk space"
+    return f"unexpected {type(exc).__name__}: {text} (rerun with `fastdqn --debug ...` for the traceback and report it)"
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class Config:
     # --- speed -------------------------------------------------------------------------------------------
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     compile: bool = _f(False, "torch.compile the update step")
+    compile_strict: bool = _f(False, "with compile: fail if torch.compile cannot run here, instead of warning and running eager")
     amp: bool = _f(False, "bf16 autocast in the update step and acting (loss and optimizer stay fp32)")
     torch_threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
 
@@ -115,6 +116,12 @@ class Config:
     checkpoint_every: int = _f(10_000, "env steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _f(2, "newest checkpoints kept in the run dir (at least 1)")
     save_replay: bool = _f(False, "put the replay buffer in checkpoints (exact resume, larger files)")
+
+    # --- faults ------------------------------------------------------------------------------------------
+    env_restarts: int = _f(0, "an env that raises in step is rebuilt (its episode cut) up to this many times a run; "
+                           "0 = stop with a checkpoint at the first failure")
+    nonfinite_skips: int = _f(0, "a non-finite loss, Q-value or weight rolls training back to the last finite state "
+                              "and goes on, up to this many times; 0 = stop with a checkpoint of that state")
 
     # ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +162,8 @@ class Config:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.env_restarts >= 0, f"env_restarts must be >= 0, got {self.env_restarts}"),
+            (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
             (self.env_threads >= 0, f"env_threads must be >= 0, got {self.env_threads}"),

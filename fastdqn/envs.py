@@ -10,6 +10,7 @@ does not.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -20,11 +21,20 @@ from gymnasium.vector import AutoresetMode
 from fastdqn.atari import is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
+from fastdqn.faults import guarded
 from fastdqn.networks import is_pixel_shape
 
 
 def check_env_id(env_id: str) -> None:
     """Raise EnvError, with close matches, if gymnasium does not know `env_id`."""
+    module, sep, name = env_id.rpartition(":")
+    if sep:  # gymnasium's "package.module:Env-v0" form: importing the module registers its envs
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise EnvError(f"cannot import module '{module}' of env '{env_id}' ({exc}): check its name and "
+                           "that it is on PYTHONPATH") from None
+        env_id = name
     if env_id in gym.registry:
         return
     if env_id.startswith("ALE/"):
@@ -72,7 +82,7 @@ def make_vector_env(cfg: Config, num_envs: int, *, asynchronous: bool | None = N
     """
     check_env_id(cfg.env_id)
     use_async = cfg.vector_mode == "async" if asynchronous is None else asynchronous
-    fns = [_env_factory(cfg, i) for i in range(num_envs)]
+    fns = [guarded(_env_factory(cfg, i), i, cfg) for i in range(num_envs)]
     vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
     try:
         if is_atari_id(cfg.env_id):

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdqn.checkpoint import load_checkpoint, save_checkpoint
+from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
 from fastdqn.config import Config
 from fastdqn.envs import finished_episodes, get_env_state, make_vector_env, set_env_state, true_next_obs
 from fastdqn.errors import CheckpointError, DeviceError, TrainingDiverged
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
-from fastdqn.logs import RunLogger, summary_table
+from fastdqn.faults import EnvFailure, FiniteGuard, compile_unavailable, divergence_message
+from fastdqn.logs import RunLogger, console, summary_table
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
@@ -69,6 +70,7 @@ class Counters:
     updates: int = 0
     target_syncs: int = 0
     episodes: int = 0
+    nonfinite_skips: int = 0  # roll-backs after a non-finite learner state (at most cfg.nonfinite_skips)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class Trainer:
         self.n_actions = int(self.envs.single_action_space.n)
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
         self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
-        self.learner = DQNLearner(cfg, self.obs_shape, self.n_actions, self.device)
+        self.learner = DQNLearner(self.compile_or_eager(cfg), self.obs_shape, self.n_actions, self.device)
+        self.finite = FiniteGuard(self.learner)
         self.counters = Counters()
         self.obs, _ = self.envs.reset(seed=cfg.seed)
         self.recent_returns: deque[float] = deque(maxlen=20)
@@ -213,6 +216,10 @@ class Trainer:
                 final_mean, final_std = self.evaluate()
                 self.save()
                 self.logger.hparams(final_mean)
+        except EnvFailure as exc:
+            path = self.save()
+            raise EnvFailure(f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
+                             f"fastdqn train --resume {self.run_dir}") from exc
         finally:
             self.logger.close()
             self.envs.close()
@@ -228,10 +235,7 @@ class Trainer:
         """Read the device counters (the loop's only sync) and write them out."""
         cfg, step = self.cfg, self.counters.env_step
         metrics = self.learner.read_metrics()
-        if metrics and not np.isfinite(metrics["loss"]):
-            raise TrainingDiverged(
-                f"TD loss became {metrics['loss']} at env step {step}: lower learning_rate or enable clip_rewards; "
-                f"the last finite state is the newest checkpoint in {self.run_dir}")
+        self.check_finite(metrics)
         epsilon = epsilon_at(cfg, step)
         scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate_at(cfg, step), "charts/SPS": sps}
         scalars.update({f"losses/{k}": v for k, v in metrics.items()})
@@ -270,7 +274,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": cfg.to_dict(),
             "counters": vars(self.counters).copy(),
-            "learner": self.learner.state_dict(),
+            "learner": {k: strip_compile_prefix(v) if k in ("q", "target") else v
+                        for k, v in self.learner.state_dict().items()},
             "rng": rng,
             "obs": torch.from_numpy(np.array(self.obs, copy=True)),
             "env_state": get_env_state(self.envs) if cfg.vector_mode == "sync" else {},
@@ -282,23 +287,50 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        """Checkpoint the whole run, refusing to overwrite good checkpoints with non-finite weights."""
-        params = [p for p in self.learner.q.parameters()]
-        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise TrainingDiverged(f"network weights became non-finite by env step {self.counters.env_step}: lower "
-                                   f"learning_rate or enable clip_rewards; the last finite state is the newest "
-                                   f"checkpoint in {self.run_dir}")
+        """Checkpoint the whole run; never with non-finite weights (`check_finite` rolls those back first)."""
+        self.check_finite({})
+        return self.write_checkpoint()
+
+    def write_checkpoint(self) -> Path:
         return save_checkpoint(self.state_dict(), self.run_dir, self.counters.env_step, self.cfg.keep_checkpoints)
+
+    def check_finite(self, metrics: dict[str, float]) -> None:
+        """At a sync point: remember the learner state if it is finite; otherwise roll back to the last finite
+        one and go on (up to cfg.nonfinite_skips times) or checkpoint it and raise TrainingDiverged."""
+        c, guard = self.counters, self.finite
+        if guard.is_finite(metrics):
+            guard.commit(c.env_step)
+            return
+        guard.rollback()
+        message = divergence_message(self.cfg, metrics, guard.step, c.env_step)
+        if c.nonfinite_skips < self.cfg.nonfinite_skips:
+            c.nonfinite_skips += 1
+            (self.logger.message if hasattr(self, "logger") else console.print)(
+                f"[yellow]{message}; rolled back to the weights of env step {guard.step} and going on "
+                f"({c.nonfinite_skips} of nonfinite_skips={self.cfg.nonfinite_skips})[/]")
+            return
+        path = self.write_checkpoint()
+        raise TrainingDiverged(f"{message}. Saved the last finite weights (env step {guard.step}) as {path}: resume "
+                               f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
+                               "nonfinite_skips to roll back and go on")
+
+    def compile_or_eager(self, cfg: Config) -> Config:
+        """The learner's config: `compile` turned off, with a warning, where torch.compile cannot run here."""
+        reason = compile_unavailable(self.device) if cfg.compile else None
+        if reason is None:
+            return cfg
+        if cfg.compile_strict:
+            raise DeviceError(f"{reason}: install it, or drop compile_strict to fall back to eager with a warning")
+        console.print(f"[yellow]warning: {reason}; running the update step eagerly "
+                      "(set compile_strict to make this an error)[/]")
+        return cfg.updated(compile=False)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` with a compatible config."""
-        saved = state["config"]
-        for key in ("env_id", "hidden_sizes", "normalize_obs", "num_envs"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r} but this run has "
-                                      f"{key}={getattr(self.cfg, key)!r}: resume with the run's own config")
+        check_resume_config(state["config"], self.cfg)
+        learner_state = {k: strip_compile_prefix(v) if k in ("q", "target") else v for k, v in state["learner"].items()}
         try:
-            self.learner.load_state_dict(state["learner"])
+            self.learner.load_state_dict(learner_state)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
                                   "resume with the run's own config") from None
@@ -313,6 +345,7 @@ class Trainer:
             self.replay.load_state_dict(state["replay"])
         self.recent_returns.extend(state["recent_returns"])
         self.evals = [tuple(e) for e in state["evals"]]
+        self.finite.commit(self.counters.env_step)
 
 
 def load_run_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:

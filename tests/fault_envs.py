@@ -1,0 +1,46 @@
+"""Misbehaving envs for the fault tests, registered on import (`--env fault_envs:FlakyCartPole-v0`)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+from gymnasium.envs.classic_control import CartPoleEnv
+
+
+class FlakyCartPole(CartPoleEnv):
+    """CartPole whose `step` raises once it has been stepped `fail_at` times since it was built."""
+
+    def __init__(self, fail_at: int = 150, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_at, self.steps_taken = fail_at, 0
+
+    def step(self, action):
+        self.steps_taken += 1
+        if self.steps_taken >= self.fail_at:
+            raise RuntimeError(f"simulator lost contact after {self.steps_taken} steps")
+        return super().step(action)
+
+
+class InfRewardCartPole(CartPoleEnv):
+    """CartPole whose reward becomes +inf after `after` steps since it was built."""
+
+    def __init__(self, after: int = 120, **kwargs):
+        super().__init__(**kwargs)
+        self.after, self.steps_taken = after, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps_taken += 1
+        return obs, float("inf") if self.steps_taken > self.after else reward, terminated, truncated, info
+
+
+class BrokenInit(CartPoleEnv):
+    """An env whose constructor fails the way a misconfigured user env does."""
+
+    def __init__(self, **kwargs):
+        raise ValueError("track_length must be positive")
+
+
+for name, cls, kwargs in (("FlakyCartPole-v0", FlakyCartPole, {}), ("InfRewardCartPole-v0", InfRewardCartPole, {}),
+                          ("BrokenInit-v0", BrokenInit, {})):
+    if name not in gym.registry:
+        gym.register(name, entry_point=cls, max_episode_steps=500, kwargs=kwargs)
