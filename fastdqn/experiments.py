@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import signal
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -183,16 +184,19 @@ def run_dir_of(out: Path, point: Point, seed: int) -> Path:
     return out / point.slug / f"seed-{seed}"
 
 
-def train_one(config_path: str, run_dir: str, threads: int) -> dict[str, Any]:
+def train_one(config_path: str, run_dir: str, threads: int, stop_file: str) -> dict[str, Any]:
     """One run, in a worker process: `fastdqn train` (or `--resume` a stopped run), its output in a log file.
 
-    Returns the run's result line; a finished run's result.json is written here, atomically.
+    Returns the run's result line; a finished run's result.json is written here, atomically. Does nothing
+    once `stop_file` exists (the experiment is being interrupted: runs already queued must not start).
     """
     import torch
 
     from fastdqn.checkpoint import list_checkpoints
     from fastdqn.cli import main
 
+    if Path(stop_file).exists():
+        return {"run_dir": run_dir, "error": "not started: the experiment was interrupted"}
     if threads > 0:
         torch.set_num_threads(threads)
     rdir = Path(run_dir)
@@ -220,6 +224,8 @@ def run_plan(plan: Plan, out: Path, workers: int, on_done: Callable[[Point, int,
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     prepare_dir(plan, out)
+    stop_file = out / ".stopping"
+    stop_file.unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     todo = []
     for point, seed in itertools.product(plan.points, plan.seeds):
@@ -232,18 +238,30 @@ def run_plan(plan: Plan, out: Path, workers: int, on_done: Callable[[Point, int,
         todo.append((point, seed, str(cfg_path), str(rdir)))
     if workers == 1:  # in this process, one after the other (no process start-up cost)
         for point, seed, cfg, rdir in todo:
-            result = train_one(cfg, rdir, threads)
+            result = train_one(cfg, rdir, threads, str(stop_file))
             if on_done is not None:
                 on_done(point, seed, result)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(train_one, cfg, rdir, threads): (point, seed) for point, seed, cfg, rdir in todo}
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    try:
+        pending = {pool.submit(train_one, cfg, rdir, threads, str(stop_file)): (point, seed)
+                   for point, seed, cfg, rdir in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 point, seed = pending.pop(future)
                 if on_done is not None:
                     on_done(point, seed, future.result())
+    except BaseException:
+        # Start no queued run; a running one gets SIGTERM, which makes its Trainer save a checkpoint and stop.
+        stop_file.touch()
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- reading runs back -------------------------------------------------------------------------------------
