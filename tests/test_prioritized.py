@@ -124,3 +124,22 @@ def test_training_with_prioritized_nstep_dueling_reprioritizes(tiny_cfg, tmp_pat
     filled = trainer.replay.priorities[:len(trainer.replay)]
     assert filled.unique().numel() > 50  # priorities now follow |TD errors|, no longer all the initial 1
     assert trainer.replay.beta == pytest.approx(per_beta_at(cfg, 800)) == 1.0  # annealed to per_beta_end
+
+
+@pytest.mark.slow
+def test_compiled_update_step_matches_eager_with_weights_and_nstep_discounts():
+    """The fast path sees the same loss, |TD errors| and new weights as eager on one weighted n-step batch."""
+    torch.manual_seed(5)
+    obs, next_obs = torch.randn(16, 4), torch.randn(16, 4)
+    actions, rewards = torch.randint(0, 2, (16,)), torch.randn(16)
+    term = (torch.rand(16) < 0.3).float()
+    discounts, weights = 0.99 ** torch.randint(1, 4, (16,)).float(), torch.rand(16)
+    outputs = []
+    for compiled in (False, True):
+        torch.manual_seed(6)
+        learner = DQNLearner(Config(hidden_sizes=[8], device="cpu", compile=compiled, double_dqn=True), (4,), 2, CPU)
+        stats, td = learner.update_step(obs, actions, rewards, next_obs, term, discounts, weights)
+        outputs.append((stats, td, [p.detach().clone() for p in learner.q.parameters()]))
+    (s0, td0, p0), (s1, td1, p1) = outputs
+    assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(td0, td1, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
