@@ -135,6 +135,7 @@ class Config:
         """Raise ConfigError on a value that is out of range; return self."""
         checks: list[tuple[bool, str]] = [
             (self.num_envs >= 1, f"num_envs must be >= 1, got {self.num_envs}"),
+            (self.seed >= 0, f"seed must be >= 0 (gymnasium seeds are non-negative), got {self.seed}"),
             (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
             (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -144,8 +145,10 @@ class Config:
             (self.train_every >= 1, f"train_every must be >= 1, got {self.train_every}"),
             (self.gradient_steps >= 1, f"gradient_steps must be >= 1, got {self.gradient_steps}"),
             (0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.lr_end > 0, f"lr_end must be > 0, got {self.lr_end}"),
+            (0 < self.learning_rate < float("inf"), f"learning_rate must be a finite number > 0, got {self.learning_rate}"),
+            (0 < self.lr_end < float("inf"), f"lr_end must be a finite number > 0, got {self.lr_end}"),
+            (self.adam_eps > 0, f"adam_eps must be > 0 (with 0, a weight whose gradient stays 0 becomes NaN), "
+                                f"got {self.adam_eps}"),
             (self.huber_delta > 0, f"huber_delta must be > 0, got {self.huber_delta}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
             (self.target_update_interval >= 1, f"target_update_interval must be >= 1, got {self.target_update_interval}"),
