@@ -69,13 +69,14 @@ class FireReset(gym.Wrapper):
 def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
     """One preprocessed pixel env through gymnasium wrappers: (frame_stack, 84, 84) uint8 observations."""
     if is_atari_id(cfg.env_id):
-        frames = {"max_num_frames_per_episode": cfg.max_episode_steps * cfg.frame_skip} if cfg.max_episode_steps else {}
         env = gym.make(cfg.env_id, frameskip=1, repeat_action_probability=cfg.repeat_action_probability,
-                       full_action_space=cfg.full_action_space, render_mode=render_mode, **frames)
+                       full_action_space=cfg.full_action_space, render_mode=render_mode)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip,
                                               screen_size=SCREEN, terminal_on_life_loss=False)
         if cfg.fire_reset and env.unwrapped.get_action_meanings()[1:2] == ["FIRE"]:
             env = FireReset(env)
+        if cfg.max_episode_steps:  # in agent steps after the no-op start, as ale-py's vector env counts them
+            env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
     else:
         kwargs: dict[str, Any] = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
         if render_mode is not None:

@@ -23,12 +23,16 @@ import torch
 
 from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
 from fastdqn.config import Config
+from fastdqn.atari import GameTracker
 from fastdqn.envs import finished_episodes, get_env_state, make_vector_env, set_env_state, true_next_obs
-from fastdqn.errors import CheckpointError, DeviceError, TrainingDiverged
+from fastdqn.errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
 from fastdqn.faults import EnvFailure, FiniteGuard, compile_unavailable, divergence_message
 from fastdqn.logs import RunLogger, console, summary_table
+from fastdqn.frame_replay import FrameReplay
+from fastdqn.memory import check_replay_fits
+from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
@@ -50,7 +54,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device) -> ReplayBuffer:
-    """The uniform or prioritized buffer the config asks for (n-step aware when n_step > 1)."""
+    """The uniform or prioritized buffer the config asks for (n-step aware when n_step > 1).
+
+    Frame stacks (pixel envs) go to `FrameReplay`, which stores each frame once.
+    """
+    if is_pixel_shape(obs_shape):
+        if cfg.prioritized or cfg.n_step > 1 or not cfg.replay_buffer:
+            raise ConfigError("pixel envs use the frame replay, which does not support prioritized, n_step > 1 or "
+                              "replay_buffer: false yet: turn those off for this env")
+        return FrameReplay(cfg.buffer_size, cfg.num_envs, obs_shape[1:], obs_shape[0], device)
     if cfg.prioritized:
         return PrioritizedReplayBuffer(cfg.buffer_size, cfg.num_envs, obs_shape, obs_dtype, device, cfg.n_step,
                                        cfg.gamma, cfg.per_alpha, cfg.per_eps)
@@ -125,11 +137,19 @@ class Trainer:
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
         obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        # Size the buffer on the meta device first: refuse, with the numbers, one that does not fit.
+        meta = make_replay(cfg, self.obs_shape, obs_dtype, torch.device("meta"))
+        self.replay_report = check_replay_fits(meta.nbytes, meta.capacity, self.device)
         self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(self.compile_or_eager(cfg), self.obs_shape, self.n_actions, self.device)
         self.finite = FiniteGuard(self.learner)
         self.counters = Counters()
-        self.obs, _ = self.envs.reset(seed=cfg.seed)
+        self.obs, reset_infos = self.envs.reset(seed=cfg.seed)
+        self.pixels = isinstance(self.replay, FrameReplay)
+        if self.pixels:
+            self.games = GameTracker(cfg.num_envs, cfg.episodic_life)
+            self.games.reset(reset_infos)
+            self.reset_frames_pending = True  # the first collect stores the reset frames as episode starts
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.evals: list[tuple[int, float, float]] = []
         self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
@@ -137,6 +157,8 @@ class Trainer:
     # --- one vector step ------------------------------------------------------------------------------
     def collect(self) -> None:
         """Act in all envs once and store one transition per env."""
+        if self.pixels:
+            return self.collect_frames()
         cfg, n = self.cfg, self.cfg.num_envs
         obs_t = torch.as_tensor(self.obs, device=self.device)
         epsilon = epsilon_at(cfg, self.counters.env_step)
@@ -151,13 +173,40 @@ class Trainer:
                         torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
                         torch.as_tensor(truncated, dtype=torch.float32, device=self.device))
         self.learner.observe(obs_t)
-        for ret, _length in finished_episodes(infos):
-            self.recent_returns.append(ret)
-            self.counters.episodes += 1
-            self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": _length},
-                                self.counters.env_step + n)
+        for ret, length in finished_episodes(infos):
+            self.record_episode(ret, length)
         self.obs = next_obs
         self.counters.env_step += n
+
+    def collect_frames(self) -> None:
+        """Pixel envs (NEXT_STEP autoreset): act, step, and store each env's newest frame once in FrameReplay."""
+        cfg, n = self.cfg, self.cfg.num_envs
+        obs_t = torch.as_tensor(self.obs, device=self.device)
+        if self.reset_frames_pending:
+            self.replay.add_resets(obs_t[:, -1])
+            self.reset_frames_pending = False
+        epsilon = epsilon_at(cfg, self.counters.env_step)
+        actions_t = self.learner.act(obs_t, epsilon)
+        actions = actions_t.cpu().numpy()  # the one device->host copy of a vector step
+        next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+        train_terminated, starts, finished = self.games.step(rewards, terminated, truncated, infos)
+        if cfg.clip_rewards:
+            rewards = np.clip(rewards, -1.0, 1.0)
+        self.replay.add(torch.as_tensor(next_obs[:, -1], device=self.device), actions_t,
+                        torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
+                        torch.as_tensor(train_terminated, dtype=torch.uint8, device=self.device),
+                        torch.as_tensor(starts, device=self.device))
+        for ret, length in finished.values():
+            self.record_episode(ret, length)
+        self.obs = next_obs
+        self.counters.env_step += n
+
+    def record_episode(self, ret: float, length: int) -> None:
+        """Log one finished episode's raw return (a whole game for Atari) at the step it ended."""
+        self.recent_returns.append(ret)
+        self.counters.episodes += 1
+        self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length},
+                            self.counters.env_step + self.cfg.num_envs)
 
     def train(self) -> None:
         """Run the gradient updates that are due, then any target sync that is due."""
@@ -188,6 +237,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, c = self.cfg, self.counters
         self.logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress)
+        self.logger.message(self.replay_report)
         start_time, start_step = time.perf_counter(), c.env_step
         interrupted = False
         try:
@@ -278,7 +328,8 @@ class Trainer:
                         for k, v in self.learner.state_dict().items()},
             "rng": rng,
             "obs": torch.from_numpy(np.array(self.obs, copy=True)),
-            "env_state": get_env_state(self.envs) if cfg.vector_mode == "sync" else {},
+            # Pixel envs (C++ or wrapped ALE state) are not snapshotted: a resumed run starts fresh games.
+            "env_state": get_env_state(self.envs) if cfg.vector_mode == "sync" and not self.pixels else {},
             "recent_returns": list(self.recent_returns),
             "evals": [list(e) for e in self.evals],
         }
