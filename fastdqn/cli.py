@@ -222,7 +222,40 @@ def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     add_config_flags(parser)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastdqn.bench import run
+
+    run(args)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """`fastdqn train --profile`, by default only as long as the profiler schedule needs."""
+    if args.resume:
+        raise ConfigError("fastdqn profile starts a new run: use `fastdqn train --resume RUN_DIR --profile` instead")
+    args.profile = True
+    if args.total_steps is None:
+        cfg = config_from_args(args)
+        wait, warmup, active, repeat = cfg.profile_schedule
+        iterations = (wait + warmup + active) * max(repeat, 1) + 2
+        args.total_steps = cfg.learning_starts + cfg.train_every + iterations * cfg.num_envs
+    return cmd_train(args)
+
+
 # --- parser ----------------------------------------------------------------------------------------------
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """The options of `fastdqn train` (also taken by `fastdqn profile`)."""
+    parser.add_argument("--config", metavar="YAML", help="config file (see configs/); flags override it")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set learning_rate=3e-4 --set hidden_sizes=[256,256]")
+    parser.add_argument("--run-dir", help="where to write this run (default: RUNS_ROOT/<env>-s<seed>-<time>)")
+    parser.add_argument("--runs-root", default="runs", help="parent dir of new run dirs (default: runs)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar; print a JSON result line at the end")
+    add_config_flags(parser)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one `fastdqn: error:` line, naming the closest flag."""
 
@@ -255,15 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a DQN agent (CartPole-v1 by default)",
                            description="Train a DQN agent. Steps are env steps: a vector step of N envs is N.")
-    train.add_argument("--config", metavar="YAML", help="config file (see configs/); flags override it")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override any config key, e.g. --set learning_rate=3e-4 --set hidden_sizes=[256,256]")
-    train.add_argument("--run-dir", help="where to write this run (default: RUNS_ROOT/<env>-s<seed>-<time>)")
-    train.add_argument("--runs-root", default="runs", help="parent dir of new run dirs (default: runs)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
-    train.add_argument("--quiet", action="store_true", help="no progress bar; print a JSON result line at the end")
-    add_config_flags(train)
+    add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="greedy, seeded evaluation of a run's newest checkpoint",
@@ -299,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what ranks the points (median over seeds; auc = mean greedy return over all evaluations)")
     add_experiment_flags(sw, "sweep")
     sw.set_defaults(func=cmd_sweep)
+
+    bench = sub.add_parser("bench", help="time update-step variants, replay and training; table + JSON",
+                           description="Benchmark the update step (eager / compiled / compiled+AMP / CUDA graph), "
+                                       "replay add and sample, end-to-end CartPole training with 1, 16, 64 envs, "
+                                       "and fastdqn against CleanRL's dqn.py at the same replay ratio. Prints "
+                                       "medians and speed-ups measured in this run; writes benchmarks/results/*.json.")
+    from fastdqn.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    prof = sub.add_parser("profile", help="a short `fastdqn train --profile` run: trace files and top operators",
+                          description="Train with torch.profiler on (every `fastdqn train` option is accepted) for "
+                                      "just the steps its profile_schedule needs after the first update, unless "
+                                      "--total-steps is given. Writes RUN_DIR/profile/ and prints the top operators.")
+    add_train_flags(prof)
+    prof.set_defaults(func=cmd_profile)
 
     rep = sub.add_parser("report", help="rebuild an ablation's or sweep's table and plot from its dir",
                          description="Rebuild results.md (and curves.png or results.csv/best.yaml) from what is on disk.")

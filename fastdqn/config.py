@@ -103,6 +103,12 @@ class Config:
     compile: bool = _f(False, "torch.compile the update step")
     compile_strict: bool = _f(False, "with compile: fail if torch.compile cannot run here, instead of warning and running eager")
     amp: bool = _f(False, "bf16 autocast in the update step and acting (loss and optimizer stay fp32)")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "auto", "torch.compile mode; auto = default on CPU, max-autotune-no-cudagraphs on CUDA (fastdqn captures its own graph)")
+    cuda_graph: Literal["auto", "always", "never"] = _f(
+        "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA")
+    profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
+    profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
     torch_threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
 
     # --- evaluation --------------------------------------------------------------------------------------
@@ -168,6 +174,8 @@ class Config:
             (self.env_restarts >= 0, f"env_restarts must be >= 0, got {self.env_restarts}"),
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
+            (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,
+             f"profile_schedule must be [wait, warmup, active, repeat] with active >= 1, got {self.profile_schedule}"),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
             (self.env_threads >= 0, f"env_threads must be >= 0, got {self.env_threads}"),
             (self.frame_stack >= 1, f"frame_stack must be >= 1, got {self.frame_stack}"),

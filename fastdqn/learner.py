@@ -52,6 +52,14 @@ def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float,
     return (weights * per_sample).mean()
 
 
+def compile_mode(cfg: Config, device: torch.device) -> str:
+    """torch.compile mode of the update step. auto: inductor's default on CPU; on CUDA autotuned kernels without
+    inductor's own CUDA graphs, because fastdqn captures sampling + update in one graph itself (cuda_graph.py)."""
+    if cfg.compile_mode != "auto":
+        return cfg.compile_mode
+    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+
+
 class DQNLearner:
     """Owns the networks and the optimizer; knows nothing about environments or replay storage."""
 
@@ -67,13 +75,16 @@ class DQNLearner:
         self.metrics_sum = torch.zeros(len(METRICS), device=device)
         self.metrics_count = 0
         self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
-        self.update_step = torch.compile(self._update_step) if cfg.compile else self._update_step
+        self.update_step = (torch.compile(self._update_step, mode=compile_mode(cfg, device)) if cfg.compile
+                            else self._update_step)
 
     # --- the update -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when `amp` is on. No weight-cast cache: each weight is cast once per step anyway, and
+        a cache must be off inside a CUDA-graph capture."""
         if not self.cfg.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                      next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
@@ -113,11 +124,15 @@ class DQNLearner:
 
         The batch's per-sample |TD errors| stay in `self.td_errors` (device tensor) for priority updates.
         """
-        stats, self.td_errors = self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs,
-                                                 batch.terminated, batch.discounts, batch.weights)
+        stats, self.td_errors = self.step_on(batch)
         self.metrics_sum += stats
         self.metrics_count += 1
         return stats
+
+    def step_on(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update step (eager or compiled) on one batch, without touching the metric sums."""
+        return self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
+                                batch.discounts, batch.weights)
 
     def set_learning_rate(self, value: float) -> None:
         self.lr.fill_(value)

@@ -23,6 +23,7 @@ import torch
 
 from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
 from fastdqn.config import Config
+from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
 from fastdqn.atari import GameTracker
 from fastdqn.envs import finished_episodes, get_env_state, make_vector_env, set_env_state, true_next_obs
 from fastdqn.errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
@@ -34,8 +35,10 @@ from fastdqn.frame_replay import FrameReplay
 from fastdqn.memory import check_replay_fits
 from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
+from fastdqn.profiling import profiled
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
+from fastdqn.staging import Staging
 
 CHECKPOINT_FORMAT = 1
 
@@ -142,6 +145,9 @@ class Trainer:
         self.replay_report = check_replay_fits(meta.nbytes, meta.capacity, self.device)
         self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(self.compile_or_eager(cfg), self.obs_shape, self.n_actions, self.device)
+        self.staging = Staging(self.device)
+        self.graphed = (GraphedUpdate(self.learner, self.replay, cfg.batch_size)
+                        if graph_wanted(cfg, self.device, self.replay) else None)
         self.finite = FiniteGuard(self.learner)
         self.counters = Counters()
         self.obs, reset_infos = self.envs.reset(seed=cfg.seed)
@@ -160,18 +166,19 @@ class Trainer:
         if self.pixels:
             return self.collect_frames()
         cfg, n = self.cfg, self.cfg.num_envs
-        obs_t = torch.as_tensor(self.obs, device=self.device)
+        stage = self.staging
+        obs_t = stage.to_device("obs", self.obs)
         epsilon = epsilon_at(cfg, self.counters.env_step)
-        actions = self.learner.act(obs_t, epsilon).cpu().numpy()
+        actions_t = self.learner.act(obs_t, epsilon)
+        actions = stage.to_host("actions", actions_t)  # the one device->host copy of a vector step
         next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
         real_next = true_next_obs(next_obs, infos)
         if cfg.clip_rewards:
             rewards = np.clip(rewards, -1.0, 1.0)
-        self.replay.add(obs_t, torch.as_tensor(actions, device=self.device),
-                        torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
-                        torch.as_tensor(real_next, device=self.device),
-                        torch.as_tensor(terminated, dtype=torch.float32, device=self.device),
-                        torch.as_tensor(truncated, dtype=torch.float32, device=self.device))
+        self.replay.add(obs_t, actions_t, stage.to_device("rewards", rewards, torch.float32),
+                        stage.to_device("next_obs", real_next),
+                        stage.to_device("terminated", terminated, torch.float32),
+                        stage.to_device("truncated", truncated, torch.float32))
         self.learner.observe(obs_t)
         for ret, length in finished_episodes(infos):
             self.record_episode(ret, length)
@@ -228,6 +235,9 @@ class Trainer:
 
     def update_once(self) -> None:
         """One gradient step on a replay sample (the newest vector step without replay), then new priorities."""
+        if self.graphed is not None:
+            self.graphed.step()  # sampling and update in one replayed CUDA graph
+            return
         batch: Batch = self.replay.sample(self.cfg.batch_size) if self.cfg.replay_buffer else self.replay.newest()
         self.learner.update(batch)
         if batch.indices is not None:
@@ -241,7 +251,7 @@ class Trainer:
         start_time, start_step = time.perf_counter(), c.env_step
         interrupted = False
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, profiled(self):
                 while c.env_step < cfg.total_steps:
                     before = c.env_step
                     self.collect()

@@ -1,0 +1,203 @@
+"""The measurements behind `fastdqn bench`: update-step variants, replay calls and whole training runs.
+
+Cases are timed round-robin (round 1 of every case, then round 2, ...), so load from other processes hits them
+alike; each `Case` keeps all its samples and its speed-up over the suite's baseline from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdqn.bench import VARIANT_NAMES
+from fastdqn.config import Config
+from fastdqn.cuda_graph import GraphedUpdate
+from fastdqn.errors import ConfigError
+from fastdqn.learner import DQNLearner
+from fastdqn.logs import console
+from fastdqn.replay import ReplayBuffer
+
+# Config changes of each update-step variant (cuda-graph also runs through GraphedUpdate).
+VARIANTS = dict(zip(VARIANT_NAMES, ({}, {"compile": True}, {"compile": True, "amp": True},
+                                    {"compile": True, "amp": True})))
+CLEANRL_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "cleanrl_dqn.py"
+CARTPOLE = ((4,), 2)
+ATARI = ((4, 84, 84), 6)
+
+
+@dataclass
+class Case:
+    """One timed case: `samples` are seconds per `unit`, one per round (or per training run)."""
+
+    suite: str
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    baseline: str = ""
+    speedup: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+# --- building blocks --------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def filled_replay(obs_shape: tuple[int, ...], n_actions: int, capacity: int, device: torch.device,
+                  num_envs: int = 1) -> ReplayBuffer:
+    """A full replay of random transitions (uint8 frames for pixel shapes)."""
+    pixels = len(obs_shape) == 3
+    dtype = torch.uint8 if pixels else torch.float32
+    replay = ReplayBuffer(capacity, num_envs, obs_shape, dtype, device)
+    g = torch.Generator().manual_seed(0)
+
+    def obs() -> torch.Tensor:
+        if pixels:
+            return torch.randint(0, 256, (replay.capacity, *obs_shape), dtype=torch.uint8, generator=g)
+        return torch.randn((replay.capacity, *obs_shape), generator=g)
+
+    replay.obs.copy_(obs())
+    replay.next_obs.copy_(obs())
+    replay.actions.copy_(torch.randint(0, n_actions, (replay.capacity,), generator=g))
+    replay.rewards.copy_(torch.randn(replay.capacity, generator=g))
+    replay.terminated.copy_((torch.rand(replay.capacity, generator=g) < 0.05).float())
+    replay.size = replay.capacity
+    return replay
+
+
+def update_fn(cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: int, replay: ReplayBuffer,
+              device: torch.device) -> Callable[[], Any]:
+    """One sampled update of `variant` (sampling included for every variant, as the CUDA graph includes it)."""
+    torch.manual_seed(cfg.seed)
+    learner = DQNLearner(cfg.updated(**VARIANTS[variant]), obs_shape, n_actions, device)
+    if variant == "cuda-graph":
+        return GraphedUpdate(learner, replay, cfg.batch_size).step
+    return lambda: learner.update(replay.sample(cfg.batch_size))
+
+
+def round_robin(cases: dict[str, Callable[[], Any]], iters: int, rounds: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each case, one sample per round; cases alternate within every round."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) / iters)
+    return samples
+
+
+def with_speedups(cases: list[Case], baseline: str) -> list[Case]:
+    """Speed-up of each case over the one named `baseline` (ratio of medians from the same run)."""
+    base = next(c for c in cases if c.name == baseline)
+    for case in cases:
+        case.baseline, case.speedup = baseline, base.median / case.median
+    return cases
+
+
+# --- suites -----------------------------------------------------------------------------------------------
+def bench_update(suite: str, device: torch.device, variants: list[str], opts: argparse.Namespace) -> list[Case]:
+    """Update step of the CartPole MLP at batch 128 or the Nature CNN at batch 32, per variant."""
+    (obs_shape, n_actions), batch_size = (CARTPOLE, 128) if suite == "update-mlp" else (ATARI, 32)
+    cfg = Config(device=str(device), batch_size=batch_size)
+    replay = filled_replay(obs_shape, n_actions, 10_000 if suite == "update-mlp" else 2_000, device)
+    if device.type != "cuda" and "cuda-graph" in variants:
+        console.print("[yellow]cuda-graph skipped: it needs a CUDA device[/]")
+        variants = [v for v in variants if v != "cuda-graph"]
+    fns = {v: update_fn(cfg, v, obs_shape, n_actions, replay, device) for v in variants}
+    iters = opts.iters if suite == "update-mlp" else max(1, opts.iters // 10)
+    samples = round_robin(fns, iters, opts.rounds, opts.warmup, device)
+    cases = [Case(suite, v, "update", samples[v], info={"batch_size": batch_size, **VARIANTS[v]}) for v in variants]
+    return with_speedups(cases, variants[0])
+
+
+def bench_replay(device: torch.device, opts: argparse.Namespace) -> list[Case]:
+    """Adding one vector step of 16 CartPole envs, and sampling a batch of 128."""
+    num_envs = 16
+    replay = filled_replay((4,), 2, 100_000, device, num_envs)
+    step = (torch.randn(num_envs, 4, device=device), torch.zeros(num_envs, dtype=torch.int64, device=device),
+            torch.ones(num_envs, device=device), torch.randn(num_envs, 4, device=device),
+            torch.zeros(num_envs, device=device))
+    fns = {"add (16 envs)": lambda: replay.add(*step), "sample (batch 128)": lambda: replay.sample(128)}
+    samples = round_robin(fns, opts.iters, opts.rounds, opts.warmup, device)
+    return [Case("replay", name, "call", samples[name]) for name in fns]
+
+
+def e2e_config(opts: argparse.Namespace, device: torch.device, **changes: Any) -> Config:
+    """CartPole training for `opts.steps` env steps, without evaluations or checkpoints in the way."""
+    base = dict(device=str(device), total_steps=opts.steps, learning_starts=opts.learning_starts,
+                epsilon_decay_steps=opts.steps // 2, eval_every=0, eval_episodes=1, checkpoint_every=0,
+                log_every=opts.steps, compile=opts.compile, amp=opts.amp)
+    return Config(**{**base, **changes})
+
+
+def train_sps(cfg: Config) -> float:
+    from fastdqn.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        return Trainer(cfg, Path(run_dir), show_progress=False).run().sps
+
+
+def measure_runs(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per env step of each run, `repeats` times, alternating the runs."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].append(1.0 / run())
+    return samples
+
+
+def bench_e2e(device: torch.device, opts: argparse.Namespace) -> list[Case]:
+    """`fastdqn train` on CartPole (default config, replay ratio 1/4) with 1, 16 and 64 envs."""
+    configs = {f"{n} envs": e2e_config(opts, device, num_envs=n) for n in opts.envs}
+    samples = measure_runs({name: (lambda c=cfg: train_sps(c)) for name, cfg in configs.items()}, opts.repeats)
+    cases = [Case("e2e", name, "env step", samples[name], info=configs[name].to_dict()) for name in configs]
+    return with_speedups(cases, cases[0].name)
+
+
+def load_cleanrl() -> Any:
+    if not CLEANRL_FILE.is_file():
+        raise ConfigError(f"the CleanRL baseline {CLEANRL_FILE} is missing: run `fastdqn bench` from a source "
+                          "checkout, or leave out the cleanrl suite")
+    spec = importlib.util.spec_from_file_location("cleanrl_dqn", CLEANRL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_cleanrl(device: torch.device, opts: argparse.Namespace) -> list[Case]:
+    """CleanRL dqn.py (1 env) against fastdqn with 16 envs doing the same work per env step: a 120-84 MLP,
+    batch 128, one MSE update per 10 env steps, no gradient clipping, a target copy every 500 env steps."""
+    cleanrl = load_cleanrl()
+    args = cleanrl.Args(total_timesteps=opts.steps, learning_starts=opts.learning_starts)
+    same_work = e2e_config(opts, device, num_envs=16, hidden_sizes=[120, 84], batch_size=128, train_every=10,
+                           gradient_steps=1, loss="mse", max_grad_norm=0.0, learning_rate=args.learning_rate,
+                           buffer_size=args.buffer_size, target_update_interval=args.target_network_frequency)
+    runs = {"cleanrl dqn.py (1 env)": lambda: cleanrl.train(args, device)["sps"],
+            "fastdqn (16 envs)": lambda: train_sps(same_work)}
+    samples = measure_runs(runs, opts.repeats)
+    cases = [Case("cleanrl", name, "env step", samples[name]) for name in runs]
+    cases[0].info, cases[1].info = asdict(args), same_work.to_dict()
+    return with_speedups(cases, cases[0].name)

@@ -1,0 +1,126 @@
+"""torch.profiler traces of the training loop (`fastdqn train --profile`, `fastdqn profile`).
+
+While a profile runs, six methods of the run's objects are wrapped in `record_function` ranges named
+`env.step`, `replay.add`, `replay.sample`, `learner.update`, `target.sync` and `act` (with a CUDA graph,
+`learner.update` covers the sampling too), and each loop iteration (one vector step and its updates) is one
+profiler step, counted from the first gradient update so that the schedule's windows see training, not warm-up. With profiling off nothing is wrapped: the loop carries no profiling code at all.
+Output, under `<run_dir>/profile/`: `trace_<step>.json` (Chrome / Perfetto trace), `tensorboard/` (for the
+TensorBoard profiler plugin) and `top_ops.txt` (the operators that took the most time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+from fastdqn.logs import console
+
+RANGES = ("env.step", "replay.add", "replay.sample", "learner.update", "target.sync", "act")
+TOP_OPS = 15
+
+
+def traced(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """`fn` inside a profiler range called `name`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def targets(trainer: Any) -> list[tuple[object, str, str]]:
+    """(object, method, range name) for each wrapped method of a Trainer."""
+    found = [(trainer.envs, "step", "env.step"), (trainer.replay, "add", "replay.add"),
+             (trainer.replay, "sample", "replay.sample"), (trainer.learner, "update", "learner.update"),
+             (trainer.learner, "sync_target", "target.sync"), (trainer.learner, "act", "act")]
+    if getattr(trainer, "graphed", None) is not None:
+        found.append((trainer.graphed, "step", "learner.update"))
+    return found
+
+
+@contextlib.contextmanager
+def instrumented(methods: list[tuple[object, str, str]]) -> Iterator[None]:
+    """Wrap each (object, method) in its named range for the duration of the block, then restore it."""
+    saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _ in methods]
+    for obj, attr, name in methods:
+        setattr(obj, attr, traced(getattr(obj, attr), name))
+    try:
+        yield
+    finally:
+        for obj, attr, own in reversed(saved):
+            if own is None:
+                delattr(obj, attr)  # the instance attribute goes: the class's method shows again
+            else:
+                setattr(obj, attr, own)
+
+
+def activities(device: torch.device) -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def sort_key(device: torch.device) -> str:
+    return "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+
+def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: int,
+                  device: torch.device) -> profile:
+    """A scheduled profiler that writes a Chrome trace, a TensorBoard trace and top_ops.txt per active window."""
+    tensorboard = out_dir / "tensorboard"
+    tensorboard.mkdir(parents=True, exist_ok=True)
+
+    def on_trace_ready(prof: profile) -> None:
+        trace = out_dir / f"trace_{prof.step_num}.json"
+        prof.export_chrome_trace(str(trace))  # a trace can be saved once: the plugin gets a copy of the file
+        shutil.copyfile(trace, tensorboard / f"{socket.gethostname()}_{os.getpid()}.{prof.step_num}.pt.trace.json")
+        table = prof.key_averages().table(sort_by=sort_key(device), row_limit=TOP_OPS)
+        (out_dir / "top_ops.txt").write_text(table)
+
+    return profile(activities=activities(device), on_trace_ready=on_trace_ready,
+                   schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat))
+
+
+@contextlib.contextmanager
+def profiled(trainer: Any) -> Iterator[None]:
+    """Profile a Trainer's loop when `cfg.profile` is on: the profiler starts at the first gradient update and
+    every later `train()` call ends one profiler step (one loop iteration)."""
+    cfg = trainer.cfg
+    if not cfg.profile:
+        yield
+        return
+    out_dir = Path(trainer.run_dir) / "profile"
+    prof = make_profiler(out_dir, *cfg.profile_schedule, device=trainer.device)
+    train = trainer.train
+    started = False
+
+    def train_and_step() -> None:
+        nonlocal started
+        train()
+        if started:
+            prof.step()
+        elif trainer.counters.updates > 0:  # the schedule counts from the first gradient update
+            prof.start()
+            started = True
+
+    with instrumented(targets(trainer)):
+        trainer.train = train_and_step
+        try:
+            yield
+        finally:
+            del trainer.train
+            if started:
+                prof.stop()
+    top = out_dir / "top_ops.txt"
+    summary = top.read_text() if top.is_file() else "no profiler window completed: run more steps or lower profile_schedule"
+    console.print(f"profile written to {out_dir} (open trace_*.json in https://ui.perfetto.dev)\n{summary}",
+                  markup=False, highlight=False, soft_wrap=True)
