@@ -1,10 +1,11 @@
 """n-step returns computed on the device from the replay buffer's fixed slot layout.
 
 Slot `k * N + e` holds env e's transition of some vector step and env e's next transition is N slots later
-(mod capacity), so the n transitions that follow a sampled one are a strided gather: no Python loop over the
-batch, only over the n steps. The chain stops after the first transition that ended its episode (terminated:
-no bootstrap; truncated: bootstrap from that transition's true final observation), and before any slot not
-written yet (the chain never passes the write head, so it never reads an older, overwritten transition).
+(mod capacity), so the n transitions that follow a sampled one are a strided gather, all n at once as a
+(B, n) block: no Python loop at all. Which of them count is a mask: the chain stops after the first transition
+that ended its episode (terminated: no bootstrap; truncated: bootstrap from that transition's true final
+observation), and before any slot not written yet (it never passes the write head, so it never reads an
+older, overwritten transition).
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ def nstep_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncated: to
     slot to be written. k (1..n) is the number of rewards summed for each sample.
     """
     capacity = rewards.shape[0]
+    j = torch.arange(n, device=idx.device)
+    slots = torch.remainder(idx.unsqueeze(1) + j * num_envs, capacity)  # (B, n): the same env's next n slots
     # Transitions of the same env written after slot idx (the newest vector step has none).
     newer = torch.remainder(write_pos - 1 - idx, capacity) // num_envs
-    returns = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-    steps = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-    last = idx
-    alive = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-    for j in range(n):
-        slot = torch.remainder(idx + j * num_envs, capacity)
-        use = alive & (newer >= j)
-        returns = returns + torch.where(use, (gamma ** j) * rewards[slot], 0.0)
-        last = torch.where(use, slot, last)
-        steps = steps + use.float()
-        alive = use & (terminated[slot] == 0) & (truncated[slot] == 0)
-    return returns, last, torch.pow(gamma, steps)
+    ended = ((terminated[slots] != 0) | (truncated[slots] != 0)).int()
+    # Step j counts if it has been written and no earlier step of the chain ended its episode (a prefix).
+    use = (j <= newer.unsqueeze(1)) & (torch.cumsum(ended, dim=1) - ended == 0)
+    powers = torch.pow(gamma, j.float())
+    returns = (use * powers * rewards[slots]).sum(dim=1)
+    steps = use.sum(dim=1)  # >= 1: the sampled transition itself always counts
+    last = slots.gather(1, (steps - 1).unsqueeze(1)).squeeze(1)
+    return returns, last, torch.pow(gamma, steps.float())
