@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,6 +16,21 @@ from fastdqn.networks import is_pixel_shape
 EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
 
 
+@contextlib.contextmanager
+def own_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for an evaluation and restore the caller's state after it.
+
+    Evaluation then draws the same random numbers (epsilon > 0 exploration) whenever it runs, and evaluating
+    during training never shifts the random numbers that training draws next.
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episodes: int, seed: int,
              device: torch.device) -> np.ndarray:
     """Returns of `episodes` episodes, episode i on an env reset with seed `seed + EVAL_SEED_OFFSET + i`.
@@ -23,19 +39,20 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episod
     """
     envs = make_vector_env(cfg, episodes, asynchronous=False)
     seeds = [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
-    try:
-        if is_pixel_shape(tuple(envs.single_observation_space.shape)):  # NEXT_STEP envs; raw whole-game scores
-            return evaluate_games(envs, policy, seeds, device)
-        obs, _ = envs.reset(seed=seeds)
-        returns = np.full(episodes, np.nan)
-        while np.isnan(returns).any():
-            actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
-            obs, _, _, _, infos = envs.step(actions)
-            final = infos.get("final_info", {})
-            if "episode" in final:
-                for i in np.flatnonzero(final["_episode"]):
-                    if np.isnan(returns[i]):  # only each env's first episode counts
-                        returns[i] = final["episode"]["r"][i]
-        return returns
-    finally:
-        envs.close()
+    with own_rng(seed + EVAL_SEED_OFFSET, device):
+        try:
+            if is_pixel_shape(tuple(envs.single_observation_space.shape)):  # NEXT_STEP envs; raw whole-game scores
+                return evaluate_games(envs, policy, seeds, device)
+            obs, _ = envs.reset(seed=seeds)
+            returns = np.full(episodes, np.nan)
+            while np.isnan(returns).any():
+                actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
+                obs, _, _, _, infos = envs.step(actions)
+                final = infos.get("final_info", {})
+                if "episode" in final:
+                    for i in np.flatnonzero(final["_episode"]):
+                        if np.isnan(returns[i]):  # only each env's first episode counts
+                            returns[i] = final["episode"]["r"][i]
+            return returns
+        finally:
+            envs.close()

@@ -14,6 +14,7 @@ import fastdqn.envs as envs_module
 import fastdqn.trainer as trainer_module
 from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
 from fastdqn.config import Config
+from fastdqn.evaluation import evaluate
 from fastdqn.trainer import Trainer
 
 
@@ -154,3 +155,26 @@ def test_learns_cartpole_well_beyond_a_random_policy(tmp_path):
     means = [mean for _, mean, _ in result.evals]
     assert len(means) == 3 and means[0] < 60  # it starts out poor
     assert max(means) >= 100, means
+
+
+@pytest.mark.slow
+def test_evaluating_during_training_does_not_change_training(tmp_path, tiny_cfg, monkeypatch):
+    """Evaluation draws from its own seeded RNG: the eval cadence must not shift training's random numbers."""
+    cfg = tiny_cfg.updated(total_steps=900, learning_starts=100, eval_episodes=2, eval_epsilon=0.5)
+    without, t1, _ = run_recording_episodes(cfg.updated(eval_every=0), tmp_path / "a", monkeypatch)
+    with_evals, t2, r2 = run_recording_episodes(cfg.updated(eval_every=300), tmp_path / "b", monkeypatch)
+    assert len(r2.evals) == 3 and len(without) > 10
+    assert with_evals == without
+    for a, b in zip(t1.learner.q.parameters(), t2.learner.q.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.updated(eval_epsilon=0.5)
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        state = torch.get_rng_state()
+        first = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+        torch.rand(10)  # whatever the caller drew in between
+        second = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
+    assert first.tolist() == second.tolist()
