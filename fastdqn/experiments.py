@@ -93,6 +93,12 @@ class Plan:
         return C.from_dict({**self.base, **point.changes, "seed": seed}, where=f"point '{point.name}'")
 
 
+def seed_list(base: C.Config, seeds: int) -> list[int]:
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    return [base.seed + i for i in range(seeds)]
+
+
 def ablation_plan(base: C.Config, seeds: int, ids: list[str] | None = None) -> Plan:
     """The lecture's ablation rows (or the variants named by id, extensions included) over `seeds` seeds."""
     variants = ablation_variants(base)
@@ -101,7 +107,7 @@ def ablation_plan(base: C.Config, seeds: int, ids: list[str] | None = None) -> P
         raise ConfigError(f"unknown variant '{unknown[0]}': choose from {', '.join(variants)}")
     full = base.updated(**CLASSIC).to_dict()
     points = [Point(*variants[i]) for i in ids or TABLE]
-    plan = Plan("ablate", full, points, [base.seed + i for i in range(seeds)])
+    plan = Plan("ablate", full, points, seed_list(base, seeds))
     for point in points:
         plan.config(point, base.seed)  # every variant is a valid config, checked before anything runs
     return plan
@@ -125,10 +131,17 @@ def _point_name(changes: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
 
 
+def _is_range(text: str) -> bool:
+    return ":" in text and not text.startswith("[")
+
+
 def _sample_value(key: str, spec: list[str], rng: random.Random) -> Any:
     """A random value of one key: a choice of the listed values, or from a `lo:hi` range (log-uniform if > 0)."""
-    if len(spec) == 1 and ":" in spec[0] and not spec[0].startswith("["):
-        lo, hi = (float(part) for part in spec[0].split(":", 1))
+    if len(spec) == 1 and _is_range(spec[0]):
+        try:
+            lo, hi = (float(part) for part in spec[0].split(":", 1))
+        except ValueError:
+            raise ConfigError(f"--grid {key}={spec[0]}: a range is two numbers lo:hi, e.g. 1e-4:1e-2") from None
         value = math.exp(rng.uniform(math.log(lo), math.log(hi))) if lo > 0 and hi > 0 else rng.uniform(lo, hi)
         return C.coerce(key, round(value) if C._HINTS[key] is int else float(f"{value:.4g}"))
     return C.coerce(key, rng.choice(spec))
@@ -143,7 +156,7 @@ def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, samples: 
         rng = random.Random(sample_seed)
         combos = [{k: _sample_value(k, v, rng) for k, v in grid.items()} for _ in range(samples)]
     else:
-        ranged = [k for k, v in grid.items() if any(":" in x and not x.startswith("[") for x in v)]
+        ranged = [k for k, v in grid.items() if any(_is_range(x) for x in v)]
         if ranged:
             raise ConfigError(f"--grid {ranged[0]} gives a range: ranges need --samples N (random search)")
         typed = {k: [C.coerce(k, v) for v in vs] for k, vs in grid.items()}
@@ -154,7 +167,7 @@ def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, samples: 
         if name not in seen:
             seen.add(name)
             points.append(Point(name, changes))
-    plan = Plan("sweep", base.to_dict(), points, [base.seed + i for i in range(seeds)], metric)
+    plan = Plan("sweep", base.to_dict(), points, seed_list(base, seeds), metric)
     for point in points:
         plan.config(point, base.seed)
     return plan

@@ -152,3 +152,16 @@ def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
 def test_report_on_a_dir_without_a_plan_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) != 0
     assert "has no plan.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_command_writes_csv_and_a_best_config_that_trains(tmp_path):
+    out = tmp_path / "sweep"
+    sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
+    assert main(["sweep", "--grid", "hidden_sizes=[8],[4,4]", "--samples", "1", "--seeds", "1", "--workers", "1",
+                 "--out", str(out), *sets]) == 0
+    header = (out / X.CSV_FILE).read_text().splitlines()[0]
+    assert header.startswith("rank,hidden_sizes,solved")
+    best = out / X.BEST_FILE
+    assert main(["train", "--config", str(best), "--run-dir", str(tmp_path / "again"), "--quiet",
+                 "--total-steps", "50"]) == 0
