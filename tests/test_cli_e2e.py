@@ -29,11 +29,11 @@ def last_json_line(text: str) -> dict:
 
 
 def scalar_tags(run_dir: Path) -> dict[str, int]:
-    """TensorBoard scalar tags in the run dir's event files, with how many points each has."""
+    """TensorBoard scalar tags in the run dir's event files (hparams/ included), with how many points each has."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags: dict[str, int] = {}
-    for events in run_dir.glob("events.out.tfevents.*"):
+    for events in run_dir.rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
@@ -78,6 +78,7 @@ def test_train_writes_tensorboard_scalars(trained_run):
                 "charts/SPS", "losses/loss", "losses/q_mean", "losses/grad_norm", "eval/mean_return"):
         assert tags.get(tag, 0) > 0, f"no TensorBoard scalar {tag}; found {sorted(tags)}"
     assert tags["charts/episodic_return"] > 10 and tags["losses/loss"] == 3
+    assert tags.get("hparams/final_eval_mean") == 1  # the hparams entry, with the final evaluation as its metric
 
 
 def test_eval_prints_mean_and_std_and_writes_eval_json(trained_run, capsys):
