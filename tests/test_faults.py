@@ -1,0 +1,211 @@
+"""Faults: SIGKILL at random moments, SIGINT and SIGTERM, an env that raises, a diverging loss, no compiler.
+
+The signal tests drive real `fastdqn train` subprocesses on CartPole and check that, after every stop, the run
+resumes and finishes with exactly the weights of a run that was never stopped (replay saved, one CPU thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+from fastdqn.cli import main
+from fastdqn.config import Config
+from fastdqn.errors import DeviceError, TrainingDiverged
+from fastdqn.faults import EnvFailure
+from fastdqn.trainer import Trainer
+
+TESTS = Path(__file__).resolve().parent
+TOTAL = 2_000
+RUN_FLAGS = ["--device", "cpu", "--torch-threads", "1", "--total-steps", str(TOTAL), "--learning-starts", "100",
+             "--buffer-size", "1000", "--batch-size", "16", "--hidden-sizes", "[16]", "--eval-every", "0",
+             "--eval-episodes", "2", "--log-every", "100", "--checkpoint-every", "100", "--keep-checkpoints", "3",
+             "--save-replay", "--quiet"]
+
+
+def uninterrupted_cfg() -> Config:
+    return Config(device="cpu", torch_threads=1, total_steps=TOTAL, learning_starts=100, buffer_size=1000,
+                  batch_size=16, hidden_sizes=[16], eval_every=0, eval_episodes=2, log_every=100,
+                  checkpoint_every=100, keep_checkpoints=3, save_replay=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Final online-network weights of the run that is never stopped."""
+    trainer = Trainer(uninterrupted_cfg(), tmp_path_factory.mktemp("reference"), show_progress=False)
+    trainer.run()
+    return {k: v.clone() for k, v in trainer.learner.q.state_dict().items()}
+
+
+def start(run_dir: Path, resume: bool) -> subprocess.Popen:
+    args = ["--resume", str(run_dir)] if resume else ["--run-dir", str(run_dir)]
+    return subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "train", *args, *RUN_FLAGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def newest_step(run_dir: Path) -> int:
+    found = list_checkpoints(run_dir)
+    return int(found[-1].stem.split("-")[1]) if found else -1
+
+
+def wait_for_progress(proc: subprocess.Popen, run_dir: Path, after: int, timeout: float = 120.0) -> None:
+    """Until a checkpoint newer than `after` exists (or the process ends)."""
+    deadline = time.monotonic() + timeout
+    while newest_step(run_dir) <= after and proc.poll() is None:
+        assert time.monotonic() < deadline, "no new checkpoint in time"
+        time.sleep(0.05)
+
+
+def assert_finished_like_reference(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    checkpoints = list_checkpoints(run_dir)
+    assert checkpoints and newest_step(run_dir) == TOTAL
+    for path in checkpoints:  # every checkpoint left on disk loads (weights_only)
+        load_checkpoint(path)
+    assert not list(run_dir.glob(".ckpt-*.tmp"))
+    final = load_checkpoint(checkpoints[-1])["learner"]["q"]
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_leaves_a_run_that_resumes_and_finishes_exactly(tmp_path, reference):
+    rng = random.Random(6)
+    run_dir = tmp_path / "run"
+    reached = -1
+    for kill in range(3):
+        proc = start(run_dir, resume=kill > 0)
+        # A random checkpoint 1-3 ahead, then a random fraction of a second: mid-step or mid-write, on any
+        # machine speed, while bounding the progress of each attempt so that all kills land before the end.
+        wait_for_progress(proc, run_dir, reached + 100 * rng.randint(0, 2))
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        reached = newest_step(run_dir)
+        assert 0 < reached < TOTAL, f"kill {kill} came too late to test anything ({reached})"
+        for path in list_checkpoints(run_dir):
+            load_checkpoint(path)
+    proc = start(run_dir, resume=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["env_steps"] == TOTAL
+    assert_finished_like_reference(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_checkpoint_exit_0_and_resume_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    reached = -1
+    for n, sig in enumerate((signal.SIGINT, signal.SIGTERM)):
+        proc = start(run_dir, resume=n > 0)
+        wait_for_progress(proc, run_dir, reached)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["interrupted"] and result["env_steps"] < TOTAL
+        assert f"Resume with: fastdqn train --resume {run_dir}" in " ".join(err.split())
+        assert newest_step(run_dir) == result["env_steps"]  # the checkpoint of the step it stopped at
+        reached = result["env_steps"]
+    proc = start(run_dir, resume=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_finished_like_reference(run_dir, reference)
+
+
+def flaky_cfg(tiny_cfg, **changes) -> Config:
+    import fault_envs  # noqa: F401  (registers the envs in this process)
+
+    return tiny_cfg.updated(env_id="fault_envs:FlakyCartPole-v0", num_envs=2, total_steps=400, learning_starts=100,
+                            hidden_sizes=[16], batch_size=16, eval_episodes=1, **changes)
+
+
+def test_env_that_raises_is_reported_by_index_and_the_run_checkpointed(tiny_cfg, tmp_path):
+    trainer = Trainer(flaky_cfg(tiny_cfg), tmp_path, show_progress=False)
+    with pytest.raises(EnvFailure, match=r"env 1 \(fault_envs:FlakyCartPole-v0\) raised RuntimeError: simulator "
+                                         r"lost contact.* in step.*env_restarts.*checkpoint .* saved at env step 298"):
+        trainer.run()
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert state["counters"]["env_step"] == 298
+
+
+def test_env_that_raises_is_rebuilt_when_configured(tiny_cfg, tmp_path):
+    trainer = Trainer(flaky_cfg(tiny_cfg, env_restarts=2), tmp_path, show_progress=False)
+    result = trainer.run()
+    assert result.env_steps == 400 and not result.interrupted
+    assert [env.restarts_left for env in trainer.envs.envs] == [2, 1]  # env 1 crashed once and was rebuilt
+
+
+def diverging_cfg(tiny_cfg, **changes) -> Config:
+    import fault_envs  # noqa: F401
+
+    return tiny_cfg.updated(env_id="fault_envs:InfRewardCartPole-v0", total_steps=400, learning_starts=50,
+                            log_every=50, hidden_sizes=[16], batch_size=16, eval_episodes=1, **changes)
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_finite_state(tiny_cfg, tmp_path):
+    trainer = Trainer(diverging_cfg(tiny_cfg), tmp_path, show_progress=False)
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.run()
+    message = str(caught.value)
+    assert "became non-finite between env steps 100 and 150" in message
+    assert "learning_rate" in message and "reward scale" in message and "--resume" in message
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert state["counters"]["env_step"] == 150
+    tensors = [*state["learner"]["q"].values(), *[v for s in state["learner"]["optimizer"]["state"].values()
+                                                  for v in s.values()]]
+    assert all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_diverged_run_exits_3_through_the_cli(tmp_path, capsys):
+    import fault_envs  # noqa: F401
+
+    code = main(["train", "--env", "fault_envs:InfRewardCartPole-v0", "--run-dir", str(tmp_path / "run"), "--quiet",
+                 "--device", "cpu", "--total-steps", "300", "--learning-starts", "50", "--log-every", "50",
+                 "--hidden-sizes", "[16]", "--batch-size", "16"])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastdqn: error: training diverged: loss=inf")
+
+
+def test_nonfinite_skips_roll_back_and_go_on(tiny_cfg, tmp_path):
+    trainer = Trainer(diverging_cfg(tiny_cfg, nonfinite_skips=50), tmp_path, show_progress=False)
+    result = trainer.run()
+    assert result.env_steps == 400 and trainer.counters.nonfinite_skips >= 2
+    assert all(torch.isfinite(p).all() for p in trainer.learner.q.parameters())
+    assert math.isfinite(result.final_eval_mean)
+
+
+@pytest.fixture
+def no_cpp_compiler(monkeypatch):
+    """Make inductor's compiler search fail, as on a machine without g++."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (os.devnull + "/g++",))
+    cpp_compiler_search.cache_clear()
+    yield
+    cpp_compiler_search.cache_clear()
+
+
+def test_compile_without_a_compiler_falls_back_to_eager_with_a_warning(tiny_cfg, tmp_path, no_cpp_compiler, capsys):
+    trainer = Trainer(tiny_cfg.updated(compile=True), tmp_path, show_progress=False)
+    assert trainer.learner.update_step == trainer.learner._update_step  # eager, not a compiled wrapper
+    assert "no working compiler" in capsys.readouterr().err
+    assert trainer.cfg.compile  # the run's own config keeps what the user asked for
+
+
+def test_compile_strict_without_a_compiler_is_an_error(tiny_cfg, tmp_path, no_cpp_compiler):
+    with pytest.raises(DeviceError, match="no working compiler.*drop compile_strict"):
+        Trainer(tiny_cfg.updated(compile=True, compile_strict=True), tmp_path, show_progress=False)
