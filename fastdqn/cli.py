@@ -204,9 +204,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fastdqn import experiments as X
     from fastdqn.logs import console
 
-    markdown, table = X.report(Path(args.dir))
-    console.print(table)
-    console.print(markdown.rsplit("\n\n", 1)[-1].strip())
+    result = X.report(Path(args.dir))
+    console.print(result.table)
+    console.print(result.note)
     return 0
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
@@ -462,7 +462,13 @@ def best_config(plan: Plan, summaries: list[PointSummary]) -> C.Config | None:
     return C.from_dict({**plan.base, **best.point.changes})
 
 
-def report(out: Path) -> tuple[str, Any]:
+class Report(NamedTuple):
+    markdown: str  # the table and the note, as written to results.md
+    table: Any  # the same table for the console (rich)
+    note: str  # how to read it: what "solved" means, what is sorted
+
+
+def report(out: Path) -> Report:
     """Rebuild an experiment's table (Markdown + rich), plot (ablate) or CSV and best.yaml (sweep) from disk."""
     out = Path(out)
     plan = load_plan(out)
@@ -486,7 +492,7 @@ def report(out: Path) -> tuple[str, Any]:
             (out / BEST_FILE).write_text(f"# best point of the sweep in {out} by {plan.metric}; "
                                          f"use with: fastdqn train --config {out / BEST_FILE}\n"
                                          + yaml.safe_dump(best.to_dict(), sort_keys=False))
-    return markdown, rich_table(title, header, rows)
+    return Report(markdown, rich_table(title, header, rows), note)
 
 
 def default_out(kind: str, root: Path) -> Path:
@@ -519,9 +525,9 @@ def execute(plan: Plan, out: Path, workers: int) -> int:
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted: finished runs are kept; continue with: fastdqn {plan.kind} --resume {out}[/]")
         return 130
-    markdown, table = report(out)
-    console.print(table)
-    console.print(solved_definition(plan))
+    result = report(out)
+    console.print(result.table)
+    console.print(result.note)
     console.print(f"table: {out / TABLE_FILE}" + (f", plot: {out / PLOT_FILE}" if plan.kind == "ablate" else
                                                   f", csv: {out / CSV_FILE}, best config: {out / BEST_FILE}"))
     if failures:

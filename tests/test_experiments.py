@@ -116,7 +116,7 @@ def test_sweep_resumes_without_rerunning_and_report_rebuilds_the_same_table(tiny
     X.run_plan(plan, out, workers=1, on_done=lambda p, s, r: ran.append((p.name, s)))
     assert ran == [(first.name, 1)]
 
-    markdown, _ = X.report(out)
+    markdown = X.report(out).markdown
     csv_text = (out / X.CSV_FILE).read_text()
     for name in (X.TABLE_FILE, X.CSV_FILE, X.BEST_FILE):
         (out / name).unlink()
