@@ -209,3 +209,18 @@ def test_compile_without_a_compiler_falls_back_to_eager_with_a_warning(tiny_cfg,
 def test_compile_strict_without_a_compiler_is_an_error(tiny_cfg, tmp_path, no_cpp_compiler):
     with pytest.raises(DeviceError, match="no working compiler.*drop compile_strict"):
         Trainer(tiny_cfg.updated(compile=True, compile_strict=True), tmp_path, show_progress=False)
+
+
+def test_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *RUN_FLAGS, "--total-steps", "200"]) == 0
+    first = load_checkpoint(list_checkpoints(run_dir)[-1])["learner"]["q"]
+    for path in list_checkpoints(run_dir):  # as if killed right after writing config.yaml
+        path.unlink()
+    (run_dir / ".ckpt-x.tmp").write_bytes(b"partial")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    assert "no checkpoint yet: training it again from env step 0" in " ".join(capsys.readouterr().err.split())
+    again = load_checkpoint(list_checkpoints(run_dir)[-1])["learner"]["q"]
+    assert all(torch.equal(again[k], v) for k, v in first.items())
+    assert not list(run_dir.glob(".ckpt-*.tmp"))
