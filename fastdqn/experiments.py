@@ -523,7 +523,8 @@ def execute(plan: Plan, out: Path, workers: int) -> int:
     try:
         run_plan(plan, out, workers, on_done)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: finished runs are kept; continue with: fastdqn {plan.kind} --resume {out}[/]")
+        console.print(f"[yellow]interrupted: finished runs are kept; continue with: "
+                      f"fastdqn {plan.kind} --resume {out}[/]")
         return 130
     result = report(out)
     console.print(result.table)

@@ -150,3 +150,29 @@ def test_config_rejects_bad_n_step_and_no_replay_combination():
         Config(n_step=0).validate()
     with pytest.raises(ConfigError, match="n_step > 1"):
         Config(replay_buffer=False, buffer_size=1, batch_size=1, train_every=1, n_step=3).validate()
+
+
+def test_trainer_nstep_batches_on_a_counter_env_stay_inside_one_episode(tmp_path, tiny_cfg):
+    """Real vector envs out of phase, terminations and 4-step time limits, a wrapped buffer: every n-step
+    transition the trainer's buffer yields sums k rewards of one episode and bootstraps from that episode's
+    observation k steps later (k < n only at an episode end or at the write head)."""
+    from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
+
+    gamma, n = 0.9, 3
+    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=3, n_step=n, gamma=gamma, buffer_size=30, batch_size=8,
+                           learning_starts=10_000)
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        drive(trainer, 100)  # about three times round the 30-slot buffer
+        batch = trainer.replay.gather(torch.arange(len(trainer.replay)))
+    k = torch.round(torch.log(batch.discounts) / torch.log(torch.tensor(gamma))).long()
+    assert k.min() >= 1 and k.max() == n
+    t, marker = batch.obs[:, 0], batch.obs[:, 1]
+    assert torch.equal(batch.next_obs[:, 0], t + k)  # k steps later ...
+    assert torch.equal(batch.next_obs[:, 1], marker)  # ... in the same episode
+    expected = REWARD * (1 - gamma ** k.float()) / (1 - gamma)
+    assert torch.allclose(batch.rewards, expected)
+    short = k < n
+    ends = (batch.terminated == 1) | (batch.next_obs[:, 0] == 4)  # terminated, or truncated by the 4-step limit
+    newest = torch.remainder(trainer.replay.pos - 1 - torch.arange(len(trainer.replay)), 30) // 3 < n - 1
+    assert torch.all(ends[short] | newest[short])  # shorter chains only at an episode end or the write head
+    assert (short & ends & (batch.terminated == 0)).any()  # a truncated chain that bootstraps is in there
