@@ -158,9 +158,12 @@ class DQNLearner:
     # --- acting ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """Epsilon-greedy actions for a batch of observations, decided on the device."""
-        with self._autocast():
-            greedy = self.q(obs).argmax(dim=1)
+        """Epsilon-greedy actions for a batch of observations, decided on the device.
+
+        Always fp32, also with `amp`: bf16 keeps 8 bits of mantissa, so Q-values near 100 are rounded to steps of
+        0.5, which ties or flips the greedy action between close Q-values (and acting on N observations is cheap).
+        """
+        greedy = self.q(obs).argmax(dim=1)
         n = obs.shape[0]
         explore = torch.rand(n, device=self.device) < epsilon
         random_actions = torch.randint(0, self.n_actions, (n,), device=self.device)

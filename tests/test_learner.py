@@ -142,6 +142,20 @@ def test_act_with_intermediate_epsilon_mixes():
     assert share == pytest.approx(0.7 + 0.3 / N_ACTIONS, abs=0.015)
 
 
+def test_amp_acting_picks_the_fp32_greedy_action_between_close_large_q_values():
+    """Q-values near 100 with gaps under bf16's step there (0.5): a bf16 argmax would tie or flip them."""
+    learner = make_learner(amp=True)
+    with torch.no_grad():
+        learner.q.net[-1].bias.copy_(torch.tensor([100.0, 100.05, 100.1]))
+    obs = torch.randn(2_000, OBS_DIM) * 0.01  # small inputs: the bias dominates, the gaps stay small
+    with torch.no_grad():
+        q = learner.q(obs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q_bf16 = learner.q(obs)
+    assert (q_bf16.argmax(dim=1) != q.argmax(dim=1)).any()  # the hazard is real on this network
+    assert torch.equal(learner.act(obs, 0.0), q.argmax(dim=1))
+
+
 def test_read_metrics_returns_the_mean_since_the_last_read():
     learner = make_learner()
     assert learner.read_metrics() == {}
