@@ -38,7 +38,8 @@ class FrameReplay:
             raise ConfigError(f"buffer_size {capacity} holds {self.rows} vector steps of {num_envs} envs; a frame "
                               f"stack of {frame_stack} needs at least {frame_stack + 2}: raise buffer_size to "
                               f">= {(frame_stack + 2) * num_envs}")
-        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=device)
+        # One spare all-zero frame after the ring: padded stack positions index it, so no masking is needed.
+        self.frames = torch.zeros((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)
         self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.terminated = torch.zeros(capacity, dtype=torch.uint8, device=device)
@@ -118,13 +119,12 @@ class FrameReplay:
         c = self.stack
         offsets = torch.arange(-c, 1, device=self.device)  # rows j-C .. j: obs is [0:C], next obs is [1:C+1]
         slots = self._slots(rows.unsqueeze(1) + offsets, envs.unsqueeze(1), oldest)  # (B, C+1)
-        frames = self.frames[slots]  # (B, C+1, H, W)
         # Keep the frame at row j-C+k only if no episode starts in rows j-C+k+1 .. j-1: older frames are zero.
         starts = self.starts[slots[:, :c]].to(torch.int32)  # rows j-C .. j-1
         later_starts = starts.flip(1).cumsum(1).flip(1)  # [k] = starts in rows j-C+k .. j-1
         pad = torch.zeros((rows.shape[0], 2), dtype=torch.int32, device=self.device)
         keep = torch.cat([later_starts[:, 1:], pad], dim=1) == 0  # (B, C+1)
-        frames = frames * keep.to(torch.uint8).view(*keep.shape, *(1,) * (frames.dim() - 2))
+        frames = self.frames[torch.where(keep, slots, self.capacity)]  # (B, C+1, H, W); index capacity is zeros
         last = slots[:, c]
         return Batch(frames[:, :c], self.actions[last], self.rewards[last], frames[:, 1:],
                      self.terminated[last].float())

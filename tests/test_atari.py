@@ -154,7 +154,7 @@ def test_cli_trains_pong_with_4_envs_and_records_a_video(tmp_path, capsys):
                      "--run-dir", str(run), "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "replay: 2,000 transitions x 7,070 B = 14.14 MB on cpu" in err
+    assert "replay: 2,000 transitions x 7,074 B = 14.15 MB on cpu" in err  # 7070 B + the spare zero frame
     result = json.loads(out.strip().splitlines()[-1])
     assert result["env_steps"] == 2000 and np.isfinite(result["final_eval_mean"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
