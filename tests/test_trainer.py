@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -178,3 +179,15 @@ def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
         torch.rand(10)  # whatever the caller drew in between
         second = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
     assert first.tolist() == second.tolist()
+
+
+def test_run_stops_and_does_periodic_work_at_the_first_vector_step_past_each_multiple(tmp_path, tiny_cfg):
+    """3 envs never land on multiples of 25 or 50 or on 100: each event fires once, at the vector step past it."""
+    cfg = tiny_cfg.updated(num_envs=3, total_steps=100, learning_starts=30, eval_every=25, checkpoint_every=50,
+                           log_every=40, keep_checkpoints=5)
+    result = Trainer(cfg, tmp_path, show_progress=False).run()
+    assert result.env_steps == 102 and result.updates == (102 - 30) // cfg.train_every
+    assert [step for step, _, _ in result.evals] == [27, 51, 75, 102]  # the last one is the final evaluation
+    assert sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("ckpt-*.pt")) == [51, 102]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [42, 81, 102]
