@@ -188,21 +188,22 @@ class Trainer:
     def collect_frames(self) -> None:
         """Pixel envs (NEXT_STEP autoreset): act, step, and store each env's newest frame once in FrameReplay."""
         cfg, n = self.cfg, self.cfg.num_envs
-        obs_t = torch.as_tensor(self.obs, device=self.device)
+        stage = self.staging
+        obs_t = stage.to_device("obs", self.obs)
         if self.reset_frames_pending:
             self.replay.add_resets(obs_t[:, -1])
             self.reset_frames_pending = False
         epsilon = epsilon_at(cfg, self.counters.env_step)
         actions_t = self.learner.act(obs_t, epsilon)
-        actions = actions_t.cpu().numpy()  # the one device->host copy of a vector step
+        actions = stage.to_host("actions", actions_t)  # the one device->host copy of a vector step
         next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
         train_terminated, starts, finished = self.games.step(rewards, terminated, truncated, infos)
         if cfg.clip_rewards:
             rewards = np.clip(rewards, -1.0, 1.0)
-        self.replay.add(torch.as_tensor(next_obs[:, -1], device=self.device), actions_t,
-                        torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
-                        torch.as_tensor(train_terminated, dtype=torch.uint8, device=self.device),
-                        torch.as_tensor(starts, device=self.device))
+        self.replay.add(stage.to_device("frames", next_obs[:, -1]), actions_t,
+                        stage.to_device("rewards", rewards, torch.float32),
+                        stage.to_device("terminated", train_terminated, torch.uint8),
+                        stage.to_device("starts", starts))
         for ret, length in finished.values():
             self.record_episode(ret, length)
         self.obs = next_obs
