@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
         self.run_dir, self.cfg = Path(run_dir), cfg
-        self.writer = SummaryWriter(str(self.run_dir))
+        # A resumed run writes the steps after its checkpoint again: TensorBoard purges them, and so do we.
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step)
+        keep_records_up_to(self.run_dir / "metrics.jsonl", start_step)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.progress: Progress | None = None
         if show_progress:
@@ -63,6 +66,19 @@ class RunLogger:
             self.progress.stop()
         self.writer.close()
         self.metrics_file.close()
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without records after `step` and without a last line cut short by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:

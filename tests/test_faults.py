@@ -24,6 +24,7 @@ from fastdqn.cli import main
 from fastdqn.config import Config
 from fastdqn.errors import DeviceError, TrainingDiverged
 from fastdqn.faults import EnvFailure
+from fastdqn.logs import keep_records_up_to
 from fastdqn.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
@@ -76,6 +77,9 @@ def assert_finished_like_reference(run_dir: Path, reference: dict[str, torch.Ten
     final = load_checkpoint(checkpoints[-1])["learner"]["q"]
     for name, value in reference.items():
         assert torch.equal(final[name], value), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == list(range(100, TOTAL + 1, 100))  # no duplicates from resumes, no cut-off lines
 
 
 @pytest.mark.slow
@@ -224,3 +228,11 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, ca
     again = load_checkpoint(list_checkpoints(run_dir)[-1])["learner"]["q"]
     assert all(torch.equal(again[k], v) for k, v in first.items())
     assert not list(run_dir.glob(".ckpt-*.tmp"))
+
+
+def test_resumed_logs_drop_records_after_the_checkpoint_and_a_cut_off_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n{"kind": "train", "step": 300}\n'
+                    '{"kind": "train", "st')
+    keep_records_up_to(path, 200)
+    assert path.read_text() == '{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n'
