@@ -81,7 +81,12 @@ def test_truncated_transition_bootstraps_terminal_one_does_not(tmp_path, tiny_cf
         with torch.no_grad():
             next_q = learner.target(buf.next_obs)
             y = td_targets(buf.rewards, buf.terminated, cfg.gamma, next_q)
-    max_next_q = next_q.max(dim=1).values
-    cut = truncated & ~terminal
-    assert torch.allclose(y[cut], 2.5 + 0.9 * max_next_q[cut])
-    assert torch.allclose(y[terminal], torch.full_like(y[terminal], 2.5))
+            q = learner.q(buf.obs).gather(1, buf.actions.unsqueeze(1)).squeeze(1)
+        max_next_q = next_q.max(dim=1).values
+        cut = truncated & ~terminal
+        assert torch.allclose(y[cut], 2.5 + 0.9 * max_next_q[cut])
+        assert torch.allclose(y[terminal], torch.full_like(y[terminal], 2.5))
+        # and the learner's own update bootstraps exactly the truncated transitions
+        only_cut = buf.gather(cut.nonzero().squeeze(1))
+        bootstrapped = td_loss(q[cut], 2.5 + 0.9 * max_next_q[cut], cfg.loss, cfg.huber_delta)
+        assert learner.update(only_cut)[0].item() == pytest.approx(bootstrapped.item(), rel=1e-5)
