@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence
 
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:  # async vector envs log a crashed worker's traceback; our one error line restates it
+        warnings.filterwarnings("ignore", message=".*ERROR: (Received the following error|Traceback|Raising the last)")
     try:
         return args.func(args)
     except FastDQNError as exc:

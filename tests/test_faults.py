@@ -236,3 +236,18 @@ def test_resumed_logs_drop_records_after_the_checkpoint_and_a_cut_off_line(tmp_p
                     '{"kind": "train", "st')
     keep_records_up_to(path, 200)
     assert path.read_text() == '{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n'
+
+
+@pytest.mark.slow
+def test_async_env_failure_is_one_line_through_the_cli_with_a_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--env", "fault_envs:FlakyCartPole-v0",
+                           "--envs", "2", "--vector-mode", "async", "--run-dir", str(tmp_path / "run"), "--quiet",
+                           "--device", "cpu", "--learning-starts", "50", "--total-steps", "600"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastdqn: error: env 1 (fault_envs:FlakyCartPole-v0) raised RuntimeError")
+    assert "checkpoint ckpt-000000000298.pt saved" in last
+    assert load_checkpoint(tmp_path / "run" / "ckpt-000000000298.pt")["counters"]["env_step"] == 298
