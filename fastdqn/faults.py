@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import torch
+from torch.utils._pytree import tree_leaves, tree_structure
 
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
@@ -112,7 +113,16 @@ class FiniteGuard:
         self.snapshot, self.step = copy.deepcopy(self.learner.state_dict()), step
 
     def rollback(self) -> None:
-        self.learner.load_state_dict(copy.deepcopy(self.snapshot))
+        """Copy the snapshot back into the learner's own tensors, in place, so compiled or graph-captured steps
+        that hold those tensors keep working."""
+        live = self.learner.state_dict()
+        if tree_structure(live) != tree_structure(self.snapshot):  # e.g. no optimizer state yet at the snapshot
+            self.learner.load_state_dict(copy.deepcopy(self.snapshot))
+            return
+        with torch.no_grad():
+            for dst, src in zip(tree_leaves(live), tree_leaves(self.snapshot)):
+                if isinstance(dst, torch.Tensor):
+                    dst.copy_(src)
 
 
 def divergence_message(cfg: Config, metrics: dict[str, float], since: int, step: int) -> str:

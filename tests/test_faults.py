@@ -251,3 +251,28 @@ def test_async_env_failure_is_one_line_through_the_cli_with_a_checkpoint(tmp_pat
     assert last.startswith("fastdqn: error: env 1 (fault_envs:FlakyCartPole-v0) raised RuntimeError")
     assert "checkpoint ckpt-000000000298.pt saved" in last
     assert load_checkpoint(tmp_path / "run" / "ckpt-000000000298.pt")["counters"]["env_step"] == 298
+
+
+def test_rollback_restores_the_snapshot_into_the_same_tensors(tiny_cfg):
+    from fastdqn.faults import FiniteGuard
+    from fastdqn.learner import DQNLearner
+    from fastdqn.replay import ReplayBuffer
+
+    learner = DQNLearner(tiny_cfg, (4,), 2, torch.device("cpu"))
+    replay = ReplayBuffer(64, 1, (4,), torch.float32, torch.device("cpu"))
+    for _ in range(64):
+        replay.add(torch.randn(1, 4), torch.zeros(1, dtype=torch.int64), torch.ones(1), torch.randn(1, 4),
+                   torch.zeros(1), torch.zeros(1))
+    learner.update(replay.sample(16))
+    guard = FiniteGuard(learner)
+    guard.commit(100)
+    before = {k: v.clone() for k, v in learner.q.state_dict().items()}
+    weight = learner.q.state_dict()["net.0.weight"].data_ptr()
+    learner.update(replay.sample(16))
+    with torch.no_grad():
+        next(learner.q.parameters()).fill_(float("nan"))
+    assert not guard.is_finite({})
+    guard.rollback()
+    assert guard.is_finite({"loss": 1.0})
+    assert all(torch.equal(learner.q.state_dict()[k], v) for k, v in before.items())
+    assert learner.q.state_dict()["net.0.weight"].data_ptr() == weight  # same storage, updated in place
