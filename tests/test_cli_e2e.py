@@ -134,11 +134,23 @@ def test_eval_help_lists_its_options(capsys):
         assert option in text
 
 
+def subcommand_actions(command: str) -> list[argparse.Action]:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[command]._actions
+
+
+def test_every_config_flag_shows_the_config_default():
+    defaults = Config().to_dict()
+    shown = {a.dest: a.help for a in subcommand_actions("train") if a.dest in defaults}
+    assert set(shown) == set(defaults)
+    for name, help_line in shown.items():
+        assert help_line.endswith(f"(default: {defaults[name]})"), (name, help_line)
+
+
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_every_option_with_a_default_shows_it(command):
     """An option that has a default (not a switch, not None) says what it is in its help line."""
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for action in subparsers.choices[command]._actions:
+    for action in subcommand_actions(command):
         if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
             continue
         assert "default" in (action.help or ""), f"{command} {action.option_strings}: default {action.default!r} not shown"
