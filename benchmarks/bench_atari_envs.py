@@ -76,26 +76,25 @@ def timed(fn: Callable[[], None], iters: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--game", default="ALE/Pong-v5")
-    parser.add_argument("--envs", default="8,16,32", help="comma-separated env counts")
+    parser.add_argument("--envs", default="8,16,32", help="comma-separated env counts ('' = replay cases only)")
     parser.add_argument("--steps", type=int, default=4000, help="env steps per round and case")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vector-mode", default="sync", choices=["sync", "async"], help="gymnasium fallback's")
     parser.add_argument("--capacity", type=int, default=20_000, help="replay capacity for the replay cases")
+    parser.add_argument("--replay-envs", type=int, default=16, help="envs per vector step in the replay cases")
     parser.add_argument("--replay-iters", type=int, default=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    counts = [int(n) for n in args.envs.split(",")]
+    counts = [int(n) for n in args.envs.split(",") if n]
 
     env_cases = {}
     for n in counts:
         for backend in ("ale_vector", "gymnasium"):
             cfg = Config(env_id=args.game, atari_backend=backend, vector_mode=args.vector_mode, env_threads=0)
             env_cases[(backend, n)] = env_stepper(cfg, n, args.steps)
-    replay = {}
-    for n in counts:
-        replay.update(replay_cases(n, args.capacity, device))
+    replay = replay_cases(args.replay_envs, args.capacity, device)
     env_sps: dict[tuple[str, int], list[float]] = {k: [] for k in env_cases}
     replay_s: dict[str, list[float]] = {k: [] for k in replay}
     for _ in range(args.rounds):
@@ -106,15 +105,16 @@ def main() -> None:
     for _run, close in env_cases.values():
         close()
 
-    print(f"env steps/s, {args.game}, median of {args.rounds} rounds ({torch.get_num_threads()} torch threads, "
-          f"gymnasium {args.vector_mode}):")
-    print(f"{'envs':>5} {'ale_vector':>12} {'gymnasium':>12} {'ratio':>7}")
-    results = {"env_sps": {}, "replay_us": {}}
+    results: dict[str, dict] = {"env_sps": {}, "replay_us": {}}
+    if counts:
+        print(f"env steps/s, {args.game}, median of {args.rounds} rounds (gymnasium {args.vector_mode}):")
+        print(f"{'envs':>5} {'ale_vector':>12} {'gymnasium':>12} {'ratio':>7}")
     for n in counts:
         ale, gym_ = (statistics.median(env_sps[(b, n)]) for b in ("ale_vector", "gymnasium"))
         print(f"{n:>5} {ale:>12,.0f} {gym_:>12,.0f} {ale / gym_:>6.2f}x")
         results["env_sps"][str(n)] = {"ale_vector": ale, "gymnasium": gym_}
-    print(f"replay on {device}, capacity {args.capacity:,} (median microseconds per call):")
+    print(f"replay on {device}, capacity {args.capacity:,}, {torch.get_num_threads()} torch threads (median "
+          f"microseconds per call over {args.rounds} rounds):")
     for name, samples in replay_s.items():
         us = statistics.median(samples) * 1e6
         print(f"  {name:<30} {us:>10,.1f} us")

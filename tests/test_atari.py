@@ -163,3 +163,19 @@ def test_cli_trains_pong_with_4_envs_and_records_a_video(tmp_path, capsys):
     assert code == 0
     saved = json.loads((run / "eval.json").read_text())
     assert saved["video"].endswith((".mp4", ".gif")) and (run / saved["video"].rsplit("/", 1)[-1]).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_atari_benchmark_script_runs(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_atari_envs.py stays runnable (tiny sizes; no timing is asserted)."""
+    import runpy
+
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("sys.argv", ["bench_atari_envs.py", "--envs", "2", "--steps", "20", "--rounds", "1",
+                                     "--capacity", "200", "--replay-envs", "2", "--replay-iters", "2", "--device",
+                                     "cpu", "--out", str(out)])
+    runpy.run_path("benchmarks/bench_atari_envs.py", run_name="__main__")
+    results = json.loads(out.read_text())
+    assert set(results["env_sps"]["2"]) == {"ale_vector", "gymnasium"}
+    assert {"FrameReplay add (2 envs)", "FrameReplay sample (32)"} <= set(results["replay_us"])
+    assert "ratio" in capsys.readouterr().out

@@ -67,8 +67,8 @@ def test_bytes_per_transition_and_a_million_transitions():
     assert replay.nbytes / replay.capacity <= 84 * 84 + 32
     million = FrameReplay(1_000_000, 16, (84, 84), 4, torch.device("meta"))
     assert million.nbytes <= 7.1e9
-    stacked_float = ReplayBuffer(1_000_000, 16, (4, 84, 84), torch.float32, torch.device("meta"))
-    assert stacked_float.nbytes >= 56e9  # what obs + next_obs float32 stacks would take
+    for dtype, size in ((torch.uint8, 56.4e9), (torch.float32, 225.7e9)):  # obs + next_obs stacks instead
+        assert ReplayBuffer(1_000_000, 16, (4, 84, 84), dtype, torch.device("meta")).nbytes >= size
 
 
 def test_stacks_hold_one_episode_with_zero_padding_and_no_overwritten_frame(tmp_path):
