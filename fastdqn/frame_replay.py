@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from fastdqn.errors import ConfigError
-from fastdqn.replay import Batch
+from fastdqn.replay import Batch, ReplayBuffer
 
 CANDIDATES = 4  # draws per sampled transition; the first valid one is taken (see `sample`)
 
@@ -47,12 +47,11 @@ class FrameReplay:
         self.pos = 0  # next slot to write (always a row start)
         self.size = 0  # filled slots
 
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._storage().values())
+    # Bookkeeping shared with ReplayBuffer: both keep their named tensors in `_storage()`, `pos` and `size`.
+    __len__ = ReplayBuffer.__len__
+    nbytes = ReplayBuffer.nbytes
+    state_dict = ReplayBuffer.state_dict
+    load_state_dict = ReplayBuffer.load_state_dict
 
     def _storage(self) -> dict[str, torch.Tensor]:
         return {"frames": self.frames, "actions": self.actions, "rewards": self.rewards,
@@ -128,16 +127,3 @@ class FrameReplay:
         last = slots[:, c]
         return Batch(frames[:, :c], self.actions[last], self.rewards[last], frames[:, 1:],
                      self.terminated[last].float())
-
-    # --- checkpoints ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Filled part of the buffer plus its position, for checkpoints (tensors and ints only)."""
-        return {"pos": self.pos, "size": self.size, **{k: v[:self.size].clone() for k, v in self._storage().items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        size = state["size"]
-        if size > self.capacity:
-            raise ValueError(f"saved replay holds {size} transitions, more than this buffer's capacity {self.capacity}")
-        for name, dest in self._storage().items():
-            dest[:size] = state[name].to(self.device)
-        self.pos, self.size = state["pos"], size

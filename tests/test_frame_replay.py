@@ -178,6 +178,25 @@ def test_state_dict_round_trip(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a[:5], b[:5]))  # obs .. terminated
 
 
+def test_resume_starts_fresh_games_and_no_stack_crosses_the_resume(tmp_path):
+    """Pixel env state is not checkpointed: after a restore the next row is all episode starts."""
+    cfg = frame_id_cfg(save_replay=True)
+    with trainer_without_run(cfg, tmp_path / "a") as trainer:
+        for _ in range(30):
+            trainer.collect()
+        state = trainer.state_dict()
+    with trainer_without_run(cfg, tmp_path / "b") as resumed:
+        resumed.restore(state)
+        assert len(resumed.replay) == len(trainer.replay) and resumed.counters.env_step == 30 * 3
+        for _ in range(3):
+            resumed.collect()
+        batch = resumed.replay.sample(512)
+    episodes = torch.cat([batch.obs, batch.next_obs[:, -1:]], 1)[:, :, 0, 0]  # (B, 5) episode ids, 0 = padding
+    for row in episodes.tolist():
+        ids = [e for e in row if e]
+        assert len(set(ids)) == 1 and row[-len(ids):] == ids, f"stack mixes episodes or pads mid-stack: {row}"
+
+
 def test_too_small_buffer_is_a_config_error():
     with pytest.raises(ConfigError, match="raise buffer_size to >= 24"):
         FrameReplay(16, 4, (84, 84), 4, torch.device("cpu"))
@@ -193,5 +212,6 @@ def test_capacity_that_does_not_fit_is_refused_with_numbers(monkeypatch):
     message = str(err.value)
     assert "1,000,000 transitions needs 7.07 GB" in message and "only 2.00 GB is free" in message
     assert "at most 254,5" in message  # 0.9 * 2e9 / 7070 B
-    report = check_replay_fits(nbytes // 10, 100_000, torch.device("cpu"))
-    assert report.startswith("replay: 100,000 transitions x 7,070 B = 707")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 80_000_000_000)
+    report = check_replay_fits(nbytes, 1_000_000, torch.device("cpu"))
+    assert report == "replay: 1,000,000 transitions x 7,070 B = 7.07 GB on cpu (80.00 GB free)"
