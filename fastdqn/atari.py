@@ -35,7 +35,7 @@ ATARI_DEFAULTS: dict[str, Any] = {
     "batch_size": 32, "train_every": 4, "gradient_steps": 1, "epsilon_start": 1.0, "epsilon_end": 0.01,
     "epsilon_decay_steps": 1_000_000, "total_steps": 10_000_000, "clip_rewards": True, "max_grad_norm": 10.0,
     "gamma": 0.99, "loss": "huber", "eval_every": 250_000, "eval_episodes": 10, "log_every": 10_000,
-    "checkpoint_every": 500_000, "solved_return": 18.0,
+    "checkpoint_every": 500_000,
 }
 
 
