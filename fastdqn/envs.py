@@ -56,6 +56,9 @@ def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Sp
     if not isinstance(action_space, gym.spaces.Discrete):
         raise EnvError(f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
                        "(use SAC/TD3 for continuous actions, or discretize the env)")
+    if int(action_space.start) != 0:  # the Q-network's argmax picks actions 0..n-1
+        raise EnvError(f"env '{env_id}' has action space {action_space}, whose actions start at {action_space.start}: "
+                       "fastdqn's actions are 0..n-1; wrap the env to shift them (gymnasium.wrappers.TransformAction)")
     if (isinstance(observation_space, gym.spaces.Box) and is_pixel_shape(tuple(observation_space.shape))
             and observation_space.dtype == np.uint8):
         return  # frame stacks from fastdqn.atari, for the CNN

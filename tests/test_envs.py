@@ -103,6 +103,12 @@ def test_continuous_action_space_names_the_space():
         make_vector_env(Config(env_id="Pendulum-v1"), 1)
 
 
+def test_discrete_actions_that_do_not_start_at_zero_are_rejected():
+    """The Q-network picks actions 0..n-1: an env expecting 1..3 would get wrong or invalid actions silently."""
+    with pytest.raises(EnvError, match="start at 1: fastdqn's actions are 0..n-1"):
+        check_spaces("shifted", gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(3, start=1))
+
+
 def test_image_observation_space_is_rejected_with_the_fix():
     with pytest.raises(EnvError, match="flat Box"):
         check_spaces("img", gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), gym.spaces.Discrete(3))
