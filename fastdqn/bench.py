@@ -75,7 +75,9 @@ def check(opts: argparse.Namespace) -> None:
     problems = [(opts.rounds >= 1, "--rounds must be >= 1"), (opts.iters >= 1, "--iters must be >= 1"),
                 (opts.warmup >= 0, "--warmup must be >= 0"), (opts.repeats >= 1, "--repeats must be >= 1"),
                 (opts.steps > opts.learning_starts >= 0, "--steps must be larger than --learning-starts (>= 0)"),
-                (all(n >= 1 for n in opts.envs), "--envs takes positive env counts, e.g. 1,16,64")]
+                (all(n >= 1 for n in opts.envs), "--envs takes positive env counts, e.g. 1,16,64"),
+                (opts.clock == "wall" or (opts.threads == 1 and opts.device == "cpu"),
+                 "--clock cpu measures one CPU thread: add --device cpu --threads 1, or use --clock wall")]
     for ok, message in problems:
         if not ok:
             from fastdqn.errors import ConfigError
@@ -106,7 +108,7 @@ def run(opts: argparse.Namespace) -> tuple[list[Any], Path]:
         else:
             cases += S.bench_cleanrl(device, opts)
     path = write_json(cases, device, opts)
-    console.print(table(cases, f"fastdqn bench: {device_name(device)}, torch {torch.__version__}"))
+    console.print(table(cases, f"fastdqn bench: {device_name(device)}, torch {torch.__version__}"), width=140)
     console.print(f"results written to {path}")
     return cases, path
 
@@ -145,4 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="env counts of the e2e suite; the first is the baseline")
     parser.add_argument("--compile", action="store_true", help="e2e/cleanrl: fastdqn with --compile")
     parser.add_argument("--amp", action="store_true", help="e2e/cleanrl: fastdqn with --amp")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (less sensitive to other load on a shared "
+                             "CPU; CPU device with --threads 1 only)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON results")

@@ -90,8 +90,14 @@ def update_fn(cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: 
     return lambda: learner.update(replay.sample(cfg.batch_size))
 
 
+def clock(opts: argparse.Namespace) -> Callable[[], float]:
+    """wall: time.perf_counter. cpu: this process's CPU time, which other processes' load on a shared CPU
+    does not inflate (single-threaded CPU runs only: it misses GPU work and time spent in other processes)."""
+    return time.process_time if opts.clock == "cpu" else time.perf_counter
+
+
 def round_robin(cases: dict[str, Callable[[], Any]], iters: int, rounds: int, warmup: int,
-                device: torch.device) -> dict[str, list[float]]:
+                device: torch.device, now: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each case, one sample per round; cases alternate within every round."""
     for fn in cases.values():
         for _ in range(warmup):
@@ -100,11 +106,11 @@ def round_robin(cases: dict[str, Callable[[], Any]], iters: int, rounds: int, wa
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = now()
             for _ in range(iters):
                 fn()
             synchronize(device)
-            samples[name].append((time.perf_counter() - start) / iters)
+            samples[name].append((now() - start) / iters)
     return samples
 
 
@@ -127,7 +133,7 @@ def bench_update(suite: str, device: torch.device, variants: list[str], opts: ar
         variants = [v for v in variants if v != "cuda-graph"]
     fns = {v: update_fn(cfg, v, obs_shape, n_actions, replay, device) for v in variants}
     iters = opts.iters if suite == "update-mlp" else max(1, opts.iters // 10)
-    samples = round_robin(fns, iters, opts.rounds, opts.warmup, device)
+    samples = round_robin(fns, iters, opts.rounds, opts.warmup, device, clock(opts))
     cases = [Case(suite, v, "update", samples[v], info={"batch_size": batch_size, **VARIANTS[v]}) for v in variants]
     return with_speedups(cases, variants[0])
 
@@ -140,7 +146,7 @@ def bench_replay(device: torch.device, opts: argparse.Namespace) -> list[Case]:
             torch.ones(num_envs, device=device), torch.randn(num_envs, 4, device=device),
             torch.zeros(num_envs, device=device))
     fns = {"add (16 envs)": lambda: replay.add(*step), "sample (batch 128)": lambda: replay.sample(128)}
-    samples = round_robin(fns, opts.iters, opts.rounds, opts.warmup, device)
+    samples = round_robin(fns, opts.iters, opts.rounds, opts.warmup, device, clock(opts))
     return [Case("replay", name, "call", samples[name]) for name in fns]
 
 
@@ -152,26 +158,32 @@ def e2e_config(opts: argparse.Namespace, device: torch.device, **changes: Any) -
     return Config(**{**base, **changes})
 
 
-def train_sps(cfg: Config) -> float:
+def train(cfg: Config) -> None:
+    """One whole `fastdqn train` run (envs, replay, learner, loop, final evaluation) in a scratch dir."""
     from fastdqn.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        return Trainer(cfg, Path(run_dir), show_progress=False).run().sps
+        Trainer(cfg, Path(run_dir), show_progress=False).run()
 
 
-def measure_runs(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per env step of each run, `repeats` times, alternating the runs."""
+def measure_runs(runs: dict[str, Callable[[], Any]], steps: int, repeats: int,
+                 now: Callable[[], float]) -> dict[str, list[float]]:
+    """Seconds per env step of each whole run of `steps` env steps (set-up included), `repeats` times,
+    alternating the runs."""
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            samples[name].append(1.0 / run())
+            start = now()
+            run()
+            samples[name].append((now() - start) / steps)
     return samples
 
 
 def bench_e2e(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     """`fastdqn train` on CartPole (default config, replay ratio 1/4) with 1, 16 and 64 envs."""
     configs = {f"{n} envs": e2e_config(opts, device, num_envs=n) for n in opts.envs}
-    samples = measure_runs({name: (lambda c=cfg: train_sps(c)) for name, cfg in configs.items()}, opts.repeats)
+    runs = {name: (lambda c=cfg: train(c)) for name, cfg in configs.items()}
+    samples = measure_runs(runs, opts.steps, opts.repeats, clock(opts))
     cases = [Case("e2e", name, "env step", samples[name], info=configs[name].to_dict()) for name in configs]
     return with_speedups(cases, cases[0].name)
 
@@ -195,9 +207,9 @@ def bench_cleanrl(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     same_work = e2e_config(opts, device, num_envs=16, hidden_sizes=[120, 84], batch_size=128, train_every=10,
                            gradient_steps=1, loss="mse", max_grad_norm=0.0, learning_rate=args.learning_rate,
                            buffer_size=args.buffer_size, target_update_interval=args.target_network_frequency)
-    runs = {"cleanrl dqn.py (1 env)": lambda: cleanrl.train(args, device)["sps"],
-            "fastdqn (16 envs)": lambda: train_sps(same_work)}
-    samples = measure_runs(runs, opts.repeats)
+    runs = {"cleanrl dqn.py (1 env)": lambda: cleanrl.train(args, device),
+            "fastdqn (16 envs)": lambda: train(same_work)}
+    samples = measure_runs(runs, opts.steps, opts.repeats, clock(opts))
     cases = [Case("cleanrl", name, "env step", samples[name]) for name in runs]
     cases[0].info, cases[1].info = asdict(args), same_work.to_dict()
     return with_speedups(cases, cases[0].name)

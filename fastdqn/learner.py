@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +71,19 @@ class DQNLearner:
         self.target = self.q if cfg.target_update == "none" else copy.deepcopy(self.q).requires_grad_(False)
         # A tensor learning rate: the LR schedule changes it in place, so a compiled step never recompiles.
         self.lr = torch.tensor(cfg.learning_rate, dtype=torch.float32, device=device)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, eps=cfg.adam_eps,
-                                          capturable=device.type == "cuda")
+        # CUDA: capturable (state on the device, no host sync) so the step can live in a CUDA graph. CPU: fused,
+        # one kernel for all parameters (the foreach path cannot take a tensor LR there and loops per tensor).
+        on_cuda = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, eps=cfg.adam_eps, capturable=on_cuda,
+                                          fused=None if on_cuda else True)
         self.metrics_sum = torch.zeros(len(METRICS), device=device)
         self.metrics_count = 0
         self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
         self.update_step = (torch.compile(self._update_step, mode=compile_mode(cfg, device)) if cfg.compile
                             else self._update_step)
+        if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
+                          "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
 
     # --- the update -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
