@@ -3,8 +3,6 @@ epsilon, metrics read back, and the compiled and bf16 paths learn on a fixed bat
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
