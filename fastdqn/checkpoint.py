@@ -14,12 +14,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fastdqn.config import FIELDS
 from fastdqn.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 _TMP_GLOB = ".ckpt-*.tmp"
@@ -80,6 +81,8 @@ def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, env_step)
+    import torch  # here, not at the top: path mistakes in `fastdqn train --resume` are reported without it
+
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=run_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -106,6 +109,8 @@ def _fsync_dir(path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load one checkpoint file safely; raise CheckpointError on a truncated, corrupt or unsafe file."""
+    import torch
+
     path = Path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)

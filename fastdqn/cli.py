@@ -80,17 +80,19 @@ def write_config(cfg: C.Config, run_dir: Path) -> None:
 def resume_trainer(args: argparse.Namespace) -> Any:
     """The Trainer of `--resume RUN_DIR` at its newest checkpoint (at step 0 if killed before its first one)."""
     from fastdqn.checkpoint import check_resume_config, latest_checkpoint, list_checkpoints, remove_partial_writes
-    from fastdqn.logs import console
-    from fastdqn.trainer import Trainer, load_run_checkpoint
 
     run_dir = Path(args.resume)
     if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
         raise ConfigError(f"--resume continues '{run_dir}' in place: drop --run-dir {args.run_dir}")
+    newest = None if (run_dir / CONFIG_FILE).is_file() and not list_checkpoints(run_dir) else latest_checkpoint(run_dir)
+    from fastdqn.logs import console  # torch only now that the run dir is known to be resumable
+    from fastdqn.trainer import Trainer, load_run_checkpoint
+
     state = None
-    if run_dir.is_dir() and not list_checkpoints(run_dir) and (run_dir / CONFIG_FILE).is_file():
+    if newest is None:
         saved = C.load_yaml(run_dir / CONFIG_FILE)  # stopped before its first checkpoint: nothing to lose
     else:
-        state = load_run_checkpoint(latest_checkpoint(run_dir), "cpu")
+        state = load_run_checkpoint(newest, "cpu")
         saved = state["config"]
     cfg = config_from_args(args, base={k: v for k, v in saved.items() if k in C.FIELDS})
     check_resume_config(saved, cfg)
