@@ -57,9 +57,12 @@ def remove_partial_writes(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """A module state_dict with torch.compile's `_orig_mod.` prefixes removed (the eager module's keys)."""
-    return {k.replace(COMPILE_PREFIX, ""): v for k, v in state.items()}
+def strip_compile_prefix(state: Any) -> Any:
+    """`state` with torch.compile's `_orig_mod.` removed from every dict key at any depth: the keys of the eager
+    modules, whether `state` is one module's state_dict or the learner's (networks and optimizer)."""
+    if not isinstance(state, dict):
+        return state
+    return {k.replace(COMPILE_PREFIX, "") if isinstance(k, str) else k: strip_compile_prefix(v) for k, v in state.items()}
 
 
 def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:

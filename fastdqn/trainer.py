@@ -335,8 +335,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": cfg.to_dict(),
             "counters": vars(self.counters).copy(),
-            "learner": {k: strip_compile_prefix(v) if k in ("q", "target") else v
-                        for k, v in self.learner.state_dict().items()},
+            "learner": strip_compile_prefix(self.learner.state_dict()),
             "rng": rng,
             "obs": torch.from_numpy(np.array(self.obs, copy=True)),
             # Pixel envs (C++ or wrapped ALE state) are not snapshotted: a resumed run starts fresh games.
@@ -390,9 +389,8 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` with a compatible config."""
         check_resume_config(state["config"], self.cfg)
-        learner_state = {k: strip_compile_prefix(v) if k in ("q", "target") else v for k, v in state["learner"].items()}
         try:
-            self.learner.load_state_dict(learner_state)
+            self.learner.load_state_dict(strip_compile_prefix(state["learner"]))
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
                                   "resume with the run's own config") from None
