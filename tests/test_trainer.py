@@ -43,12 +43,12 @@ def run_recording_episodes(cfg, run_dir, monkeypatch) -> tuple[list[tuple[float,
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_returns_twice(tmp_path, tiny_cfg, monkeypatch):
-    cfg = tiny_cfg.updated(total_steps=1_500, eval_every=500)
+    cfg = tiny_cfg.updated(total_steps=1_000, eval_every=500)
     first, t1, r1 = run_recording_episodes(cfg, tmp_path / "a", monkeypatch)
     second, t2, r2 = run_recording_episodes(cfg, tmp_path / "b", monkeypatch)
     assert len(first) > 20 and r1.updates > 0
     assert first == second
-    assert r1.evals == r2.evals and len(r1.evals) == 3
+    assert r1.evals == r2.evals and len(r1.evals) == 2
     assert (r1.final_eval_mean, r1.updates, r1.episodes) == (r2.final_eval_mean, r2.updates, r2.episodes)
     for a, b in zip(t1.learner.q.state_dict().values(), t2.learner.q.state_dict().values()):
         assert torch.equal(a, b)
