@@ -145,3 +145,26 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = run_cli(["--debug", "train", "--gamma", "1.5"], tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError: gamma must be in [0, 1]" in proc.stderr
+
+
+def test_errors_from_torch_gymnasium_and_the_os_are_one_line_with_a_fix(tmp_path, monkeypatch, capsys):
+    import gymnasium as gym
+
+    from fastdqn.cli import explain
+    from fastdqn.trainer import Trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nGPU 0 has 8 GiB")
+
+    monkeypatch.setattr(Trainer, "run", out_of_memory)
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastdqn: error: out of device memory (CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert "lower batch_size, buffer_size or num_envs" in err[-1] and "Traceback" not in "".join(err)
+
+    compile_failure = type("BackendCompilerFailed", (RuntimeError,), {"__module__": "torch._dynamo.exc"})
+    assert "run without --compile" in explain(compile_failure("inductor raised CppCompileError"))
+    assert explain(gym.error.DependencyNotInstalled("box2d is not installed, run `pip install box2d`")) \
+        .startswith("gymnasium: box2d is not installed")
+    assert "free disk space" in explain(OSError(28, "No space left on device"))
+    assert "--debug" in explain(ValueError("something else"))
