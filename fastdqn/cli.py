@@ -96,16 +96,15 @@ def resume_trainer(args: argparse.Namespace) -> Any:
         saved = state["config"]
     cfg = config_from_args(args, base={k: v for k, v in saved.items() if k in C.FIELDS})
     check_resume_config(saved, cfg)
-    done = state["counters"]["env_step"] if state else 0
-    if done >= cfg.total_steps:
-        raise ConfigError(f"run '{run_dir}' already reached total_steps={cfg.total_steps} (its newest checkpoint is at "
-                          f"env step {done}): pass a larger --total-steps to train it further")
     trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)
     remove_partial_writes(run_dir)
     if state is None:
         console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
     else:
         trainer.restore(state)
+    if trainer.counters.env_step >= cfg.total_steps:  # e.g. killed between its last checkpoint and exiting
+        console.print(f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
+                      "larger --total-steps to train it further[/]")
     write_config(cfg, run_dir)
     return trainer
 

@@ -281,11 +281,13 @@ def test_rollback_restores_the_snapshot_into_the_same_tensors(tiny_cfg):
 def test_resuming_a_finished_run_says_how_to_extend_it_and_extending_works(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "--run-dir", str(run_dir), *RUN_FLAGS, "--total-steps", "200"]) == 0
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir())
+    final = load_checkpoint(list_checkpoints(run_dir)[-1])
     capsys.readouterr()
-    assert main(["train", "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().endswith("already reached total_steps=200 (its newest checkpoint is at env "
-                                                    "step 200): pass a larger --total-steps to train it further")
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.iterdir()) == before
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0  # finishes again: nothing trained, same state
+    assert "already reached total_steps=200: evaluating it again; pass a larger --total-steps" in \
+        " ".join(capsys.readouterr().err.split())
+    again = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert again["counters"] == final["counters"]
+    assert all(torch.equal(again["learner"]["q"][k], v) for k, v in final["learner"]["q"].items())
     assert main(["train", "--resume", str(run_dir), "--total-steps", "300", "--quiet"]) == 0
     assert load_checkpoint(list_checkpoints(run_dir)[-1])["counters"]["env_step"] == 300
