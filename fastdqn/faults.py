@@ -47,12 +47,15 @@ class GuardedEnv(gym.Wrapper):
                              "env or its arguments") from exc
         super().__init__(env)
         self.make, self.index, self.env_id = make, index, cfg.env_id
-        self.restarts_left = cfg.env_restarts
+        self.restarts_left = self.restarts_allowed = cfg.env_restarts
         self.restart_seed = cfg.seed + 7919 * (index + 1)
         self.last_obs: Any = None
 
     def _failure(self, where: str, exc: BaseException) -> EnvFailure:
-        hint = "fix the env" + ("" if self.restarts_left else ", or set env_restarts > 0 to rebuild crashed envs")
+        if self.restarts_allowed == 0:
+            hint = "fix the env, or set env_restarts > 0 to rebuild crashed envs"
+        else:
+            hint = f"fix the env (all env_restarts={self.restarts_allowed} were used)"
         return EnvFailure(f"env {self.index} ({self.env_id}) raised {_describe(exc)} in {where}: {hint}")
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
