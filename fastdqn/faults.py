@@ -106,11 +106,13 @@ class FiniteGuard:
         self.commit(0)
 
     def is_finite(self, metrics: dict[str, float]) -> bool:
-        """Are the given metrics (loss, Q) and every online-network weight finite? One host sync."""
+        """Are the given metrics (loss, Q), every weight and every optimizer moment finite? One host sync."""
         if not all(math.isfinite(v) for v in metrics.values()):
             return False
-        tensors = [t for t in self.learner.q.state_dict().values() if t.is_floating_point()]
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+        tensors = [t for t in tree_leaves(self.learner.state_dict())
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        norms = [norm.to(self.learner.device) for norm in torch._foreach_norm(tensors)]  # e.g. Adam's step on CPU
+        return bool(torch.isfinite(torch.stack(norms)).all())
 
     def commit(self, step: int) -> None:
         self.snapshot, self.step = copy.deepcopy(self.learner.state_dict()), step
