@@ -34,7 +34,7 @@ class Config:
 
     # --- environment -------------------------------------------------------------------------------------
     env_id: str = _f("CartPole-v1", "gymnasium environment id (Discrete action space)")
-    num_envs: int = _f(1, "environments stepped together in one vector step")
+    num_envs: int = _f(8, "environments stepped together in one vector step")
     vector_mode: Literal["sync", "async"] = _f("sync", "gymnasium vector env: in-process or one process per env")
     seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
     total_steps: int = _f(50_000, "env steps to train for (all envs together)")
@@ -43,15 +43,15 @@ class Config:
     # --- replay ------------------------------------------------------------------------------------------
     buffer_size: int = _f(50_000, "replay capacity in transitions (one env step each)")
     learning_starts: int = _f(1_000, "env steps collected before the first gradient update (warm-up)")
-    batch_size: int = _f(128, "transitions per gradient update")
-    train_every: int = _f(4, "env steps between training phases; with N envs a vector step is N env steps")
-    gradient_steps: int = _f(1, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
+    batch_size: int = _f(64, "transitions per gradient update")
+    train_every: int = _f(256, "env steps between training phases; with N envs a vector step is N env steps")
+    gradient_steps: int = _f(128, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
     replay_buffer: bool = _f(True, "false = the no-replay ablation: each update trains once on the newest vector step "
                              "(needs buffer_size = batch_size = train_every = num_envs, gradient_steps = 1)")
 
     # --- learning ----------------------------------------------------------------------------------------
     gamma: float = _f(0.99, "discount factor, in [0, 1]")
-    learning_rate: float = _f(1e-3, "Adam learning rate (start value of the LR schedule)")
+    learning_rate: float = _f(2.3e-3, "Adam learning rate (start value of the LR schedule)")
     lr_schedule: Literal["constant", "linear"] = _f("constant", "learning rate over training: constant or linear decay")
     lr_end: float = _f(1e-4, "final learning rate of the linear LR schedule, reached at total_steps")
     adam_eps: float = _f(1e-8, "Adam epsilon")
@@ -61,9 +61,9 @@ class Config:
     max_grad_norm: float = _f(10.0, "clip the global gradient norm to this; 0 = no clipping")
     target_update: Literal["hard", "soft", "none"] = _f(
         "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, or none (target = online net)")
-    target_update_interval: int = _f(500, "env steps between hard target copies")
+    target_update_interval: int = _f(256, "env steps between hard target copies")
     tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
-    hidden_sizes: list[int] = _f([128, 128], "MLP hidden layer widths")
+    hidden_sizes: list[int] = _f([256, 256], "MLP hidden layer widths")
 
     # --- extensions (all off = the classic DQN) -----------------------------------------------------------
     dueling: bool = _f(False, "dueling head: Q = V(s) + A(s, a) - mean_a A(s, a)")
@@ -78,8 +78,8 @@ class Config:
     epsilon_schedule: Literal["linear", "exponential", "step", "constant"] = _f(
         "linear", "epsilon-greedy schedule over env steps")
     epsilon_start: float = _f(1.0, "epsilon at step 0, in [0, 1]")
-    epsilon_end: float = _f(0.05, "epsilon floor, in [0, 1]")
-    epsilon_decay_steps: int = _f(10_000, "linear: steps to reach epsilon_end; exponential: time constant; step: steps between drops")
+    epsilon_end: float = _f(0.04, "epsilon floor, in [0, 1]")
+    epsilon_decay_steps: int = _f(8_000, "linear: steps to reach epsilon_end; exponential: time constant; step: steps between drops")
     epsilon_step_factor: float = _f(0.5, "step schedule: epsilon is multiplied by this at every drop")
 
     # --- preprocessing -----------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class Config:
     torch_threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
 
     # --- evaluation --------------------------------------------------------------------------------------
-    eval_every: int = _f(5_000, "env steps between greedy evaluations; 0 = only at the end")
+    eval_every: int = _f(2_500, "env steps between greedy evaluations; 0 = only at the end")
     eval_episodes: int = _f(10, "episodes per evaluation, each on its own seeded env")
     eval_epsilon: float = _f(0.0, "epsilon during evaluation (0 = greedy)")
     solved_return: float = _f(475.0, "evaluation mean return that counts as solved (for reports)")
