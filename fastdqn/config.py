@@ -216,6 +216,16 @@ def field_type_name(name: str) -> str:
     return getattr(hint, "__name__", str(hint)) if not isinstance(hint, types.GenericAlias) else str(hint)
 
 
+def markdown_table() -> str:
+    """Every config key with its type, default and meaning, as the Markdown table README.md shows."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {field_type_name(f.name).replace('|', ' or ')} | `{default}` | {meaning} |")
+    return "\n".join(rows)
+
+
 def unknown_key_error(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "; `fastdqn train --help` lists the keys"
