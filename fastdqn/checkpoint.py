@@ -65,6 +65,20 @@ def strip_compile_prefix(state: Any) -> Any:
     return {k.replace(COMPILE_PREFIX, "") if isinstance(k, str) else k: strip_compile_prefix(v) for k, v in state.items()}
 
 
+def fixed_keys_that_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys outside RESUME_CHANGEABLE on which two config mappings disagree (keys missing from one are skipped)."""
+    return [k for k in FIELDS if k in a and k in b and k not in RESUME_CHANGEABLE and a[k] != b[k]]
+
+
+def check_run_owns(checkpoint: Path, saved: dict[str, Any], run_config: dict[str, Any]) -> None:
+    """Raise CheckpointError if a checkpoint's config is not the run's own (`config.yaml`): a file from elsewhere."""
+    foreign = fixed_keys_that_differ(run_config, saved)
+    if foreign:
+        diffs = ", ".join(f"{k} {saved[k]!r} (run: {run_config[k]!r})" for k in foreign)
+        raise CheckpointError(f"checkpoint '{checkpoint}' is not from this run, it has {diffs}: move it away, or "
+                              "resume the run it came from")
+
+
 def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:
     """Raise CheckpointError if `cfg` changes a key of the saved run's config that a resume cannot change."""
     unknown = sorted(k for k in saved if k not in FIELDS)
@@ -72,7 +86,7 @@ def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:
         raise CheckpointError(f"the checkpoint's config has keys this fastdqn does not know ({', '.join(unknown)}): "
                               "resume it with the fastdqn version that wrote it")
     current = cfg.to_dict()
-    changed = [k for k in FIELDS if k in saved and k not in RESUME_CHANGEABLE and saved[k] != current[k]]
+    changed = fixed_keys_that_differ(saved, current)
     if changed:
         diffs = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise CheckpointError(f"cannot change {diffs} when resuming (it defines what the checkpoint holds): drop "

@@ -79,7 +79,8 @@ def write_config(cfg: C.Config, run_dir: Path) -> None:
 # --- subcommands -----------------------------------------------------------------------------------------
 def resume_trainer(args: argparse.Namespace) -> Any:
     """The Trainer of `--resume RUN_DIR` at its newest checkpoint (at step 0 if killed before its first one)."""
-    from fastdqn.checkpoint import check_resume_config, latest_checkpoint, list_checkpoints, remove_partial_writes
+    from fastdqn.checkpoint import (check_resume_config, check_run_owns, latest_checkpoint, list_checkpoints,
+                                    remove_partial_writes)
 
     run_dir = Path(args.resume)
     if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
@@ -94,6 +95,8 @@ def resume_trainer(args: argparse.Namespace) -> Any:
     else:
         state = load_run_checkpoint(newest, "cpu")
         saved = state["config"]
+        if (run_dir / CONFIG_FILE).is_file():
+            check_run_owns(newest, saved, C.load_yaml(run_dir / CONFIG_FILE))
     cfg = config_from_args(args, base={k: v for k, v in saved.items() if k in C.FIELDS})
     check_resume_config(saved, cfg)
     trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)

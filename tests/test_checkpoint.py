@@ -16,6 +16,7 @@ from fastdqn.errors import CheckpointError
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
 from fastdqn.trainer import Trainer, load_run_checkpoint
+from small_runs import small_cfg
 
 
 def trained(cfg, run_dir: Path) -> Trainer:
@@ -25,15 +26,14 @@ def trained(cfg, run_dir: Path) -> Trainer:
 
 
 @pytest.fixture
-def small_cfg(tiny_cfg):
-    return tiny_cfg.updated(total_steps=400, learning_starts=100, hidden_sizes=[16], batch_size=16,
-                            checkpoint_every=200, keep_checkpoints=5, save_replay=True, eval_episodes=1)
+def run_cfg():
+    return small_cfg(total_steps=400, checkpoint_every=200, keep_checkpoints=5, save_replay=True)
 
 
-def test_round_trip_restores_q_values_optimizer_counters_and_replay(small_cfg, tmp_path):
-    source = trained(small_cfg, tmp_path / "a")
+def test_round_trip_restores_q_values_optimizer_counters_and_replay(run_cfg, tmp_path):
+    source = trained(run_cfg, tmp_path / "a")
     state = load_run_checkpoint(latest_checkpoint(tmp_path / "a"), torch.device("cpu"))
-    copy = Trainer(small_cfg, tmp_path / "b", show_progress=False)
+    copy = Trainer(run_cfg, tmp_path / "b", show_progress=False)
     copy.restore(state)
     assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
 
@@ -52,8 +52,8 @@ def test_round_trip_restores_q_values_optimizer_counters_and_replay(small_cfg, t
     assert torch.equal(copy.replay.obs[:copy.replay.size], source.replay.obs[:source.replay.size])
 
 
-def test_checkpoints_load_with_weights_only(small_cfg, tmp_path):
-    trained(small_cfg, tmp_path)
+def test_checkpoints_load_with_weights_only(run_cfg, tmp_path):
+    trained(run_cfg, tmp_path)
     for path in list_checkpoints(tmp_path):
         payload = torch.load(path, weights_only=True)  # PITFALL 9: raises if anything but plain data is inside
         assert payload["counters"]["env_step"] in (200, 400)
@@ -74,19 +74,19 @@ def test_loading_a_malicious_file_does_not_run_its_code(tmp_path):
     assert not _RunsCode.marker.exists()
 
 
-def test_compiled_module_keys_are_saved_plain_and_evaluate_uncompiled(small_cfg, tmp_path):
+def test_compiled_module_keys_are_saved_plain_and_evaluate_uncompiled(run_cfg, tmp_path):
     """PITFALL 8: a torch.compile'd module's state_dict has `_orig_mod.` keys; checkpoints must not."""
-    trainer = Trainer(small_cfg, tmp_path, show_progress=False)
+    trainer = Trainer(run_cfg, tmp_path, show_progress=False)
     trainer.learner.q = torch.compile(trainer.learner.q)  # compiled lazily: nothing is compiled unless called
     assert all(k.startswith("_orig_mod.") for k in trainer.learner.q.state_dict())
     state = trainer.state_dict()
     assert not any("_orig_mod." in k for k in state["learner"]["q"])
 
-    eager = DQNLearner(small_cfg, trainer.obs_shape, trainer.n_actions, torch.device("cpu"))
+    eager = DQNLearner(run_cfg, trainer.obs_shape, trainer.n_actions, torch.device("cpu"))
     eager.q.load_state_dict(state["learner"]["q"])
     obs = torch.randn(8, 4)
     assert torch.equal(eager.q(obs), trainer.learner.q._orig_mod(obs))
-    returns = evaluate(lambda o: eager.act(o, 0.0), small_cfg, 2, small_cfg.seed, torch.device("cpu"))
+    returns = evaluate(lambda o: eager.act(o, 0.0), run_cfg, 2, run_cfg.seed, torch.device("cpu"))
     assert returns.shape == (2,) and (returns > 0).all()
     assert strip_compile_prefix({"_orig_mod.net.0.weight": 1}) == {"net.0.weight": 1}
 
@@ -131,18 +131,18 @@ def test_truncated_checkpoint_is_a_clear_error_naming_the_previous_one(tmp_path)
 
 @pytest.mark.parametrize("change", [{"total_steps": 9_000}, {"learning_rate": 1e-4}, {"device": "cpu"},
                                     {"compile": True}, {"eval_every": 50}, {"keep_checkpoints": 9}])
-def test_resume_may_change_run_length_schedules_and_speed_keys(tiny_cfg, change):
-    check_resume_config(tiny_cfg.to_dict(), tiny_cfg.updated(**change))
+def test_resume_may_change_run_length_schedules_and_speed_keys(change):
+    check_resume_config(small_cfg().to_dict(), small_cfg(**change))
 
 
 @pytest.mark.parametrize("change", [{"env_id": "Acrobot-v1"}, {"hidden_sizes": [8]}, {"num_envs": 2},
                                     {"buffer_size": 900}, {"train_every": 2}, {"gamma": 0.5}, {"seed": 7}])
-def test_resume_refuses_keys_that_define_the_checkpoint(tiny_cfg, change):
+def test_resume_refuses_keys_that_define_the_checkpoint(change):
     key = next(iter(change))
     with pytest.raises(CheckpointError, match=f"cannot change {key}"):
-        check_resume_config(tiny_cfg.to_dict(), tiny_cfg.updated(**change))
+        check_resume_config(small_cfg().to_dict(), small_cfg(**change))
 
 
-def test_resume_refuses_a_config_with_keys_this_version_does_not_know(tiny_cfg):
+def test_resume_refuses_a_config_with_keys_this_version_does_not_know():
     with pytest.raises(CheckpointError, match="does not know \\(warp_drive\\)"):
-        check_resume_config({**tiny_cfg.to_dict(), "warp_drive": 1}, tiny_cfg)
+        check_resume_config({**small_cfg().to_dict(), "warp_drive": 1}, small_cfg())

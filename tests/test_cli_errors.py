@@ -20,11 +20,10 @@ import torch
 
 from fastdqn.checkpoint import list_checkpoints
 from fastdqn.cli import main
+from small_runs import small_flags
 
 TESTS = Path(__file__).resolve().parent
-TINY = ["--device", "cpu", "--torch-threads", "1", "--total-steps", "300", "--learning-starts", "100",
-        "--buffer-size", "500", "--batch-size", "16", "--hidden-sizes", "[16]", "--eval-every", "0",
-        "--eval-episodes", "1", "--log-every", "100", "--checkpoint-every", "100", "--keep-checkpoints", "3"]
+TINY = small_flags(total_steps=300, checkpoint_every=100)
 
 
 def run_cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -57,6 +56,14 @@ def foreign_newest(case: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, newest(case / "run"))
 
 
+def acrobot_newest(case: Path) -> None:
+    """The newest checkpoint replaced by one made for another env and network (copied from another run)."""
+    path = newest(case / "run")
+    state = torch.load(path, weights_only=True)
+    state["config"].update(env_id="Acrobot-v1", hidden_sizes=[64, 64])
+    torch.save(state, path)
+
+
 # id: (command line, exit code, words the error line must contain, setup of the case dir, extra env)
 CASES = {
     "unknown_env": (["train", "--env", "CartPol-v1", "--run-dir", "new"], 2, ["unknown env id", "'CartPole-v1'"]),
@@ -86,6 +93,9 @@ CASES = {
                          ["cannot change env_id 'CartPole-v1' -> 'Acrobot-v1'", "new run"]),
     "resume_other_network": (["train", "--resume", "run", "--hidden-sizes", "[64,64]"], 2,
                              ["cannot change hidden_sizes [16] -> [64, 64]"]),
+    "resume_checkpoint_of_another_run": (["train", "--resume", "run"], 2,
+                                         ["is not from this run", "env_id 'Acrobot-v1' (run: 'CartPole-v1')",
+                                          "hidden_sizes [64, 64] (run: [16])", "move it away"], acrobot_newest),
     "resume_other_run_dir": (["train", "--resume", "run", "--run-dir", "elsewhere"], 2, ["drop --run-dir"]),
     "resume_truncated_checkpoint": (["train", "--resume", "run"], 2,
                                     ["corrupt or truncated", "move it away to resume from ckpt-000000000200.pt"],

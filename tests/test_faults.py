@@ -26,25 +26,18 @@ from fastdqn.errors import DeviceError, TrainingDiverged
 from fastdqn.faults import EnvFailure
 from fastdqn.logs import keep_records_up_to
 from fastdqn.trainer import Trainer
+from small_runs import small_cfg, small_flags
 
 TESTS = Path(__file__).resolve().parent
 TOTAL = 2_000
-RUN_FLAGS = ["--device", "cpu", "--torch-threads", "1", "--total-steps", str(TOTAL), "--learning-starts", "100",
-             "--buffer-size", "1000", "--batch-size", "16", "--hidden-sizes", "[16]", "--eval-every", "0",
-             "--eval-episodes", "2", "--log-every", "100", "--checkpoint-every", "100", "--keep-checkpoints", "3",
-             "--save-replay", "--quiet"]
-
-
-def uninterrupted_cfg() -> Config:
-    return Config(device="cpu", torch_threads=1, total_steps=TOTAL, learning_starts=100, buffer_size=1000,
-                  batch_size=16, hidden_sizes=[16], eval_every=0, eval_episodes=2, log_every=100,
-                  checkpoint_every=100, keep_checkpoints=3, save_replay=True)
+RUN = dict(total_steps=TOTAL, eval_episodes=2, checkpoint_every=100, save_replay=True)
+RUN_FLAGS = [*small_flags(**RUN), "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final online-network weights of the run that is never stopped."""
-    trainer = Trainer(uninterrupted_cfg(), tmp_path_factory.mktemp("reference"), show_progress=False)
+    trainer = Trainer(small_cfg(**RUN), tmp_path_factory.mktemp("reference"), show_progress=False)
     trainer.run()
     return {k: v.clone() for k, v in trainer.learner.q.state_dict().items()}
 
@@ -128,15 +121,14 @@ def test_sigint_and_sigterm_checkpoint_exit_0_and_resume_exactly(tmp_path, refer
     assert_finished_like_reference(run_dir, reference)
 
 
-def flaky_cfg(tiny_cfg, **changes) -> Config:
+def flaky_cfg(**changes) -> Config:
     import fault_envs  # noqa: F401  (registers the envs in this process)
 
-    return tiny_cfg.updated(env_id="fault_envs:FlakyCartPole-v0", num_envs=2, total_steps=400, learning_starts=100,
-                            hidden_sizes=[16], batch_size=16, eval_episodes=1, **changes)
+    return small_cfg(env_id="fault_envs:FlakyCartPole-v0", num_envs=2, **changes)
 
 
-def test_env_that_raises_is_reported_by_index_and_the_run_checkpointed(tiny_cfg, tmp_path):
-    trainer = Trainer(flaky_cfg(tiny_cfg), tmp_path, show_progress=False)
+def test_env_that_raises_is_reported_by_index_and_the_run_checkpointed(tmp_path):
+    trainer = Trainer(flaky_cfg(), tmp_path, show_progress=False)
     with pytest.raises(EnvFailure, match=r"env 1 \(fault_envs:FlakyCartPole-v0\) raised RuntimeError: simulator "
                                          r"lost contact.* in step.*env_restarts.*checkpoint .* saved at env step 298"):
         trainer.run()
@@ -144,22 +136,21 @@ def test_env_that_raises_is_reported_by_index_and_the_run_checkpointed(tiny_cfg,
     assert state["counters"]["env_step"] == 298
 
 
-def test_env_that_raises_is_rebuilt_when_configured(tiny_cfg, tmp_path):
-    trainer = Trainer(flaky_cfg(tiny_cfg, env_restarts=2), tmp_path, show_progress=False)
+def test_env_that_raises_is_rebuilt_when_configured(tmp_path):
+    trainer = Trainer(flaky_cfg(env_restarts=2), tmp_path, show_progress=False)
     result = trainer.run()
     assert result.env_steps == 400 and not result.interrupted
     assert [env.restarts_left for env in trainer.envs.envs] == [2, 1]  # env 1 crashed once and was rebuilt
 
 
-def diverging_cfg(tiny_cfg, **changes) -> Config:
+def diverging_cfg(**changes) -> Config:
     import fault_envs  # noqa: F401
 
-    return tiny_cfg.updated(env_id="fault_envs:InfRewardCartPole-v0", total_steps=400, learning_starts=50,
-                            log_every=50, hidden_sizes=[16], batch_size=16, eval_episodes=1, **changes)
+    return small_cfg(env_id="fault_envs:InfRewardCartPole-v0", learning_starts=50, log_every=50, **changes)
 
 
-def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_finite_state(tiny_cfg, tmp_path):
-    trainer = Trainer(diverging_cfg(tiny_cfg), tmp_path, show_progress=False)
+def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_finite_state(tmp_path):
+    trainer = Trainer(diverging_cfg(), tmp_path, show_progress=False)
     with pytest.raises(TrainingDiverged) as caught:
         trainer.run()
     message = str(caught.value)
@@ -175,16 +166,15 @@ def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_finite_state(tiny_cf
 def test_diverged_run_exits_3_through_the_cli(tmp_path, capsys):
     import fault_envs  # noqa: F401
 
-    code = main(["train", "--env", "fault_envs:InfRewardCartPole-v0", "--run-dir", str(tmp_path / "run"), "--quiet",
-                 "--device", "cpu", "--total-steps", "300", "--learning-starts", "50", "--log-every", "50",
-                 "--hidden-sizes", "[16]", "--batch-size", "16"])
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--quiet",
+                 *small_flags(env_id="fault_envs:InfRewardCartPole-v0", total_steps=300, learning_starts=50, log_every=50)])
     assert code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastdqn: error: training diverged: loss=inf")
 
 
-def test_nonfinite_skips_roll_back_and_go_on(tiny_cfg, tmp_path):
-    trainer = Trainer(diverging_cfg(tiny_cfg, nonfinite_skips=50), tmp_path, show_progress=False)
+def test_nonfinite_skips_roll_back_and_go_on(tmp_path):
+    trainer = Trainer(diverging_cfg(nonfinite_skips=50), tmp_path, show_progress=False)
     result = trainer.run()
     assert result.env_steps == 400 and trainer.counters.nonfinite_skips >= 2
     assert all(torch.isfinite(p).all() for p in trainer.learner.q.parameters())
@@ -203,16 +193,16 @@ def no_cpp_compiler(monkeypatch):
     cpp_compiler_search.cache_clear()
 
 
-def test_compile_without_a_compiler_falls_back_to_eager_with_a_warning(tiny_cfg, tmp_path, no_cpp_compiler, capsys):
-    trainer = Trainer(tiny_cfg.updated(compile=True), tmp_path, show_progress=False)
+def test_compile_without_a_compiler_falls_back_to_eager_with_a_warning(tmp_path, no_cpp_compiler, capsys):
+    trainer = Trainer(small_cfg(compile=True), tmp_path, show_progress=False)
     assert trainer.learner.update_step == trainer.learner._update_step  # eager, not a compiled wrapper
     assert "no working compiler" in capsys.readouterr().err
     assert trainer.cfg.compile  # the run's own config keeps what the user asked for
 
 
-def test_compile_strict_without_a_compiler_is_an_error(tiny_cfg, tmp_path, no_cpp_compiler):
+def test_compile_strict_without_a_compiler_is_an_error(tmp_path, no_cpp_compiler):
     with pytest.raises(DeviceError, match="no working compiler.*drop compile_strict"):
-        Trainer(tiny_cfg.updated(compile=True, compile_strict=True), tmp_path, show_progress=False)
+        Trainer(small_cfg(compile=True, compile_strict=True), tmp_path, show_progress=False)
 
 
 def test_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, capsys):
@@ -241,9 +231,9 @@ def test_resumed_logs_drop_records_after_the_checkpoint_and_a_cut_off_line(tmp_p
 @pytest.mark.slow
 def test_async_env_failure_is_one_line_through_the_cli_with_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--env", "fault_envs:FlakyCartPole-v0",
-                           "--envs", "2", "--vector-mode", "async", "--run-dir", str(tmp_path / "run"), "--quiet",
-                           "--device", "cpu", "--learning-starts", "50", "--total-steps", "600"],
+    proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--run-dir", str(tmp_path / "run"), "--quiet",
+                           *small_flags(env_id="fault_envs:FlakyCartPole-v0", num_envs=2, vector_mode="async",
+                                        total_steps=600, checkpoint_every=100)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -253,12 +243,12 @@ def test_async_env_failure_is_one_line_through_the_cli_with_a_checkpoint(tmp_pat
     assert load_checkpoint(tmp_path / "run" / "ckpt-000000000298.pt")["counters"]["env_step"] == 298
 
 
-def test_rollback_restores_the_snapshot_into_the_same_tensors(tiny_cfg):
+def test_rollback_restores_the_snapshot_into_the_same_tensors():
     from fastdqn.faults import FiniteGuard
     from fastdqn.learner import DQNLearner
     from fastdqn.replay import ReplayBuffer
 
-    learner = DQNLearner(tiny_cfg, (4,), 2, torch.device("cpu"))
+    learner = DQNLearner(small_cfg(), (4,), 2, torch.device("cpu"))
     replay = ReplayBuffer(64, 1, (4,), torch.float32, torch.device("cpu"))
     for _ in range(64):
         replay.add(torch.randn(1, 4), torch.zeros(1, dtype=torch.int64), torch.ones(1), torch.randn(1, 4),

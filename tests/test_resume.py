@@ -11,6 +11,7 @@ import torch
 from fastdqn.checkpoint import checkpoint_path
 from fastdqn.logs import RunLogger
 from fastdqn.trainer import Trainer, load_run_checkpoint
+from small_runs import small_cfg
 
 
 def run_and_resume(cfg, tmp_path: Path, resume_at: int) -> tuple[Trainer, Trainer]:
@@ -35,29 +36,26 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
     assert a.evals == b.evals  # every evaluation, including the final one at step n, has the same returns
 
 
-def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.updated(total_steps=600, learning_starts=100, hidden_sizes=[16], batch_size=16, eval_every=200,
-                           eval_episodes=2, log_every=100, checkpoint_every=300, keep_checkpoints=5,
-                           target_update_interval=50, save_replay=True)
+def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path):
+    cfg = small_cfg(total_steps=600, eval_every=200, eval_episodes=2, checkpoint_every=300, keep_checkpoints=5,
+                    target_update_interval=50, save_replay=True)
     whole, resumed = run_and_resume(cfg, tmp_path, resume_at=300)
     assert whole.counters.updates > 100 and len(whole.evals) == 3
     assert_same_run(whole, resumed)
 
 
 @pytest.mark.slow
-def test_resumed_compiled_run_continues_exactly(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.updated(total_steps=300, learning_starts=100, hidden_sizes=[8], batch_size=8, eval_every=0,
-                           eval_episodes=1, log_every=100, checkpoint_every=200, keep_checkpoints=5,
-                           target_update_interval=50, save_replay=True, compile=True)
+def test_resumed_compiled_run_continues_exactly(tmp_path):
+    cfg = small_cfg(total_steps=300, hidden_sizes=[8], batch_size=8, checkpoint_every=200, keep_checkpoints=5,
+                    target_update_interval=50, save_replay=True, compile=True)
     whole, resumed = run_and_resume(cfg, tmp_path, resume_at=200)
     assert whole.learner.update_step is not whole.learner._update_step  # really compiled
     assert_same_run(whole, resumed)
 
 
-def test_resume_without_saved_replay_refills_before_training_again(tiny_cfg, tmp_path):
+def test_resume_without_saved_replay_refills_before_training_again(tmp_path):
     """Not exact (documented): the replay starts empty, so updates wait until learning_starts transitions."""
-    cfg = tiny_cfg.updated(total_steps=500, learning_starts=100, hidden_sizes=[16], batch_size=16,
-                           checkpoint_every=300, keep_checkpoints=5, save_replay=False, eval_episodes=1)
+    cfg = small_cfg(total_steps=500, checkpoint_every=300, keep_checkpoints=5, save_replay=False)
     whole = Trainer(cfg, tmp_path / "whole", show_progress=False)
     whole.run()
     state = load_run_checkpoint(checkpoint_path(tmp_path / "whole", 300), torch.device("cpu"))
