@@ -11,6 +11,7 @@ import torch
 
 from fastdqn.atari import is_atari_id, is_image_space, make_pixel_env
 from fastdqn.config import Config
+from fastdqn.errors import EnvError
 
 FPS = 30
 
@@ -33,7 +34,10 @@ def record_episode(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, 
     env = make_render_env(cfg)
     try:
         obs, _ = env.reset(seed=seed)
-        frames, total, done = [env.render()], 0.0, False
+        try:
+            frames, total, done = [env.render()], 0.0, False
+        except gym.error.DependencyNotInstalled as exc:
+            raise EnvError(f"--video cannot render '{cfg.env_id}' ({exc})") from None
         while not done:
             action = int(policy(torch.as_tensor(np.asarray(obs)[None], device=device))[0])
             obs, reward, terminated, truncated, _ = env.step(action)

@@ -179,3 +179,16 @@ def test_atari_benchmark_script_runs(tmp_path, monkeypatch, capsys):
     assert set(results["env_sps"]["2"]) == {"ale_vector", "gymnasium"}
     assert {"FrameReplay add (2 envs)", "FrameReplay sample (32)"} <= set(results["replay_us"])
     assert "ratio" in capsys.readouterr().out
+
+
+def test_video_of_an_env_that_cannot_render_is_a_one_line_error(monkeypatch):
+    import fastdqn.video as video
+    from fastdqn.errors import EnvError
+
+    class NoRender(gym.Wrapper):
+        def render(self):
+            raise gym.error.DependencyNotInstalled("pygame is not installed")
+
+    monkeypatch.setattr(video, "make_render_env", lambda cfg: NoRender(gym.make("CartPole-v1")))
+    with pytest.raises(EnvError, match="--video cannot render 'CartPole-v1' .pygame is not installed"):
+        video.record_episode(lambda o: torch.zeros(1, dtype=torch.int64), Config(), 0, torch.device("cpu"))
