@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fastdqn.config import Config
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long lines (paths, resume commands) stay whole for copy-paste
 
 
 class RunLogger:
