@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from fastdqn.logs import console
@@ -108,7 +109,8 @@ def run(opts: argparse.Namespace) -> tuple[list[Any], Path]:
         else:
             cases += S.bench_cleanrl(device, opts)
     path = write_json(cases, device, opts)
-    console.print(table(cases, f"fastdqn bench: {device_name(device)}, torch {torch.__version__}"), width=140)
+    wide = Console(stderr=True, width=max(console.width, 140))  # the table is unreadable folded to 80 columns
+    wide.print(table(cases, f"fastdqn bench: {device_name(device)}, torch {torch.__version__}"))
     console.print(f"results written to {path}")
     return cases, path
 
