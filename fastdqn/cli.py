@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import shutil
 import sys
@@ -72,8 +73,11 @@ def default_run_dir(cfg: C.Config, root: Path) -> Path:
 
 
 def write_config(cfg: C.Config, run_dir: Path) -> None:
+    """The run's resolved config.yaml, replaced atomically: a kill while writing leaves the previous one."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run_dir / CONFIG_FILE)
 
 
 # --- subcommands -----------------------------------------------------------------------------------------
