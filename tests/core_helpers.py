@@ -53,6 +53,16 @@ for _id, _dtype in ((COUNTER_ENV, np.float32), (COUNTER_ENV_U8, np.uint8)):
         gym.register(id=_id, entry_point=CounterEnv, max_episode_steps=TIME_LIMIT, kwargs={"dtype": _dtype})
 
 
+# The update cadence the core tests count on (one env, one update every 4 env steps, the classic DQN learning
+# rate), pinned so that retuning Config's defaults does not change what these tests measure.
+CLASSIC = {"num_envs": 1, "train_every": 4, "gradient_steps": 1, "learning_rate": 1e-3}
+
+
+def classic(cfg: Config, **changes: object) -> Config:
+    """`cfg` with the classic update cadence, then `changes`."""
+    return cfg.updated(**{**CLASSIC, **changes})
+
+
 @contextlib.contextmanager
 def trainer_without_run(cfg: Config, run_dir: Path) -> Iterator[Trainer]:
     """A Trainer whose collect()/train() can be driven step by step (run() normally opens the logger)."""

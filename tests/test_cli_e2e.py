@@ -19,9 +19,11 @@ from fastdqn.cli import build_parser, main
 from fastdqn.config import FIELDS, Config, from_dict
 
 # A CartPole run of a few hundred env steps: seconds, with every periodic action (log, eval, checkpoint) firing.
+# The update cadence is pinned (one update every 4 env steps) so that tuning Config's defaults changes nothing here.
 SHORT_RUN = ["--quiet", "--device", "cpu", "--total-steps", "600", "--learning-starts", "100", "--buffer-size", "600",
              "--batch-size", "16", "--hidden-sizes", "[16]", "--eval-episodes", "2", "--eval-every", "300",
-             "--log-every", "200", "--checkpoint-every", "300", "--epsilon-decay-steps", "300"]
+             "--log-every", "200", "--checkpoint-every", "300", "--epsilon-decay-steps", "300", "--train-every", "4",
+             "--gradient-steps", "1", "--learning-rate", "1e-3"]
 
 
 def last_json_line(text: str) -> dict:
@@ -47,7 +49,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("cli") / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["train", "--run-dir", str(run_dir), "--seed", "7", *SHORT_RUN])
+        code = main(["train", "--run-dir", str(run_dir), "--seed", "7", "--envs", "1", *SHORT_RUN])
     assert code == 0
     return run_dir, last_json_line(out.getvalue())
 
@@ -58,7 +60,7 @@ def test_train_writes_config_checkpoint_metrics_and_events(trained_run):
     assert Path(result["run_dir"]) == run_dir
     saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert (saved.total_steps, saved.seed, saved.hidden_sizes, saved.device) == (600, 7, [16], "cpu")
-    assert saved.learning_rate == Config().learning_rate  # keys not given keep their defaults
+    assert (saved.gamma, saved.target_update_interval) == (Config().gamma, Config().target_update_interval)
     checkpoints = sorted(run_dir.glob("ckpt-*.pt"))
     assert [int(p.stem.split("-")[1]) for p in checkpoints] == [300, 600]
     state = torch.load(checkpoints[-1], weights_only=True)
@@ -123,7 +125,9 @@ def test_train_help_lists_every_config_key_with_default_and_meaning(capsys):
         assert "--" + name.replace("_", "-") in text, name
         meaning = " ".join(f.metadata["help"].split())
         assert meaning[:40] in text, f"help of {name} not shown"
-    for words in ("(default: CartPole-v1)", "(default: 0.001)", "(default: [128, 128])", "--env ", "--envs ",
+    defaults = Config()
+    for words in ("(default: CartPole-v1)", f"(default: {defaults.learning_rate})", f"(default: {defaults.hidden_sizes})",
+                  "--env ", "--envs ",
                   "--config", "--set", "--resume", "--run-dir"):
         assert words in text, words
 

@@ -150,10 +150,10 @@ def test_out_of_range_values_are_errors(changes, message):
 
 
 def test_updated_returns_a_validated_copy():
-    base = Config()
+    base = Config(learning_rate=1e-3, num_envs=1)
     changed = base.updated(learning_rate="3e-4", num_envs="4")
     assert (changed.learning_rate, changed.num_envs) == (3e-4, 4)
-    assert base.learning_rate == 1e-3  # the original is untouched
+    assert (base.learning_rate, base.num_envs) == (1e-3, 1)  # the original is untouched
     with pytest.raises(ConfigError, match="did you mean 'num_envs'"):
         base.updated(num_env=4)
 

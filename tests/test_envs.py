@@ -8,7 +8,7 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
-from core_helpers import COUNTER_ENV, REWARD, TIME_LIMIT, drive, trainer_without_run
+from core_helpers import COUNTER_ENV, REWARD, TIME_LIMIT, classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.envs import check_env_id, check_spaces, finished_episodes, make_vector_env, true_next_obs
 from fastdqn.errors import EnvError
@@ -54,7 +54,7 @@ def test_no_transition_pairs_a_final_observation_with_a_reset_one():
 
 
 def test_truncated_final_obs_is_stored_as_next_obs(tmp_path, tiny_cfg):
-    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, buffer_size=400, learning_starts=10_000)
+    cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, buffer_size=400, learning_starts=10_000)
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 400)
         buf = trainer.replay
@@ -131,7 +131,7 @@ def test_async_vector_env_collects_the_same_transitions_as_sync(tmp_path, tiny_c
     """`vector_mode: async` (one process per env) is a speed choice only: same seed, same stored transitions."""
     stored = {}
     for mode in ("sync", "async"):
-        cfg = tiny_cfg.updated(num_envs=2, vector_mode=mode, learning_starts=100, buffer_size=300, batch_size=16)
+        cfg = classic(tiny_cfg, num_envs=2, vector_mode=mode, learning_starts=100, buffer_size=300, batch_size=16)
         with trainer_without_run(cfg, tmp_path / mode) as trainer:
             assert isinstance(trainer.envs, gym.vector.AsyncVectorEnv) == (mode == "async")
             drive(trainer, 300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core_helpers import COUNTER_ENV, COUNTER_ENV_U8, drive, trainer_without_run
+from core_helpers import COUNTER_ENV, COUNTER_ENV_U8, classic, drive, trainer_without_run
 from fastdqn.replay import ReplayBuffer
 
 CPU = torch.device("cpu")
@@ -115,7 +115,7 @@ def test_uint8_observations_stay_uint8_on_the_device():
 
 
 def test_trainer_stores_a_uint8_env_as_uint8(tmp_path, tiny_cfg):
-    cfg = tiny_cfg.updated(env_id=COUNTER_ENV_U8, num_envs=2, learning_starts=8, batch_size=8, buffer_size=64,
+    cfg = classic(tiny_cfg, env_id=COUNTER_ENV_U8, num_envs=2, learning_starts=8, batch_size=8, buffer_size=64,
                            train_every=2)
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 40)  # includes gradient updates on uint8 batches
@@ -129,7 +129,7 @@ def test_trainer_stores_a_uint8_env_as_uint8(tmp_path, tiny_cfg):
 def test_sampled_next_obs_follows_obs_after_wraparound(tmp_path, tiny_cfg):
     """PITFALLS 3: fill far past capacity through the real collect path; every sample is a true transition."""
     torch.manual_seed(0)
-    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, buffer_size=22, batch_size=16, learning_starts=10_000)
+    cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, buffer_size=22, batch_size=16, learning_starts=10_000)
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 300)
         buf = trainer.replay

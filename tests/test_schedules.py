@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from core_helpers import drive, trainer_without_run
+from core_helpers import classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.schedules import epsilon_at, learning_rate_at
 
@@ -88,7 +88,7 @@ def record_schedules(cfg: Config, run_dir, env_steps: int) -> tuple[dict[int, fl
 def test_schedules_and_target_syncs_count_env_steps_not_vector_steps(tmp_path, tiny_cfg, schedule):
     """PITFALLS 5: 1 env and 8 envs see the same epsilon and LR at the same env step, and as many target syncs."""
     total, interval = 800, 100
-    cfg = tiny_cfg.updated(total_steps=total, learning_starts=96, train_every=8, epsilon_schedule=schedule,
+    cfg = classic(tiny_cfg, total_steps=total, learning_starts=96, train_every=8, epsilon_schedule=schedule,
                            epsilon_decay_steps=200, lr_schedule="linear", target_update_interval=interval,
                            batch_size=8, hidden_sizes=[8])
     eps1, lr1, syncs1 = record_schedules(cfg, tmp_path / "one", total)

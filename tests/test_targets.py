@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core_helpers import COUNTER_ENV, TIME_LIMIT, drive, trainer_without_run
+from core_helpers import COUNTER_ENV, TIME_LIMIT, classic, drive, trainer_without_run
 from fastdqn.learner import td_loss, td_targets
 
 GAMMA = 0.9
@@ -67,7 +67,7 @@ def test_mse_loss_by_hand():
 
 def test_truncated_transition_bootstraps_terminal_one_does_not(tmp_path, tiny_cfg):
     """PITFALLS 1 through the real path: time-limited counter env, reward 2.5 per step."""
-    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, buffer_size=200, learning_starts=10_000, gamma=0.9)
+    cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, buffer_size=200, learning_starts=10_000, gamma=0.9)
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 200)
         buf, learner = trainer.replay, trainer.learner

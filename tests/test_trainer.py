@@ -13,7 +13,7 @@ import torch
 import fastdqn
 import fastdqn.envs as envs_module
 import fastdqn.trainer as trainer_module
-from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
+from core_helpers import COUNTER_ENV, REWARD, classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.evaluation import evaluate
 from fastdqn.trainer import Trainer
@@ -43,7 +43,7 @@ def run_recording_episodes(cfg, run_dir, monkeypatch) -> tuple[list[tuple[float,
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_returns_twice(tmp_path, tiny_cfg, monkeypatch):
-    cfg = tiny_cfg.updated(total_steps=1_000, eval_every=500)
+    cfg = classic(tiny_cfg, total_steps=1_000, eval_every=500)
     first, t1, r1 = run_recording_episodes(cfg, tmp_path / "a", monkeypatch)
     second, t2, r2 = run_recording_episodes(cfg, tmp_path / "b", monkeypatch)
     assert len(first) > 20 and r1.updates > 0
@@ -59,7 +59,7 @@ def test_same_seed_gives_the_same_returns_twice(tmp_path, tiny_cfg, monkeypatch)
 @pytest.mark.parametrize("num_envs", [1, 3, 8])
 def test_update_count_is_independent_of_num_envs(tmp_path, tiny_cfg, num_envs):
     total, starts, every, grad_steps = 600, 120, 4, 2
-    cfg = tiny_cfg.updated(num_envs=num_envs, learning_starts=starts, train_every=every, gradient_steps=grad_steps,
+    cfg = classic(tiny_cfg, num_envs=num_envs, learning_starts=starts, train_every=every, gradient_steps=grad_steps,
                            batch_size=8, hidden_sizes=[8])
     calls = []
     with trainer_without_run(cfg, tmp_path) as trainer:
@@ -86,7 +86,7 @@ def test_clip_rewards_stores_clipped_rewards_and_reports_raw_returns(tmp_path, t
     episodes = record_finished_episodes(monkeypatch)
     for clip, stored in ((True, 1.0), (False, REWARD)):
         episodes.clear()
-        cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=2, clip_rewards=clip, buffer_size=100,
+        cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, clip_rewards=clip, buffer_size=100,
                                learning_starts=10_000)
         with trainer_without_run(cfg, tmp_path / str(clip)) as trainer:
             drive(trainer, 100)
@@ -97,7 +97,7 @@ def test_clip_rewards_stores_clipped_rewards_and_reports_raw_returns(tmp_path, t
 
 
 def test_normalize_obs_tracks_the_collected_observations(tmp_path, tiny_cfg):
-    cfg = tiny_cfg.updated(normalize_obs=True, num_envs=4, learning_starts=10_000, buffer_size=400)
+    cfg = classic(tiny_cfg, normalize_obs=True, num_envs=4, learning_starts=10_000, buffer_size=400)
     with trainer_without_run(cfg, tmp_path) as trainer:
         normalizer = trainer.learner.q.normalizer
         assert normalizer.mean.abs().sum() == 0
@@ -124,7 +124,7 @@ PACKAGE_DIR = str(Path(fastdqn.__file__).resolve().parent)
 @pytest.mark.parametrize("changes", [{}, {"normalize_obs": True, "double_dqn": True, "target_update": "soft"}])
 def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, monkeypatch, changes):
     """collect() + train() copy only the action vector to the host: no .item(), no branching on tensor values."""
-    cfg = tiny_cfg.updated(num_envs=4, learning_starts=100, lr_schedule="linear", target_update_interval=40,
+    cfg = classic(tiny_cfg, num_envs=4, learning_starts=100, lr_schedule="linear", target_update_interval=40,
                            batch_size=16, **changes)
     calls: collections.Counter[str] = collections.Counter()
     with trainer_without_run(cfg, tmp_path) as trainer:
@@ -149,9 +149,9 @@ def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, m
 @pytest.mark.slow
 def test_learns_cartpole_well_beyond_a_random_policy(tmp_path):
     """The whole path learns: a sign error, a wrong gather or a broken target would keep returns near 20."""
-    cfg = Config(seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
-                 eval_every=2_000, eval_episodes=5, hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0,
-                 target_update_interval=250)
+    cfg = classic(Config(), seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
+                  epsilon_end=0.05, batch_size=128, buffer_size=50_000, eval_every=2_000, eval_episodes=5,
+                  hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0, target_update_interval=250)
     result = Trainer(cfg, tmp_path, show_progress=False).run()
     means = [mean for _, mean, _ in result.evals]
     assert len(means) == 3 and means[0] < 60  # it starts out poor
@@ -161,7 +161,7 @@ def test_learns_cartpole_well_beyond_a_random_policy(tmp_path):
 @pytest.mark.slow
 def test_evaluating_during_training_does_not_change_training(tmp_path, tiny_cfg, monkeypatch):
     """Evaluation draws from its own seeded RNG: the eval cadence must not shift training's random numbers."""
-    cfg = tiny_cfg.updated(total_steps=900, learning_starts=100, eval_episodes=2, eval_epsilon=0.5)
+    cfg = classic(tiny_cfg, total_steps=900, learning_starts=100, eval_episodes=2, eval_epsilon=0.5)
     without, t1, _ = run_recording_episodes(cfg.updated(eval_every=0), tmp_path / "a", monkeypatch)
     with_evals, t2, r2 = run_recording_episodes(cfg.updated(eval_every=300), tmp_path / "b", monkeypatch)
     assert len(r2.evals) == 3 and len(without) > 10
@@ -171,7 +171,7 @@ def test_evaluating_during_training_does_not_change_training(tmp_path, tiny_cfg,
 
 
 def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
-    cfg = tiny_cfg.updated(eval_epsilon=0.5)
+    cfg = classic(tiny_cfg, eval_epsilon=0.5)
     with trainer_without_run(cfg, tmp_path) as trainer:
         state = torch.get_rng_state()
         first = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
@@ -183,7 +183,7 @@ def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
 
 def test_run_stops_and_does_periodic_work_at_the_first_vector_step_past_each_multiple(tmp_path, tiny_cfg):
     """3 envs never land on multiples of 25 or 50 or on 100: each event fires once, at the vector step past it."""
-    cfg = tiny_cfg.updated(num_envs=3, total_steps=100, learning_starts=30, eval_every=25, checkpoint_every=50,
+    cfg = classic(tiny_cfg, num_envs=3, total_steps=100, learning_starts=30, eval_every=25, checkpoint_every=50,
                            log_every=40, keep_checkpoints=5)
     result = Trainer(cfg, tmp_path, show_progress=False).run()
     assert result.env_steps == 102 and result.updates == (102 - 30) // cfg.train_every
