@@ -4,7 +4,7 @@
 Everything the graph touches has a fixed address: the replay storage (preallocated), the networks' weights, the
 optimizer state, the tensor learning rate and the metric sums. The one value that changes between updates, the
 replay's fill level, is copied into a device tensor before each replay, so the captured sampler always draws from
-the filled slots. The first `WARMUP` calls run on a side stream (compiling, allocating the optimizer state) and
+the filled slots (FrameReplay keeps its own device-side bounds, refreshed by every add). The first `WARMUP` calls run on a side stream (compiling, allocating the optimizer state) and
 are real updates; the next call captures, then replays. Where capture fails the runner warns once and falls back
 to the uncaptured step, which computes exactly the same thing.
 """
@@ -17,6 +17,7 @@ import torch
 
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError, DeviceError
+from fastdqn.frame_replay import FrameReplay
 from fastdqn.learner import DQNLearner
 from fastdqn.replay import ReplayBuffer
 
@@ -36,8 +37,9 @@ def graph_wanted(cfg: Config, device: torch.device, replay: ReplayBuffer) -> boo
     why_not = None
     if device.type != "cuda":
         why_not = f"needs a CUDA device, this run is on {device}"
-    elif type(replay) is not ReplayBuffer or replay.n_step != 1 or not cfg.replay_buffer:
-        why_not = "covers uniform one-step replay only (not prioritized, n_step > 1, pixel frames or no replay)"
+    elif not (isinstance(replay, FrameReplay) or type(replay) is ReplayBuffer and replay.n_step == 1) \
+            or not cfg.replay_buffer:
+        why_not = "covers uniform one-step replay only (not prioritized, n_step > 1 or no replay)"
     if why_not is None:
         return True
     if cfg.cuda_graph == "always":
@@ -60,7 +62,10 @@ class GraphedUpdate:
 
     def sampled_update(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample, gather, update and add the metrics to the learner's sums: the body that is captured."""
-        batch = self.replay.gather(sample_indices(self.size, self.batch_size))
+        if isinstance(self.replay, FrameReplay):  # samples from its own device-side bounds
+            batch = self.replay.sample(self.batch_size)
+        else:
+            batch = self.replay.gather(sample_indices(self.size, self.batch_size))
         stats, td_errors = self.learner.step_on(batch)
         self.learner.metrics_sum += stats
         return stats, td_errors

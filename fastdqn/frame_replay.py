@@ -24,6 +24,7 @@ from fastdqn.errors import ConfigError
 from fastdqn.replay import Batch, ReplayBuffer
 
 CANDIDATES = 4  # draws per sampled transition; the first valid one is taken (see `sample`)
+NEIGHBOURS = (1, -1, 2, -2)  # rows tried around the first draw when all CANDIDATES are episode starts
 
 
 class FrameReplay:
@@ -46,12 +47,19 @@ class FrameReplay:
         self.starts = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.pos = 0  # next slot to write (always a row start)
         self.size = 0  # filled slots
+        # [oldest physical row, lowest sampleable logical row, filled rows] on the device, refreshed by `add`:
+        # `sample` reads only device tensors, so a captured CUDA graph of it follows the buffer as it fills.
+        self.bounds = torch.zeros(3, dtype=torch.int64, device=device)
+        self.near = torch.tensor(NEIGHBOURS, dtype=torch.int64, device=device)
 
     # Bookkeeping shared with ReplayBuffer: both keep their named tensors in `_storage()`, `pos` and `size`.
     __len__ = ReplayBuffer.__len__
     nbytes = ReplayBuffer.nbytes
     state_dict = ReplayBuffer.state_dict
-    load_state_dict = ReplayBuffer.load_state_dict
+
+    def load_state_dict(self, state: dict) -> None:
+        ReplayBuffer.load_state_dict(self, state)
+        self._refresh_bounds()
 
     def _storage(self) -> dict[str, torch.Tensor]:
         return {"frames": self.frames, "actions": self.actions, "rewards": self.rewards,
@@ -72,6 +80,11 @@ class FrameReplay:
             dest[self.pos:self.pos + n] = new[name]
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+        self._refresh_bounds()
+
+    def _refresh_bounds(self) -> None:
+        for i, value in enumerate(self._row_bounds()):  # three scalar fills: kernel launches, no host sync
+            self.bounds[i].fill_(value)
 
     def add_resets(self, frames: torch.Tensor) -> None:
         """Store the newest frames of freshly reset observations (after `envs.reset()`): episode starts only."""
@@ -94,26 +107,29 @@ class FrameReplay:
         """Uniform sample (with replacement) of valid transitions; indices and stacks built on the device.
 
         Start slots hold no transition. Each sample draws CANDIDATES (row, env) pairs and keeps the first that is
-        not a start; if all are starts (probability (starts/slots)^CANDIDATES, ~1e-12 for Atari episodes), it
-        takes the same env's next row, which always holds a transition after a start (or the previous row when
-        the start is the newest row). No host sync, no Python loop over the batch.
+        not a start. If all are starts (probability (starts/slots)^CANDIDATES, about 1e-12 for Atari episodes)
+        it takes the nearest transition of the first candidate's env within NEIGHBOURS rows: a start is next to
+        a transition (the terminal step before it, or the first step after it; a resume can put two starts in a
+        row, never three). No host sync, no Python loop over the batch, only device tensors (CUDA-graph safe).
         """
-        oldest, low, filled = self._row_bounds()
-        if filled <= low:
-            raise ValueError(f"frame replay holds {filled} vector steps; sampling needs more than {low}")
+        _, low_now, filled_now = self._row_bounds()
+        if filled_now <= low_now:
+            raise ValueError(f"frame replay holds {filled_now} vector steps; sampling needs more than {low_now}")
+        oldest, low, filled = self.bounds
         shape = (batch_size, CANDIDATES)
-        rows = torch.randint(low, filled, shape, device=self.device)
+        rows = low + (torch.rand(shape, device=self.device) * (filled - low)).long()
+        rows = torch.minimum(rows, filled - 1)  # rand can round up to exactly 1.0 in float32
         envs = torch.randint(0, self.num_envs, shape, device=self.device)
-        ok = ~self.starts[self._slots(rows, envs, oldest)]
-        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid candidate, 0 if none
-        rows, envs, ok = rows.gather(1, first).squeeze(1), envs.gather(1, first).squeeze(1), ok.gather(1, first).squeeze(1)
-        rows = torch.where(ok, rows, torch.where(rows + 1 < filled, rows + 1, rows - 1))
-        return self.gather_rows(rows, envs, oldest)
+        rows = torch.cat([rows, rows[:, :1] + self.near], dim=1)
+        envs = torch.cat([envs, envs[:, :1].expand(-1, len(NEIGHBOURS))], dim=1)
+        ok = (rows >= low) & (rows < filled) & ~self.starts[self._slots(rows, envs, oldest)]
+        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first valid candidate
+        return self.gather_rows(rows.gather(1, first).squeeze(1), envs.gather(1, first).squeeze(1), oldest)
 
-    def _slots(self, logical_rows: torch.Tensor, envs: torch.Tensor, oldest: int) -> torch.Tensor:
+    def _slots(self, logical_rows: torch.Tensor, envs: torch.Tensor, oldest: torch.Tensor) -> torch.Tensor:
         return ((logical_rows + oldest) % self.rows) * self.num_envs + envs
 
-    def gather_rows(self, rows: torch.Tensor, envs: torch.Tensor, oldest: int) -> Batch:
+    def gather_rows(self, rows: torch.Tensor, envs: torch.Tensor, oldest: torch.Tensor) -> Batch:
         """Transitions ending at logical rows `rows` (>= 1; >= stack when full) of envs `envs`."""
         c = self.stack
         offsets = torch.arange(-c, 1, device=self.device)  # rows j-C .. j: obs is [0:C], next obs is [1:C+1]

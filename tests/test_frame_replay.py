@@ -164,6 +164,24 @@ def test_episodes_of_one_step_many_starts():
     assert set(f.tolist()) == {23, 25, 27, 29, 123, 125, 127, 129}
 
 
+def test_two_starts_in_a_row_at_a_resume_are_never_sampled():
+    """A resume stores fresh reset frames right after a natural reset: two start slots in a row for that env."""
+    replay = FrameReplay(1 * 12, 1, (1,), 2, torch.device("cpu"))
+    one, zero = torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+    # rows: reset, step, terminal step, reset, resume reset, step, step, terminal, reset, resume reset, step
+    starts = [1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0]
+    for k, start in enumerate(starts):
+        replay.add(torch.full((1, 1), k + 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), torch.ones(1),
+                   zero.to(torch.uint8), one if start else zero)
+    batch = replay.sample(20_000)
+    newest = batch.next_obs[:, -1, 0].long() - 1  # the row each sampled transition ends at
+    valid = {k for k, start in enumerate(starts) if not start and k >= 1}
+    assert set(newest.tolist()) == valid
+    assert (batch.next_obs[:, 0, 0].long() == newest).all()  # row k-1's frame (k) precedes row k's
+    after_start = torch.tensor([bool(starts[k - 1]) for k in newest.tolist()])
+    assert (batch.obs[:, 0, 0].long() == torch.where(after_start, 0, newest - 1)).all()  # zero-padded after a start
+
+
 def test_state_dict_round_trip(tmp_path):
     with trainer_without_run(frame_id_cfg(), tmp_path) as trainer:
         for _ in range(40):
@@ -215,3 +233,28 @@ def test_capacity_that_does_not_fit_is_refused_with_numbers(monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda device: 80_000_000_000)
     report = check_replay_fits(nbytes, 1_000_000, torch.device("cpu"))
     assert report == "replay: 1,000,000 transitions x 7,070 B = 7.07 GB on cpu (80.00 GB free)"
+
+
+def test_cuda_graph_body_samples_frame_replay_like_the_eager_update(tmp_path):
+    """GraphedUpdate's body (here uncaptured, on the CPU) draws FrameReplay samples from its device-side bounds:
+    the same random draw gives exactly the eager update, and CUDA runs with compile may capture it."""
+    from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
+    from fastdqn.learner import DQNLearner
+
+    cfg = frame_id_cfg(batch_size=8)
+    with trainer_without_run(cfg, tmp_path) as trainer:
+        for _ in range(20):
+            trainer.collect()
+        replay = trainer.replay
+    learners = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        learners.append(DQNLearner(cfg, (4, 84, 84), 3, torch.device("cpu")))
+    graphed = GraphedUpdate(learners[0], replay, cfg.batch_size)
+    for _ in range(2):
+        torch.manual_seed(5)
+        stats, td_errors = graphed.sampled_update()
+        torch.manual_seed(5)
+        eager_stats, eager_td = learners[1].step_on(replay.sample(cfg.batch_size))
+        assert torch.equal(stats, eager_stats) and torch.equal(td_errors, eager_td)
+    assert graph_wanted(cfg.updated(compile=True), torch.device("cuda"), replay)  # only inspected
