@@ -25,6 +25,8 @@ from fastdqn.trainer import Trainer
 def run_seed(values: dict, seed: int, root: Path) -> dict:
     cfg = from_dict({**values, "seed": seed})
     result = Trainer(cfg, root / f"seed{seed}", show_progress=False).run()
+    if result.interrupted:  # Ctrl-C / SIGTERM stops the whole table, not just this seed
+        raise SystemExit(f"interrupted during seed {seed}")
     return {"seed": seed, "steps_to_solve": result.steps_to_solve,
             "best_eval": max(m for _, m, _ in result.evals), "final_eval": result.final_eval_mean,
             "wall_time": round(result.wall_time, 1), "sps": round(result.sps)}
