@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ VARIANTS = dict(zip(VARIANT_NAMES, ({}, {"compile": True}, {"compile": True, "am
                                     {"compile": True, "amp": True})))
 CLEANRL_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "cleanrl_dqn.py"
 CARTPOLE = ((4,), 2)
+PRESAMPLED = 32  # distinct batches the eager and compiled update benchmarks cycle through
 ATARI = ((4, 84, 84), 6)
 
 
@@ -82,12 +84,15 @@ def filled_replay(obs_shape: tuple[int, ...], n_actions: int, capacity: int, dev
 
 def update_fn(cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: int, replay: ReplayBuffer,
               device: torch.device) -> Callable[[], Any]:
-    """One sampled update of `variant` (sampling included for every variant, as the CUDA graph includes it)."""
+    """One update of `variant` on a new batch. The update step alone is timed: eager and compiled cycle through
+    batches sampled beforehand (the replay suite times sampling); the CUDA graph samples inside its graph, so
+    its time includes sampling."""
     torch.manual_seed(cfg.seed)
     learner = DQNLearner(cfg.updated(**VARIANTS[variant]), obs_shape, n_actions, device)
     if variant == "cuda-graph":
         return GraphedUpdate(learner, replay, cfg.batch_size).step
-    return lambda: learner.update(replay.sample(cfg.batch_size))
+    batches = itertools.cycle([replay.sample(cfg.batch_size) for _ in range(PRESAMPLED)])
+    return lambda: learner.update(next(batches))
 
 
 def clock(opts: argparse.Namespace) -> Callable[[], float]:
@@ -180,8 +185,9 @@ def measure_runs(runs: dict[str, Callable[[], Any]], steps: int, repeats: int,
 
 
 def bench_e2e(device: torch.device, opts: argparse.Namespace) -> list[Case]:
-    """`fastdqn train` on CartPole (default config, replay ratio 1/4) with 1, 16 and 64 envs."""
-    configs = {f"{n} envs": e2e_config(opts, device, num_envs=n) for n in opts.envs}
+    """`fastdqn train` on CartPole with 1, 16 and 64 envs at replay ratio 1/4 (one update every 4 env steps)."""
+    configs = {f"{n} envs": e2e_config(opts, device, num_envs=n, train_every=4, gradient_steps=1)
+               for n in opts.envs}
     runs = {name: (lambda c=cfg: train(c)) for name, cfg in configs.items()}
     samples = measure_runs(runs, opts.steps, opts.repeats, clock(opts))
     cases = [Case("e2e", name, "env step", samples[name], info=configs[name].to_dict()) for name in configs]

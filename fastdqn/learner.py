@@ -1,8 +1,9 @@
 """The DQN learner: online and target Q-networks, the TD update, target syncs and epsilon-greedy acting.
 
 The update step is one function (`_update_step`) that runs eager or under `torch.compile`, with or without
-bf16 autocast. Every value that changes during training (learning rate, epsilon) enters it as a tensor or
-stays outside it, so a compiled step never recompiles. Metrics accumulate on the device and are read with
+bf16 autocast; on the CPU, `--compile` compiles `_single_graph_step`, the same update written to trace as one
+graph (torch.func gradients, functional Adam), and `_td_loss` is the loss both share. Every value that changes
+during training (learning rate, epsilon) enters as a tensor or stays outside, so a compiled step never recompiles. Metrics accumulate on the device and are read with
 `read_metrics()` every `log_every` env steps, the only host-device synchronisation of the training loop.
 """
 
@@ -12,10 +13,13 @@ import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad_and_value
+from torch.optim.adam import adam
 
 from fastdqn.config import Config
 from fastdqn.networks import build_q_network
@@ -79,8 +83,12 @@ class DQNLearner:
         self.metrics_sum = torch.zeros(len(METRICS), device=device)
         self.metrics_count = 0
         self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
-        self.update_step = (torch.compile(self._update_step, mode=compile_mode(cfg, device)) if cfg.compile
-                            else self._update_step)
+        self.update_step = self._update_step
+        if cfg.compile and on_cuda:  # the whole step, then captured with sampling into a CUDA graph (cuda_graph.py)
+            self.update_step = torch.compile(self._update_step, mode=compile_mode(cfg, device))
+        elif cfg.compile:
+            self._init_adam_state()
+            self.update_step = torch.compile(self._single_graph_step, mode=compile_mode(cfg, device))
         if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
                           "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
@@ -93,6 +101,30 @@ class DQNLearner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
+    def _td_loss(self, q_net: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
+                 rewards: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
+                 discounts: torch.Tensor | None, weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(loss, Q(s,a), TD targets) of one batch; `q_net` gives the online Q-values (the module itself, or the
+        module on stand-in parameter tensors in the single-graph step)."""
+        cfg = self.cfg
+        batch_size = obs.shape[0]
+        with self._autocast():
+            if self.target is self.q or cfg.double_dqn:
+                # One forward pass over s and s' together; the s' half is used without gradient.
+                q_both = q_net(torch.cat([obs, next_obs])).float()
+                q_all, next_q_online = q_both[:batch_size], q_both[batch_size:].detach()
+            else:
+                q_all, next_q_online = q_net(obs).float(), None
+            with torch.no_grad():
+                next_q_target = next_q_online if self.target is self.q else self.target(next_obs).float()
+        gamma = cfg.gamma if discounts is None else discounts
+        y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+        q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
+        return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
+
+    def _max_norm(self) -> float:
+        return self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+
     def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                      next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,30 +133,49 @@ class DQNLearner:
         `discounts` (gamma^k of n-step returns) replaces gamma and `weights` (prioritized replay) weight the
         loss; both are tensors or None, so a compiled step sees no changing Python values.
         """
-        cfg = self.cfg
-        batch_size = obs.shape[0]
-        with self._autocast():
-            if self.target is self.q or cfg.double_dqn:
-                # One forward pass over s and s' together; the s' half is used without gradient.
-                q_both = self.q(torch.cat([obs, next_obs])).float()
-                q_all, next_q_online = q_both[:batch_size], q_both[batch_size:].detach()
-            else:
-                q_all, next_q_online = self.q(obs).float(), None
-            with torch.no_grad():
-                next_q_target = next_q_online if self.target is self.q else self.target(next_obs).float()
-        gamma = cfg.gamma if discounts is None else discounts
-        y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
-        q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights)
-
+        loss, q, y = self._td_loss(self.q, obs, actions, rewards, next_obs, terminated, discounts, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), max_norm)
+        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), self._max_norm())
         self.optimizer.step()
-        if cfg.target_update == "soft":
+        if self.cfg.target_update == "soft":
             self._soft_update()
         return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()]), (y - q).detach().abs()
+
+    def _single_graph_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                           next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
+                           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_update_step` written for torch.compile on the CPU to trace as ONE graph: gradients by torch.func
+        instead of the autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on this
+        optimizer's state (so checkpoints are unchanged), updating the weights in place through detached aliases.
+        ~1.6x faster than eager on our 2-core CPU, where the autograd engine and per-op overhead dominate."""
+        names = [name for name, _ in self.q.named_parameters()]
+        params = [p.detach() for p in self.q.parameters()]  # same storage: Adam writes the real weights
+
+        def loss_of(stand_ins: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            by_name = dict(zip(names, stand_ins))
+            loss, q, y = self._td_loss(lambda x: functional_call(self.q, by_name, (x,)), obs, actions, rewards,
+                                       next_obs, terminated, discounts, weights)
+            return loss, (q.detach(), y)
+
+        grads, (loss, (q, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        grads = torch._foreach_mul(grads, torch.clamp(self._max_norm() / (grad_norm + 1e-6), max=1.0))
+        group, states = self.optimizer.param_groups[0], [self.optimizer.state[p] for p in self.q.parameters()]
+        beta1, beta2 = group["betas"]
+        adam(params, list(grads), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+             [st["step"] for st in states], foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        if self.cfg.target_update == "soft":
+            self._soft_update()
+        return torch.stack([loss.detach(), q.mean(), grad_norm]), (y - q).abs()
+
+    def _init_adam_state(self) -> None:
+        """Adam's per-parameter state, made up front (as its first step would) for the single-graph step."""
+        for p in self.q.parameters():
+            self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                       "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def update(self, batch: Batch) -> torch.Tensor:
         """Run one update step, add its metrics to the device-side running sums and return them.
