@@ -241,7 +241,7 @@ def run_plan(plan: Plan, out: Path, workers: int, on_done: Callable[[Point, int,
     stop_file.unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     todo = []
-    for point, seed in itertools.product(plan.points, plan.seeds):
+    for seed, point in itertools.product(plan.seeds, plan.points):  # seed-major: a stopped run covers every point
         rdir = run_dir_of(out, point, seed)
         if (rdir / RESULT_FILE).is_file():
             continue

@@ -14,8 +14,8 @@ from fastdqn.cli import main
 from fastdqn.errors import ConfigError
 from fastdqn.trainer import Trainer
 
-TINY = {"total_steps": 300, "learning_starts": 100, "buffer_size": 500, "batch_size": 16, "hidden_sizes": [8],
-        "eval_every": 150, "eval_episodes": 2, "log_every": 100, "checkpoint_every": 0, "epsilon_decay_steps": 200,
+TINY = {"num_envs": 1, "train_every": 4, "gradient_steps": 1, "total_steps": 300, "learning_starts": 100,
+        "buffer_size": 500, "batch_size": 16, "hidden_sizes": [8], "eval_every": 150, "eval_episodes": 2, "log_every": 100, "checkpoint_every": 0, "epsilon_decay_steps": 200,
         "target_update_interval": 50, "device": "cpu", "solved_return": 12.0}
 
 

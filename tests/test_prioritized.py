@@ -117,7 +117,8 @@ def test_state_dict_round_trip_keeps_priorities():
 
 @pytest.mark.slow
 def test_training_with_prioritized_nstep_dueling_reprioritizes(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.updated(prioritized=True, n_step=3, dueling=True, total_steps=800, num_envs=2)
+    cfg = tiny_cfg.updated(prioritized=True, n_step=3, dueling=True, total_steps=800, num_envs=2, train_every=4,
+                           gradient_steps=1)
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     result = trainer.run()
     assert result.updates == (800 - cfg.learning_starts) // cfg.train_every
