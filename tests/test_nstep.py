@@ -149,7 +149,8 @@ def test_config_rejects_bad_n_step_and_no_replay_combination():
     with pytest.raises(ConfigError, match="n_step"):
         Config(n_step=0).validate()
     with pytest.raises(ConfigError, match="n_step > 1"):
-        Config(replay_buffer=False, buffer_size=1, batch_size=1, train_every=1, n_step=3).validate()
+        Config(replay_buffer=False, num_envs=1, buffer_size=1, batch_size=1, train_every=1, gradient_steps=1,
+               n_step=3).validate()
 
 
 def test_trainer_nstep_batches_on_a_counter_env_stay_inside_one_episode(tmp_path, tiny_cfg):
