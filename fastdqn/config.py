@@ -57,7 +57,7 @@ class Config:
     adam_eps: float = _f(1e-8, "Adam epsilon")
     loss: Literal["huber", "mse"] = _f("huber", "TD loss: Huber (smooth L1) or mean squared error")
     huber_delta: float = _f(1.0, "Huber loss threshold between quadratic and linear")
-    double_dqn: bool = _f(False, "Double DQN: online net picks a', target net evaluates it")
+    double_dqn: bool = _f(True, "Double DQN: online net picks a', target net evaluates it")
     max_grad_norm: float = _f(10.0, "clip the global gradient norm to this; 0 = no clipping")
     target_update: Literal["hard", "soft", "none"] = _f(
         "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, or none (target = online net)")
@@ -109,7 +109,7 @@ class Config:
         "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA")
     profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
     profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
-    torch_threads: int = _f(0, "CPU threads for torch; 0 = torch's default")
+    torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes share the cores; 0 = torch's default")
 
     # --- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(2_500, "env steps between greedy evaluations; 0 = only at the end")
