@@ -1,8 +1,8 @@
 """The DQN learner: online and target Q-networks, the TD update, target syncs and epsilon-greedy acting.
 
 The update step is one function (`_update_step`) that runs eager or under `torch.compile`, with or without
-bf16 autocast; on the CPU, `--compile` compiles `_single_graph_step`, the same update written to trace as one
-graph (torch.func gradients, functional Adam), and `_td_loss` is the loss both share. Every value that changes
+bf16 autocast; on the CPU, `--compile` compiles `single_graph_step`, the same update written to trace as one
+graph (torch.func gradients, functional Adam), and `batch_td_loss` is the loss both share. Every value that changes
 during training (learning rate, epsilon) enters as a tensor or stays outside, so a compiled step never recompiles. Metrics accumulate on the device and are read with
 `read_metrics()` every `log_every` env steps, the only host-device synchronisation of the training loop.
 """
@@ -57,12 +57,84 @@ def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float,
     return (weights * per_sample).mean()
 
 
+ADAM_BETAS = (0.9, 0.999)
+
+
 def compile_mode(cfg: Config, device: torch.device) -> str:
     """torch.compile mode of the update step. auto: inductor's default on CPU; on CUDA autotuned kernels without
     inductor's own CUDA graphs, because fastdqn captures sampling + update in one graph itself (cuda_graph.py)."""
     if cfg.compile_mode != "auto":
         return cfg.compile_mode
     return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+
+
+def autocast(cfg: Config, device_type: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `amp` is on. No weight-cast cache: each weight is cast once per step anyway, and a
+    cache must be off inside a CUDA-graph capture."""
+    if not cfg.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def batch_td_loss(cfg: Config, q_net: Callable[[torch.Tensor], torch.Tensor], target_net: nn.Module | None,
+                  obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
+                  terminated: torch.Tensor, discounts: torch.Tensor | None,
+                  weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(loss, Q(s,a), TD targets) of one batch. `q_net` gives the online Q-values (the module itself, or the module
+    on stand-in parameter tensors in the single-graph step); `target_net` None is the no-target-network ablation."""
+    with autocast(cfg, obs.device.type):
+        q_all = q_net(obs).float()
+        with torch.no_grad():  # s' passes need no gradient, so backward only runs over the s batch
+            next_q_online = q_net(next_obs).float() if target_net is None or cfg.double_dqn else None
+            next_q_target = next_q_online if target_net is None else target_net(next_obs).float()
+    gamma = cfg.gamma if discounts is None else discounts
+    y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+    q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
+    return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
+
+
+def max_grad_norm(cfg: Config) -> float:
+    return cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+
+
+@torch.no_grad()
+def soft_update_(target: nn.Module, q: nn.Module, tau: float) -> None:
+    """Polyak update: theta_target <- tau * theta + (1 - tau) * theta_target; buffers are copied."""
+    torch._foreach_lerp_(list(target.parameters()), list(q.parameters()), tau)
+    buffers = list(target.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(q.buffers()))
+
+
+def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor,
+                      obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
+                      terminated: torch.Tensor, discounts: torch.Tensor | None = None,
+                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update step written for torch.compile on the CPU to trace as ONE graph: gradients by torch.func instead
+    of the autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on the optimizer's state
+    tensors (so checkpoints are unchanged), updating the weights in place through detached aliases.
+
+    A plain function of its arguments, so every learner in a process shares one compiled graph (a method would
+    be compiled again for each new learner, and past torch's recompile limit run eagerly without a word).
+    """
+    names = [name for name, _ in q.named_parameters()]
+    params = [p.detach() for p in q.parameters()]  # same storage: Adam writes the real weights
+
+    def loss_of(stand_ins: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        by_name = dict(zip(names, stand_ins))
+        loss, q_sa, y = batch_td_loss(cfg, lambda x: functional_call(q, by_name, (x,)), target, obs, actions,
+                                      rewards, next_obs, terminated, discounts, weights)
+        return loss, (q_sa.detach(), y)
+
+    grads, (loss, (q_sa, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    grads = torch._foreach_mul(grads, torch.clamp(max_grad_norm(cfg) / (grad_norm + 1e-6), max=1.0))
+    adam(params, list(grads), exp_avgs, exp_avg_sqs, [], steps, foreach=False, amsgrad=False, beta1=ADAM_BETAS[0],
+         beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0, eps=cfg.adam_eps, maximize=False)
+    if cfg.target_update == "soft":
+        soft_update_(target, q, cfg.tau)
+    return torch.stack([loss.detach(), q_sa.mean(), grad_norm]), (y - q_sa).abs()
 
 
 class DQNLearner:
@@ -78,8 +150,8 @@ class DQNLearner:
         # CUDA: capturable (state on the device, no host sync) so the step can live in a CUDA graph. CPU: fused,
         # one kernel for all parameters (the foreach path cannot take a tensor LR there and loops per tensor).
         on_cuda = device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, eps=cfg.adam_eps, capturable=on_cuda,
-                                          fused=None if on_cuda else True)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=cfg.adam_eps,
+                                          capturable=on_cuda, fused=None if on_cuda else True)
         self.metrics_sum = torch.zeros(len(METRICS), device=device)
         self.metrics_count = 0
         self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
@@ -90,43 +162,18 @@ class DQNLearner:
             self.update_step = torch.compile(self._update_step, mode=compile_mode(cfg, device))
         elif cfg.compile:  # CPU MLP: per-op and autograd-engine overhead dominate; one graph removes most of it
             self._init_adam_state()
-            self.update_step = torch.compile(self._single_graph_step, mode=compile_mode(cfg, device))
+            self._compiled_graph_step = torch.compile(single_graph_step, mode=compile_mode(cfg, device))
+            self.update_step = self._single_graph_step
         if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
                           "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
 
+    @property
+    def target_net(self) -> nn.Module | None:
+        """The target network, or None in the no-target-network ablation."""
+        return None if self.target is self.q else self.target
+
     # --- the update -----------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when `amp` is on. No weight-cast cache: each weight is cast once per step anyway, and
-        a cache must be off inside a CUDA-graph capture."""
-        if not self.cfg.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-
-    def _td_loss(self, q_net: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
-                 rewards: torch.Tensor, next_obs: torch.Tensor, terminated: torch.Tensor,
-                 discounts: torch.Tensor | None, weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """(loss, Q(s,a), TD targets) of one batch; `q_net` gives the online Q-values (the module itself, or the
-        module on stand-in parameter tensors in the single-graph step)."""
-        cfg = self.cfg
-        batch_size = obs.shape[0]
-        with self._autocast():
-            if self.target is self.q or cfg.double_dqn:
-                # One forward pass over s and s' together; the s' half is used without gradient.
-                q_both = q_net(torch.cat([obs, next_obs])).float()
-                q_all, next_q_online = q_both[:batch_size], q_both[batch_size:].detach()
-            else:
-                q_all, next_q_online = q_net(obs).float(), None
-            with torch.no_grad():
-                next_q_target = next_q_online if self.target is self.q else self.target(next_obs).float()
-        gamma = cfg.gamma if discounts is None else discounts
-        y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
-        q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
-        return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
-
-    def _max_norm(self) -> float:
-        return self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-
     def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                      next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,42 +182,24 @@ class DQNLearner:
         `discounts` (gamma^k of n-step returns) replaces gamma and `weights` (prioritized replay) weight the
         loss; both are tensors or None, so a compiled step sees no changing Python values.
         """
-        loss, q, y = self._td_loss(self.q, obs, actions, rewards, next_obs, terminated, discounts, weights)
+        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, obs, actions, rewards, next_obs, terminated,
+                                   discounts, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), self._max_norm())
+        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), max_grad_norm(self.cfg))
         self.optimizer.step()
         if self.cfg.target_update == "soft":
-            self._soft_update()
+            soft_update_(self.target, self.q, self.cfg.tau)
         return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()]), (y - q).detach().abs()
 
     def _single_graph_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                            next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
                            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_update_step` written for torch.compile on the CPU to trace as ONE graph: gradients by torch.func
-        instead of the autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on this
-        optimizer's state (so checkpoints are unchanged), updating the weights in place through detached aliases.
-        About 1.3x faster than eager for the CartPole MLP on our 2-core CPU (README, Performance)."""
-        names = [name for name, _ in self.q.named_parameters()]
-        params = [p.detach() for p in self.q.parameters()]  # same storage: Adam writes the real weights
-
-        def loss_of(stand_ins: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            by_name = dict(zip(names, stand_ins))
-            loss, q, y = self._td_loss(lambda x: functional_call(self.q, by_name, (x,)), obs, actions, rewards,
-                                       next_obs, terminated, discounts, weights)
-            return loss, (q.detach(), y)
-
-        grads, (loss, (q, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        grads = torch._foreach_mul(grads, torch.clamp(self._max_norm() / (grad_norm + 1e-6), max=1.0))
-        group, states = self.optimizer.param_groups[0], [self.optimizer.state[p] for p in self.q.parameters()]
-        beta1, beta2 = group["betas"]
-        adam(params, list(grads), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
-             [st["step"] for st in states], foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        if self.cfg.target_update == "soft":
-            self._soft_update()
-        return torch.stack([loss.detach(), q.mean(), grad_norm]), (y - q).abs()
+        """The compiled `single_graph_step` on this learner's networks and Adam state (CPU `--compile`)."""
+        states = [self.optimizer.state[p] for p in self.q.parameters()]
+        return self._compiled_graph_step(
+            self.cfg, self.q, self.target_net, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [st["step"] for st in states], self.lr, obs, actions, rewards, next_obs, terminated, discounts, weights)
 
     def _init_adam_state(self) -> None:
         """Adam's per-parameter state, made up front (as its first step would) for the single-graph step."""
@@ -206,14 +235,6 @@ class DQNLearner:
         """Hard update: theta_target <- theta (parameters and buffers such as normalizer statistics)."""
         if self.target is not self.q:
             torch._foreach_copy_(self._tensors(self.target), self._tensors(self.q))
-
-    @torch.no_grad()
-    def _soft_update(self) -> None:
-        """Polyak update: theta_target <- tau * theta + (1 - tau) * theta_target; buffers are copied."""
-        torch._foreach_lerp_(list(self.target.parameters()), list(self.q.parameters()), self.cfg.tau)
-        buffers = list(self.target.buffers())
-        if buffers:
-            torch._foreach_copy_(buffers, list(self.q.buffers()))
 
     # --- acting ---------------------------------------------------------------------------------------
     @torch.no_grad()

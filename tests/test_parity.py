@@ -1,6 +1,6 @@
 """Fast paths against the eager update (PITFALLS 6, 7, 10).
 
-On the CPU `--compile` runs `_single_graph_step` (torch.func gradients, functional Adam) and on CUDA the
+On the CPU `--compile` runs `single_graph_step` (torch.func gradients, functional Adam) and on CUDA the
 compiled `_update_step`; both must equal eager. Each variant starts from the same weights and takes the same batches: compiled fp32 must match eager to float32
 rounding (loss rtol 1e-5, weights atol 1e-6 after several steps); bf16 autocast is looser (loss rtol 2e-2)
 because its matmuls round to 8 mantissa bits. The CUDA-graph variant cannot be captured on a CPU: its captured
@@ -86,6 +86,25 @@ def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon
         compiled.update(data[step % len(data)])
     assert len({round(epsilon_at(cfg, s * 10), 6) for s in range(100)}) > 50  # both really changed
     assert compiled.lr.item() == pytest.approx(learning_rate_at(cfg, 990))
+
+
+def test_new_learners_reuse_the_compiled_step_instead_of_recompiling(monkeypatch):
+    """Sweeps, ablations and `fastdqn bench` build many learners in one process. A step compiled per learner ran
+    eagerly, and slower, from the 9th on (torch's recompile limit), without an error."""
+    cfg = small_cfg(compile=True)
+    data = batches(2)
+    first = learner(cfg)
+    first.update(data[0])  # compiles (or finds this config's graph from an earlier test)
+    first_weights = [p.clone() for p in first.q.parameters()]
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        other = DQNLearner(cfg, OBS_SHAPE, N_ACTIONS, CPU)
+        before = [p.clone() for p in other.q.parameters()]
+        other.update(data[1])
+        assert all(not torch.equal(a, p) for a, p in zip(before, other.q.parameters()))  # its own weights moved
+    assert all(torch.equal(a, p) for a, p in zip(first_weights, first.q.parameters()))  # the shared graph wrote
+    # each learner's own tensors, never the first one's
 
 
 @pytest.mark.slow
