@@ -158,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device:
         cfg = cfg.updated(device=args.device)
     device = resolve_device(cfg.device)
-    probe = make_vector_env(cfg, 1, asynchronous=False)
+    probe = make_vector_env(cfg, 1, mode="sync")
     obs_shape, n_actions = tuple(probe.single_observation_space.shape), int(probe.single_action_space.n)
     probe.close()
     learner = DQNLearner(cfg, obs_shape, n_actions, device)

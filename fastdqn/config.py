@@ -35,7 +35,9 @@ class Config:
     # --- environment -------------------------------------------------------------------------------------
     env_id: str = _f("CartPole-v1", "gymnasium environment id (Discrete action space)")
     num_envs: int = _f(8, "environments stepped together in one vector step")
-    vector_mode: Literal["sync", "async"] = _f("sync", "gymnasium vector env: in-process or one process per env")
+    vector_mode: Literal["auto", "sync", "async", "native"] = _f(
+        "auto", "sync: the envs in-process, one after another; async: one process per env; native: gymnasium's "
+        "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one, else sync")
     seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
     total_steps: int = _f(50_000, "env steps to train for (all envs together)")
     max_episode_steps: int = _f(0, "time limit per episode, 0 = the env's own")
@@ -172,6 +174,8 @@ class Config:
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.env_restarts >= 0, f"env_restarts must be >= 0, got {self.env_restarts}"),
+            (self.env_restarts == 0 or self.vector_mode != "native",
+             "env_restarts rebuilds one crashed env, but vector_mode native steps all envs as one: use vector_mode sync"),
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,

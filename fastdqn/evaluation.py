@@ -37,7 +37,7 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episod
 
     `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
     """
-    envs = make_vector_env(cfg, episodes, asynchronous=False)
+    envs = make_vector_env(cfg, episodes, mode="sync")  # per-episode seeds need one env each
     seeds = [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
     with own_rng(seed + EVAL_SEED_OFFSET, device):
         try:

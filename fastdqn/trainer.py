@@ -25,7 +25,8 @@ from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkp
 from fastdqn.config import Config
 from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
 from fastdqn.atari import GameTracker
-from fastdqn.envs import finished_episodes, get_env_state, make_vector_env, set_env_state, true_next_obs
+from fastdqn.envs import (finished_episodes, get_env_state, make_vector_env, resolve_vector_mode, set_env_state,
+                          true_next_obs)
 from fastdqn.errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
@@ -135,7 +136,8 @@ class Trainer:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        self.envs = make_vector_env(cfg, cfg.num_envs)
+        self.vector_mode = resolve_vector_mode(cfg)
+        self.envs = make_vector_env(cfg, cfg.num_envs, mode=self.vector_mode)
         obs_space = self.envs.single_observation_space
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
@@ -339,7 +341,7 @@ class Trainer:
             "rng": rng,
             "obs": torch.from_numpy(np.array(self.obs, copy=True)),
             # Pixel envs (C++ or wrapped ALE state) are not snapshotted: a resumed run starts fresh games.
-            "env_state": get_env_state(self.envs) if cfg.vector_mode == "sync" and not self.pixels else {},
+            "env_state": get_env_state(self.envs) if self.vector_mode != "async" and not self.pixels else {},
             "recent_returns": list(self.recent_returns),
             "evals": [list(e) for e in self.evals],
         }

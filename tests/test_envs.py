@@ -11,7 +11,7 @@ from gymnasium.vector import AutoresetMode
 from core_helpers import COUNTER_ENV, REWARD, TIME_LIMIT, classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.envs import check_env_id, check_spaces, finished_episodes, make_vector_env, true_next_obs
-from fastdqn.errors import EnvError
+from fastdqn.errors import ConfigError, EnvError
 
 
 def step_counter_envs(num_envs: int, vector_steps: int, seed: int = 0):
@@ -140,3 +140,57 @@ def test_async_vector_env_collects_the_same_transitions_as_sync(tmp_path, tiny_c
             assert trainer.counters.episodes > 5  # episode ends (final_obs from the worker processes) included
     for sync_part, async_part in zip(stored["sync"], stored["async"]):
         assert torch.equal(sync_part, async_part)
+
+
+# --- vector_mode native: gymnasium's numpy CartPole with SAME_STEP autoreset ----------------------------------
+def test_native_cartpole_steps_like_gymnasiums_single_env_and_resets_in_the_same_step():
+    """Every env of SameStepCartPole follows CartPoleEnv's physics, reward and time limit (40 here); a finished
+    env returns its reset observation in the same step, with the final one in final_obs and its statistics."""
+    num_envs, limit = 6, 40
+    envs = make_vector_env(Config(env_id="CartPole-v1", vector_mode="native", max_episode_steps=limit), num_envs)
+    singles = [gym.make("CartPole-v1").unwrapped for _ in range(num_envs)]
+    rng = np.random.default_rng(0)
+    obs, _ = envs.reset(seed=3)
+    for env, o in zip(singles, obs):
+        env.reset(seed=0)
+        env.state = o.astype(np.float64)
+    lengths, returns, ended = np.zeros(num_envs, dtype=int), np.zeros(num_envs), {"terminated": 0, "truncated": 0}
+    for _ in range(300):
+        # some balancing actions (so episodes also reach the time limit), the rest random
+        actions = np.where(rng.random(num_envs) < 0.3, (obs[:, 2] + 0.3 * obs[:, 3] > 0).astype(int),
+                           rng.integers(0, 2, num_envs))
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        real_next = true_next_obs(obs, infos)
+        lengths += 1
+        for i, env in enumerate(singles):
+            expected, reward, term, _, _ = env.step(int(actions[i]))
+            returns[i] += reward
+            np.testing.assert_allclose(real_next[i], expected, rtol=0, atol=1e-6)
+            assert (rewards[i], terminated[i], truncated[i]) == (reward, term, lengths[i] >= limit)  # as TimeLimit
+        done = terminated | truncated
+        assert np.array_equal(infos.get("_final_obs", np.zeros(num_envs, bool)), done)
+        finished = finished_episodes(infos)
+        assert finished == [(returns[i], lengths[i]) for i in np.flatnonzero(done)]
+        for i in np.flatnonzero(done):
+            assert np.all(np.abs(obs[i]) <= 0.05)  # a fresh episode's start state, in the same step
+            singles[i].reset()
+            singles[i].state = obs[i].astype(np.float64)
+            lengths[i], returns[i] = 0, 0.0
+        ended["terminated"] += int(terminated.sum())
+        ended["truncated"] += int((truncated & ~terminated).sum())
+    assert ended["terminated"] > 10 and ended["truncated"] > 5
+
+
+def test_vector_mode_auto_is_native_for_cartpole_only_and_native_elsewhere_names_the_fix():
+    native = make_vector_env(Config(env_id="CartPole-v1", vector_mode="auto"), 2)
+    sync = make_vector_env(Config(env_id="Acrobot-v1", vector_mode="auto"), 2)
+    try:
+        assert type(native).__name__ == "SameStepCartPole" and native.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+        assert isinstance(sync, gym.vector.SyncVectorEnv)
+    finally:
+        native.close()
+        sync.close()
+    with pytest.raises(EnvError, match="no native vectorized implementation.*vector_mode auto or sync"):
+        make_vector_env(Config(env_id="Acrobot-v1", vector_mode="native"), 2)
+    with pytest.raises(ConfigError, match="vector_mode native.*use vector_mode sync"):
+        Config(vector_mode="native", env_restarts=1).validate()

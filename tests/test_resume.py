@@ -36,9 +36,10 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
     assert a.evals == b.evals  # every evaluation, including the final one at step n, has the same returns
 
 
-def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("vector_mode,num_envs", [("sync", 1), ("native", 4)])
+def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, vector_mode, num_envs):
     cfg = small_cfg(total_steps=600, eval_every=200, eval_episodes=2, checkpoint_every=300, keep_checkpoints=5,
-                    target_update_interval=50, save_replay=True)
+                    target_update_interval=50, save_replay=True, vector_mode=vector_mode, num_envs=num_envs)
     whole, resumed = run_and_resume(cfg, tmp_path, resume_at=300)
     assert whole.counters.updates > 100 and len(whole.evals) == 3
     assert_same_run(whole, resumed)
