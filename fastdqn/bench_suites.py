@@ -174,7 +174,10 @@ def train(cfg: Config) -> None:
 def measure_runs(runs: dict[str, Callable[[], Any]], steps: int, repeats: int,
                  now: Callable[[], float]) -> dict[str, list[float]]:
     """Seconds per env step of each whole run of `steps` env steps (set-up included), `repeats` times,
-    alternating the runs."""
+    alternating the runs, after one untimed run of each: the timed runs find imports done and, with --compile,
+    the update step already compiled (learners share it), as every run after the first in a process does."""
+    for run in runs.values():
+        run()
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -207,12 +210,14 @@ def load_cleanrl() -> Any:
 
 def bench_cleanrl(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     """CleanRL dqn.py (1 env) against fastdqn with 16 envs doing the same work per env step: a 120-84 MLP,
-    batch 128, one MSE update per 10 env steps, no gradient clipping, a target copy every 500 env steps."""
+    batch 128, one MSE update per 10 env steps, no Double DQN, no gradient clipping, a target copy every 500 env
+    steps. fastdqn steps CartPole with its default vector_mode (auto: gymnasium's numpy-vectorized CartPole)."""
     cleanrl = load_cleanrl()
     args = cleanrl.Args(total_timesteps=opts.steps, learning_starts=opts.learning_starts)
     same_work = e2e_config(opts, device, num_envs=16, hidden_sizes=[120, 84], batch_size=128, train_every=10,
-                           gradient_steps=1, loss="mse", max_grad_norm=0.0, learning_rate=args.learning_rate,
-                           buffer_size=args.buffer_size, target_update_interval=args.target_network_frequency)
+                           gradient_steps=1, loss="mse", double_dqn=False, max_grad_norm=0.0,
+                           learning_rate=args.learning_rate, buffer_size=args.buffer_size,
+                           target_update_interval=args.target_network_frequency)
     runs = {"cleanrl dqn.py (1 env)": lambda: cleanrl.train(args, device),
             "fastdqn (16 envs)": lambda: train(same_work)}
     samples = measure_runs(runs, opts.steps, opts.repeats, clock(opts))
