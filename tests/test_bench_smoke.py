@@ -31,6 +31,7 @@ def test_bench_command_writes_json_with_medians_and_speedups(tmp_path, capsys):
     assert cases[("e2e", "1 envs")]["speedup"] == 1.0 and cases[("cleanrl", "fastdqn (16 envs)")]["speedup"] > 0
     same_work = cases[("cleanrl", "fastdqn (16 envs)")]["info"]  # the comparison is at CleanRL's replay ratio
     assert (same_work["train_every"], same_work["gradient_steps"], same_work["hidden_sizes"]) == (10, 1, [120, 84])
+    assert (same_work["double_dqn"], same_work["loss"], same_work["batch_size"]) == (False, "mse", 128)  # as dqn.py
     assert "speed-up" in capsys.readouterr().err
 
 
