@@ -174,8 +174,6 @@ class Config:
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.env_restarts >= 0, f"env_restarts must be >= 0, got {self.env_restarts}"),
-            (self.env_restarts == 0 or self.vector_mode != "native",
-             "env_restarts rebuilds one crashed env, but vector_mode native steps all envs as one: use vector_mode sync"),
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,

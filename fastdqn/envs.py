@@ -23,6 +23,7 @@ from fastdqn.atari import is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
 from fastdqn.faults import guarded
+from fastdqn.logs import console
 from fastdqn.networks import is_pixel_shape
 
 
@@ -137,7 +138,7 @@ def resolve_vector_mode(cfg: Config) -> str:
     """sync, async or native; `auto` is native where gymnasium has a vectorized env (CartPole), else sync."""
     if cfg.vector_mode != "auto":
         return cfg.vector_mode
-    return "native" if has_native_vector_env(cfg.env_id) and cfg.env_restarts == 0 else "sync"
+    return "native" if has_native_vector_env(cfg.env_id) else "sync"
 
 
 def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> gym.vector.VectorEnv:
@@ -149,6 +150,9 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
     """
     check_env_id(cfg.env_id)
     mode = mode or resolve_vector_mode(cfg)
+    if mode == "native" and cfg.env_restarts > 0:
+        console.print("[yellow]warning: env_restarts guards sync and async envs; the native vector env steps all "
+                      "envs as one array and is not guarded (use vector_mode sync to guard each env)[/]")
     use_async = mode == "async"
     vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
     try:
