@@ -147,11 +147,14 @@ def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, m
 
 
 @pytest.mark.slow
-def test_learns_cartpole_well_beyond_a_random_policy(tmp_path):
-    """The whole path learns: a sign error, a wrong gather or a broken target would keep returns near 20."""
+@pytest.mark.parametrize("variant", [{}, {"compile": True}, {"compile": True, "amp": True}],
+                         ids=["eager", "compiled", "compiled+amp"])
+def test_learns_cartpole_well_beyond_a_random_policy(tmp_path, variant):
+    """The whole path learns, with every update-step variant: a sign error, a wrong gather or a broken target
+    would keep returns near 20."""
     cfg = classic(Config(), seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
                   epsilon_end=0.05, batch_size=128, buffer_size=50_000, eval_every=2_000, eval_episodes=5,
-                  hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0, target_update_interval=250)
+                  hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0, target_update_interval=250, **variant)
     result = Trainer(cfg, tmp_path, show_progress=False).run()
     means = [mean for _, mean, _ in result.evals]
     assert len(means) == 3 and means[0] < 60  # it starts out poor
