@@ -210,8 +210,9 @@ def load_cleanrl() -> Any:
 
 def bench_cleanrl(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     """CleanRL dqn.py (1 env) against fastdqn with 16 envs doing the same work per env step: a 120-84 MLP,
-    batch 128, one MSE update per 10 env steps (also grouped, see below), no Double DQN, no gradient clipping, a target copy every 500 env
-    steps. fastdqn steps CartPole with its default vector_mode (auto: gymnasium's numpy-vectorized CartPole)."""
+    batch 128, one MSE update per 10 env steps (also grouped, see below), no Double DQN, no gradient clipping, a
+    target copy every 500 env steps. fastdqn steps CartPole with its default vector_mode (auto: gymnasium's
+    numpy-vectorized CartPole)."""
     cleanrl = load_cleanrl()
     args = cleanrl.Args(total_timesteps=opts.steps, learning_starts=opts.learning_starts)
     same_work = e2e_config(opts, device, num_envs=16, hidden_sizes=[120, 84], batch_size=128, train_every=10,
