@@ -219,12 +219,13 @@ def bench_cleanrl(device: torch.device, opts: argparse.Namespace) -> list[Case]:
                            gradient_steps=1, loss="mse", double_dqn=False, max_grad_norm=0.0,
                            learning_rate=args.learning_rate, buffer_size=args.buffer_size,
                            target_update_interval=args.target_network_frequency)
-    # The same replay ratio with the updates grouped: 16 updates every 160 env steps (10 vector steps) run back to
-    # back, which keeps the network's working set in cache instead of alternating it with env stepping and acting.
-    grouped = same_work.updated(train_every=160, gradient_steps=16)
+    # The same replay ratio with the updates in phases, as fastdqn's default config runs them (128 every 256 env
+    # steps): 64 updates every 640 env steps (40 vector steps) back to back keep the update's working set in cache
+    # instead of alternating it with env stepping and acting.
+    grouped = same_work.updated(train_every=640, gradient_steps=64)
     runs = {"cleanrl dqn.py (1 env)": lambda: cleanrl.train(args, device),
             "fastdqn (16 envs)": lambda: train(same_work),
-            "fastdqn (16 envs, 16 updates / 160 steps)": lambda: train(grouped)}
+            "fastdqn (16 envs, 64 updates / 640 steps)": lambda: train(grouped)}
     samples = measure_runs(runs, opts.steps, opts.repeats, clock(opts))
     cases = [Case("cleanrl", name, "env step", samples[name]) for name in runs]
     for case, info in zip(cases, (asdict(args), same_work.to_dict(), grouped.to_dict())):

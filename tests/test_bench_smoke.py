@@ -26,13 +26,13 @@ def test_bench_command_writes_json_with_medians_and_speedups(tmp_path, capsys):
     cases = {(c["suite"], c["name"]): c for c in record["cases"]}
     assert set(cases) == {("update-mlp", "eager"), ("replay", "add (16 envs)"), ("replay", "sample (batch 128)"),
                           ("e2e", "1 envs"), ("e2e", "4 envs"), ("cleanrl", "cleanrl dqn.py (1 env)"),
-                          ("cleanrl", "fastdqn (16 envs)"), ("cleanrl", "fastdqn (16 envs, 16 updates / 160 steps)")}
+                          ("cleanrl", "fastdqn (16 envs)"), ("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")}
     assert len(cases[("update-mlp", "eager")]["samples"]) == 2
     assert cases[("e2e", "1 envs")]["speedup"] == 1.0 and cases[("cleanrl", "fastdqn (16 envs)")]["speedup"] > 0
     same_work = cases[("cleanrl", "fastdqn (16 envs)")]["info"]  # the comparison is at CleanRL's replay ratio
     assert (same_work["train_every"], same_work["gradient_steps"], same_work["hidden_sizes"]) == (10, 1, [120, 84])
     assert (same_work["double_dqn"], same_work["loss"], same_work["batch_size"]) == (False, "mse", 128)  # as dqn.py
-    grouped = cases[("cleanrl", "fastdqn (16 envs, 16 updates / 160 steps)")]["info"]
+    grouped = cases[("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")]["info"]
     assert grouped["gradient_steps"] / grouped["train_every"] == 1 / 10  # the same updates per env step
     assert {k: v for k, v in grouped.items() if k not in ("train_every", "gradient_steps")} == \
         {k: v for k, v in same_work.items() if k not in ("train_every", "gradient_steps")}
