@@ -185,14 +185,14 @@ def test_vector_mode_auto_is_native_for_cartpole_only_and_native_elsewhere_names
     native = make_vector_env(Config(env_id="CartPole-v1", vector_mode="auto"), 2)
     sync = make_vector_env(Config(env_id="Acrobot-v1", vector_mode="auto"), 2)
     try:
-        assert type(native).__name__ == "SameStepCartPole" and native.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+        assert type(native).__name__ == "SameStepCartPole"
+        assert native.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
         assert isinstance(sync, gym.vector.SyncVectorEnv)
     finally:
         native.close()
         sync.close()
     with pytest.raises(EnvError, match="no native vectorized implementation.*vector_mode auto or sync"):
         make_vector_env(Config(env_id="Acrobot-v1", vector_mode="native"), 2)
-
 
 
 def test_native_env_with_env_restarts_warns_that_it_is_not_guarded(capsys):
