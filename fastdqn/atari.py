@@ -26,23 +26,9 @@ from gymnasium.vector import AutoresetMode
 
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
+from fastdqn.presets import is_atari_id
 
 SCREEN = 84
-# The published DQN settings (Mnih et al. 2015, as in CleanRL's dqn_atari), applied by `fastdqn train` to
-# ALE/* ids before any config file, --set or flag. In env steps (1 env step = frame_skip emulator frames).
-ATARI_DEFAULTS: dict[str, Any] = {
-    "buffer_size": 1_000_000, "learning_starts": 80_000, "target_update_interval": 1_000, "learning_rate": 1e-4,
-    "batch_size": 32, "train_every": 4, "gradient_steps": 1, "epsilon_start": 1.0, "epsilon_end": 0.01,
-    "epsilon_decay_steps": 1_000_000, "total_steps": 10_000_000, "clip_rewards": True, "max_grad_norm": 10.0,
-    "gamma": 0.99, "loss": "huber", "eval_every": 250_000, "eval_episodes": 10, "log_every": 10_000,
-    "checkpoint_every": 500_000,
-}
-
-
-def is_atari_id(env_id: str) -> bool:
-    return env_id.startswith("ALE/")
-
-
 def is_image_space(space: gym.Space) -> bool:
     """A uint8 Box of shape (H, W) or (H, W, C): a screen that needs grayscale, resize and stacking."""
     return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) in (2, 3)

@@ -165,10 +165,10 @@ def e2e_config(opts: argparse.Namespace, device: torch.device, **changes: Any) -
 
 def train(cfg: Config) -> None:
     """One whole `fastdqn train` run (envs, replay, learner, loop, final evaluation) in a scratch dir."""
-    from fastdqn.trainer import Trainer
+    from fastdqn.api import train as train_run
 
     with tempfile.TemporaryDirectory() as run_dir:
-        Trainer(cfg, Path(run_dir), show_progress=False).run()
+        train_run(cfg, run_dir, overwrite=True, show_progress=False)
 
 
 def measure_runs(runs: dict[str, Callable[[], Any]], steps: int, repeats: int,

@@ -124,13 +124,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint file safely; raise CheckpointError on a truncated, corrupt or unsafe file."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load one checkpoint file safely; raise CheckpointError on a truncated, corrupt or unsafe file.
+
+    `mmap` maps the tensors instead of reading them: cheap when only the config or counters are wanted.
+    """
     import torch
 
     path = Path(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}' does not exist") from None
     except Exception as exc:  # torch raises many types for damaged files
@@ -141,6 +144,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"'{path}' is not a fastdqn checkpoint")
     return payload
+
+
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config a checkpoint was written with, without reading its tensors."""
+    return load_checkpoint(path, mmap=True)["config"]
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

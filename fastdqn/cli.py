@@ -5,24 +5,21 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
-import shutil
 import sys
-import time
 import typing
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence
 
 import yaml
 
 from fastdqn import config as C
-from fastdqn.errors import CheckpointError, ConfigError, FastDQNError
+from fastdqn.errors import ConfigError, FastDQNError, explain, one_line
 
 # Short names for the flags people type most; every config key also has its own --long-flag.
 ALIASES = {"env_id": ["--env"], "num_envs": ["--envs"]}
-CONFIG_FILE = "config.yaml"
 
 
 def _flag(name: str) -> str:
@@ -47,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> C.Config:
-    """Defaults < Atari preset (ALE ids) < base (a saved run's config) < --config file < --set items < flags."""
+    """Defaults < env preset (`Config` applies it) < base (a saved run's config) < --config file < --set items < flags."""
     values: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
         values.update(C.load_yaml(args.config))
@@ -60,128 +57,36 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
             raise C.unknown_key_error(key, "--set")
     values.update(sets)
     values.update({k: getattr(args, k) for k in C.FIELDS if getattr(args, k, None) is not None})
-    from fastdqn.atari import ATARI_DEFAULTS, is_atari_id
-
-    if is_atari_id(str(values.get("env_id", ""))):  # the published DQN settings, under all the user gave
-        values = {**ATARI_DEFAULTS, **values}
     return C.from_dict(values, where=getattr(args, "config", None) or "config")
 
 
-def default_run_dir(cfg: C.Config, root: Path) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.env_id).strip("-")
-    return root / f"{slug}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def write_config(cfg: C.Config, run_dir: Path) -> None:
-    """The run's resolved config.yaml, replaced atomically: a kill while writing leaves the previous one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run_dir / CONFIG_FILE)
-
-
-# --- subcommands -----------------------------------------------------------------------------------------
-def resume_trainer(args: argparse.Namespace) -> Any:
-    """The Trainer of `--resume RUN_DIR` at its newest checkpoint (at step 0 if killed before its first one)."""
-    from fastdqn.checkpoint import (check_resume_config, check_run_owns, latest_checkpoint, list_checkpoints,
-                                    remove_partial_writes)
-
-    run_dir = Path(args.resume)
-    if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
-        raise ConfigError(f"--resume continues '{run_dir}' in place: drop --run-dir {args.run_dir}")
-    newest = None if (run_dir / CONFIG_FILE).is_file() and not list_checkpoints(run_dir) else latest_checkpoint(run_dir)
-    from fastdqn.logs import console  # torch only now that the run dir is known to be resumable
-    from fastdqn.trainer import Trainer, load_run_checkpoint
-
-    state = None
-    if newest is None:
-        saved = C.load_yaml(run_dir / CONFIG_FILE)  # stopped before its first checkpoint: nothing to lose
-    else:
-        state = load_run_checkpoint(newest, "cpu")
-        saved = state["config"]
-        if (run_dir / CONFIG_FILE).is_file():
-            check_run_owns(newest, saved, C.load_yaml(run_dir / CONFIG_FILE))
-    cfg = config_from_args(args, base={k: v for k, v in saved.items() if k in C.FIELDS})
-    check_resume_config(saved, cfg)
-    trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)
-    remove_partial_writes(run_dir)
-    if state is None:
-        console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
-    else:
-        trainer.restore(state)
-    if trainer.counters.env_step >= cfg.total_steps:  # e.g. killed between its last checkpoint and exiting
-        console.print(f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
-                      "larger --total-steps to train it further[/]")
-    write_config(cfg, run_dir)
-    return trainer
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume:
-        trainer = resume_trainer(args)
-    else:
-        cfg = config_from_args(args)  # before importing torch, so a typo is reported at once
-        from fastdqn.trainer import Trainer, resolve_device
+    from fastdqn import api  # torch and gymnasium only now: a typo in the command line is reported at once
 
-        resolve_device(cfg.device)  # fail before touching the disk
-        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, Path(args.runs_root))
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-            raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-                              "--overwrite to replace it, or another --run-dir")
-        trainer = Trainer(cfg, run_dir, show_progress=not args.quiet)  # bad envs fail here, before the disk
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        write_config(cfg, run_dir)
-    result = trainer.run()
+    if args.resume:
+        if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--resume continues '{args.resume}' in place: drop --run-dir {args.run_dir}")
+        cfg = config_from_args(args, base=api.saved_config(args.resume))
+        result = api.train(cfg, args.resume, resume=True, show_progress=not args.quiet)
+    else:
+        cfg = config_from_args(args)
+        result = api.train(cfg, args.run_dir, overwrite=args.overwrite, runs_root=args.runs_root,
+                           show_progress=not args.quiet)
     if args.quiet:
-        print(json.dumps({"run_dir": str(result.run_dir), "env_steps": result.env_steps,
-                          "final_eval_mean": result.final_eval_mean, "steps_to_solve": result.steps_to_solve,
-                          "wall_time": round(result.wall_time, 2), "interrupted": result.interrupted}))
+        print(json.dumps(result.summary()))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fastdqn.checkpoint import latest_checkpoint, strip_compile_prefix
-    from fastdqn.envs import make_vector_env
-    from fastdqn.evaluation import evaluate
-    from fastdqn.learner import DQNLearner
+    from fastdqn import api
     from fastdqn.logs import console, summary_table
-    from fastdqn.trainer import load_run_checkpoint, resolve_device
 
-    target = Path(args.run)
-    ckpt = target if target.is_file() else latest_checkpoint(target)
-    run_dir = ckpt.parent
-    state = load_run_checkpoint(ckpt, "cpu")
-    cfg = C.from_dict(state["config"]).updated(num_envs=1, compile=False)
-    if args.device:
-        cfg = cfg.updated(device=args.device)
-    device = resolve_device(cfg.device)
-    probe = make_vector_env(cfg, 1, mode="sync")
-    obs_shape, n_actions = tuple(probe.single_observation_space.shape), int(probe.single_action_space.n)
-    probe.close()
-    learner = DQNLearner(cfg, obs_shape, n_actions, device)
-    try:
-        learner.q.load_state_dict(strip_compile_prefix(state["learner"]["q"]))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config's network "
-                              f"({str(exc).splitlines()[0][:100]})") from None
-    epsilon = cfg.eval_epsilon if args.epsilon is None else args.epsilon
-    seed = cfg.seed if args.seed is None else args.seed
-    returns = evaluate(lambda o: learner.act(o, epsilon), cfg, args.episodes, seed, device)
-    result = {"checkpoint": ckpt.name, "env_step": state["counters"]["env_step"], "episodes": args.episodes,
-              "seed": seed, "epsilon": epsilon, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
-              "returns": returns.tolist()}
-    if args.video:
-        from fastdqn.video import record_episode, write_video
-
-        frames, video_return = record_episode(lambda o: learner.act(o, epsilon), cfg, seed, device)
-        video = write_video(frames, run_dir / f"{ckpt.stem}-seed{seed}.mp4")
-        result.update(video=str(video), video_return=video_return)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    console.print(summary_table(f"eval {run_dir.name}", {k: v for k, v in result.items() if k != "returns"}))
-    print(json.dumps({"mean": result["mean"], "std": result["std"]}))
+    result = api.evaluate(args.run, episodes=args.episodes, seed=args.seed, epsilon=args.epsilon,
+                          device=args.device, video=args.video)
+    rows = {k: v for k, v in asdict(result).items() if k != "returns" and v is not None}
+    run = Path(args.run)
+    console.print(summary_table(f"eval {(run if run.is_dir() else run.parent).name}", rows))
+    print(json.dumps({"mean": result.mean, "std": result.std}))
     return 0
 
 
@@ -382,27 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastdqn: error: {explain(exc)}", file=sys.stderr)
         return 1
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:600] or type(exc).__name__
-
-
-def explain(exc: Exception) -> str:
-    """One line for an error raised outside fastdqn's own checks: what happened and what to try."""
-    import gymnasium as gym
-
-    torch = sys.modules.get("torch")
-    text = one_line(exc)
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
-        return f"out of device memory ({text[:200]}): lower batch_size, buffer_size or num_envs, or use --device cpu"
-    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-        return f"torch.compile failed ({type(exc).__name__}: {text[:300]}): run without --compile"
-    if isinstance(exc, gym.error.Error):
-        return f"gymnasium: {text}"
-    if isinstance(exc, OSError):
-        return f"{text}: check the path, its permissions and the free disk space"
-    return f"unexpected {type(exc).__name__}: {text} (rerun with `fastdqn --debug ...` for the traceback and report it)"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from fastdqn.errors import ConfigError
+from fastdqn.presets import preset_for
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -28,9 +29,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(init=False)
 class Config:
-    """Every hyperparameter of a fastdqn run. Steps are env steps (one transition of one env)."""
+    """Every hyperparameter of a fastdqn run. Steps are env steps (one transition of one env).
+
+    Keys not given take the preset of the env family (`fastdqn.presets`: the published settings for ALE/* ids),
+    then the defaults below, so a Config built in Python and one built by the command line agree.
+    """
 
     # --- environment -------------------------------------------------------------------------------------
     env_id: str = _f("CartPole-v1", "gymnasium environment id (Discrete action space)")
@@ -132,6 +137,15 @@ class Config:
                               "and goes on, up to this many times; 0 = stop with a checkpoint of that state")
 
     # ---------------------------------------------------------------------------------------------------
+    def __init__(self, **values: Any) -> None:
+        values = {**preset_for(values.get("env_id", FIELDS["env_id"].default))[1], **values}
+        unknown = sorted(set(values) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"Config got unknown keys {unknown}")
+        for name, f in FIELDS.items():
+            setattr(self, name, values[name] if name in values else
+                    f.default if f.default is not dataclasses.MISSING else f.default_factory())
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

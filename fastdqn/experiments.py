@@ -2,7 +2,7 @@
 
 An experiment dir holds `plan.json` (the base config, the points to run and the seeds) and, for each point and
 seed, `<point>/seed-<s>.yaml` (the run's full config) and the run dir `<point>/seed-<s>/` written by
-`fastdqn train` itself (each worker calls the CLI's `main`, so a run here is exactly a `fastdqn train` run).
+`fastdqn.train` (the call behind `fastdqn train`, so a run here is exactly a `fastdqn train` run).
 A run whose dir holds `result.json` is finished and never run again; a stopped one resumes from its newest
 checkpoint. Reports are built only from what is on disk, so `fastdqn report DIR` rebuilds them at any time.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import itertools
 import json
 import math
@@ -198,33 +197,33 @@ def run_dir_of(out: Path, point: Point, seed: int) -> Path:
 
 
 def train_one(config_path: str, run_dir: str, threads: int, stop_file: str) -> dict[str, Any]:
-    """One run, in a worker process: `fastdqn train` (or `--resume` a stopped run), its output in a log file.
+    """One run, in a worker process: `fastdqn.train` (or a resume of a stopped run), its output in a log file.
 
     Returns the run's result line; a finished run's result.json is written here, atomically. Does nothing
     once `stop_file` exists (the experiment is being interrupted: runs already queued must not start).
     """
     import torch
 
+    from fastdqn import api
     from fastdqn.checkpoint import list_checkpoints
-    from fastdqn.cli import main
+    from fastdqn.errors import describe
 
     if Path(stop_file).exists():
         return {"run_dir": run_dir, "error": "not started: the experiment was interrupted"}
     if threads > 0:
         torch.set_num_threads(threads)
-    rdir = Path(run_dir)
-    args = ["train", "--quiet"]
-    if list_checkpoints(rdir):
-        args += ["--resume", run_dir]
-    else:
-        args += ["--config", config_path, "--run-dir", run_dir, "--overwrite"]
-    out, log_path = io.StringIO(), rdir.parent / f"{rdir.name}.log"
-    with log_path.open("a") as log, contextlib.redirect_stdout(out), contextlib.redirect_stderr(log):
-        code = main(args)
-    lines = out.getvalue().strip().splitlines()
-    if code != 0 or not lines:
-        return {"run_dir": run_dir, "error": f"exit code {code}, see {log_path}"}
-    result = json.loads(lines[-1])
+    rdir, log_path = Path(run_dir), Path(run_dir).parent / f"{Path(run_dir).name}.log"
+    with log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            if list_checkpoints(rdir):
+                outcome = api.train(None, rdir, resume=True, show_progress=False)
+            else:
+                outcome = api.train(C.from_dict(C.load_yaml(config_path), where=config_path), rdir, overwrite=True,
+                                    show_progress=False)
+        except Exception as exc:  # the run failed: one line for the report, the whole story in its log
+            print(f"fastdqn: error: {describe(exc)}", file=log)
+            return {"run_dir": run_dir, "error": f"{describe(exc)[:200]} (see {log_path})"}
+    result = outcome.summary()
     if not result["interrupted"]:
         tmp = rdir / f".{RESULT_FILE}.tmp"
         tmp.write_text(json.dumps(result))

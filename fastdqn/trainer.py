@@ -91,6 +91,8 @@ class Counters:
 
 @dataclass
 class TrainResult:
+    """How a run went: counts, wall time, evaluations (step, mean, std) and the final one."""
+
     run_dir: Path
     env_steps: int
     updates: int
@@ -102,6 +104,12 @@ class TrainResult:
     steps_to_solve: int | None  # first evaluation step whose mean reached cfg.solved_return
     interrupted: bool = False
     evals: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
+        return {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "final_eval_mean": self.final_eval_mean,
+                "steps_to_solve": self.steps_to_solve, "wall_time": round(self.wall_time, 2),
+                "interrupted": self.interrupted}
 
 
 class StopRequest:

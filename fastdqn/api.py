@@ -1,0 +1,161 @@
+"""fastdqn's public Python API: train a run, evaluate it, load its policy.
+
+The `fastdqn` command, the experiments (ablations, sweeps) and the benchmarks all train through `train`, so a
+run started from Python is exactly a run started from the command line.
+
+    import fastdqn
+    result = fastdqn.train(fastdqn.Config(env_id="CartPole-v1", total_steps=20_000))
+    print(result.final_eval_mean, result.run_dir)
+    print(fastdqn.evaluate(result.run_dir, episodes=20).mean)
+    policy = fastdqn.load_policy(result.run_dir)      # actions = policy(observations)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdqn.checkpoint import check_resume_config, latest_checkpoint, remove_partial_writes, strip_compile_prefix
+from fastdqn.config import Config, from_dict
+from fastdqn.errors import CheckpointError, ConfigError
+from fastdqn.logs import console
+from fastdqn.rundir import default_run_dir, resume_point, write_config
+from fastdqn.trainer import Trainer, TrainResult, load_run_checkpoint, resolve_device
+
+__all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
+
+EVAL_FILE = "eval.json"
+
+
+def train(config: Config | None = None, run_dir: str | Path | None = None, resume: bool = False, *,
+          overwrite: bool = False, runs_root: str | Path = "runs", show_progress: bool = True) -> TrainResult:
+    """Train a DQN agent and return how the run went (its run dir holds checkpoints, logs and metrics).
+
+    A new run writes to `run_dir` (default `runs_root/<env>-s<seed>-<time>`), which must be empty unless
+    `overwrite`. `resume=True` continues the stopped run in `run_dir` from its newest checkpoint; `config` is
+    then None (go on as saved) or the run's config with changes a resume may make (e.g. a larger total_steps).
+    """
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True continues a run in place: pass its run_dir")
+        trainer = _resumed_trainer(Path(run_dir), config, show_progress)
+    else:
+        cfg = (config if config is not None else Config()).validate()
+        resolve_device(cfg.device)  # fail before touching the disk
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+                              "--overwrite to replace it, or another --run-dir")
+        trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        write_config(cfg, run_dir)
+    return trainer.run()
+
+
+def _resumed_trainer(run_dir: Path, config: Config | None, show_progress: bool) -> Trainer:
+    """The Trainer of a stopped run at its newest checkpoint (at step 0 if it stopped before its first one)."""
+    newest, saved = resume_point(run_dir)
+    cfg = (config if config is not None else from_dict(saved, where=str(run_dir))).validate()
+    check_resume_config(saved, cfg)
+    trainer = Trainer(cfg, run_dir, show_progress=show_progress)
+    remove_partial_writes(run_dir)
+    if newest is None:
+        console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
+    else:
+        trainer.restore(load_run_checkpoint(newest, "cpu"))
+    if trainer.counters.env_step >= cfg.total_steps:  # e.g. killed between its last checkpoint and exiting
+        console.print(f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
+                      "larger --total-steps to train it further[/]")
+    write_config(cfg, run_dir)
+    return trainer
+
+
+def saved_config(run_dir: str | Path) -> dict:
+    """The config a resume of `run_dir` starts from (its newest checkpoint's, or config.yaml before any)."""
+    return resume_point(Path(run_dir))[1]
+
+
+class Policy:
+    """A trained Q-network as a policy: greedy (or epsilon-greedy) actions for a batch of observations."""
+
+    def __init__(self, config: Config, checkpoint: Path, env_step: int, device: torch.device):
+        from fastdqn.envs import make_vector_env
+        from fastdqn.learner import DQNLearner
+
+        probe = make_vector_env(config, 1, mode="sync")
+        obs_shape, n_actions = tuple(probe.single_observation_space.shape), int(probe.single_action_space.n)
+        probe.close()
+        self.config, self.checkpoint, self.env_step, self.device = config, checkpoint, env_step, device
+        self._learner = DQNLearner(config, obs_shape, n_actions, device)
+        self.q = self._learner.q.eval()
+
+    def act(self, obs: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+        """Actions for a batch of observations already on the policy's device."""
+        return self._learner.act(obs, epsilon)
+
+    def __call__(self, obs: np.ndarray, epsilon: float = 0.0) -> np.ndarray:
+        """Greedy actions for a NumPy batch of observations, as a NumPy array."""
+        return self.act(torch.as_tensor(np.asarray(obs), device=self.device), epsilon).cpu().numpy()
+
+
+def load_policy(path: str | Path, device: str | None = None) -> Policy:
+    """The policy of a run dir's newest checkpoint, or of one `ckpt-*.pt` file, on `device` (default: the run's)."""
+    target = Path(path)
+    ckpt = target if target.is_file() else latest_checkpoint(target)
+    state = load_run_checkpoint(ckpt, "cpu")
+    cfg = from_dict(state["config"]).updated(num_envs=1, compile=False, **({"device": device} if device else {}))
+    policy = Policy(cfg, ckpt, int(state["counters"]["env_step"]), resolve_device(cfg.device))
+    try:
+        policy.q.load_state_dict(strip_compile_prefix(state["learner"]["q"]))
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config's network "
+                              f"({str(exc).splitlines()[0][:100]})") from None
+    return policy
+
+
+@dataclass
+class EvalResult:
+    """Returns of a seeded evaluation of one checkpoint (episode i on an env reset with its own seed)."""
+
+    checkpoint: str
+    env_step: int
+    episodes: int
+    seed: int
+    epsilon: float
+    mean: float
+    std: float
+    returns: list[float]
+    video: str | None = None
+    video_return: float | None = None
+
+
+def evaluate(path: str | Path, episodes: int = 10, seed: int | None = None, epsilon: float | None = None,
+             device: str | None = None, video: bool = False) -> EvalResult:
+    """Evaluate a run dir's newest checkpoint (or one checkpoint file) and write `eval.json` into its run dir.
+
+    `seed` and `epsilon` default to the run's config (seed, eval_epsilon); `video` also records one episode
+    (a whole game for Atari) to `<run dir>/<checkpoint>-seed<seed>.mp4` (a .gif where no mp4 codec opens).
+    """
+    from fastdqn.evaluation import evaluate as run_episodes
+
+    policy = load_policy(path, device)
+    cfg = policy.config
+    epsilon = cfg.eval_epsilon if epsilon is None else epsilon
+    seed = cfg.seed if seed is None else seed
+    returns = run_episodes(lambda o: policy.act(o, epsilon), cfg, episodes, seed, policy.device)
+    result = EvalResult(policy.checkpoint.name, policy.env_step, episodes, seed, epsilon, float(np.mean(returns)),
+                        float(np.std(returns)), returns.tolist())
+    run_dir = policy.checkpoint.parent
+    if video:
+        from fastdqn.video import record_episode, write_video
+
+        frames, result.video_return = record_episode(lambda o: policy.act(o, epsilon), cfg, seed, policy.device)
+        result.video = str(write_video(frames, run_dir / f"{policy.checkpoint.stem}-seed{seed}.mp4"))
+    (run_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2))
+    return result

@@ -1,0 +1,51 @@
+"""What a run dir holds and how it is named: the resolved `config.yaml`, and which config a resume continues.
+
+A run dir (`runs/<env>-s<seed>-<time>/` unless named) holds `config.yaml`, TensorBoard events, `metrics.jsonl`
+and the checkpoints `ckpt-<env_step>.pt` (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastdqn.checkpoint import check_run_owns, latest_checkpoint, list_checkpoints, read_checkpoint_config
+from fastdqn.config import FIELDS, Config, load_yaml
+
+CONFIG_FILE = "config.yaml"
+
+
+def default_run_dir(cfg: Config, root: Path) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.env_id).strip("-")
+    return Path(root) / f"{slug}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """The run's resolved config.yaml, replaced atomically: a kill while writing leaves the previous one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run_dir / CONFIG_FILE)
+
+
+def resume_point(run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """(newest checkpoint, its config) of a run to resume; (None, config.yaml) for a run stopped before its
+    first checkpoint, which then trains again from env step 0 with nothing lost."""
+    run_dir = Path(run_dir)
+    has_config = (run_dir / CONFIG_FILE).is_file()
+    if has_config and not list_checkpoints(run_dir):
+        return None, _known_keys(load_yaml(run_dir / CONFIG_FILE))
+    newest = latest_checkpoint(run_dir)  # a clear error when the dir or its checkpoints are missing
+    saved = read_checkpoint_config(newest)
+    if has_config:
+        check_run_owns(newest, saved, load_yaml(run_dir / CONFIG_FILE))
+    return newest, saved
+
+
+def _known_keys(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k in FIELDS}
