@@ -24,7 +24,7 @@ from fastdqn.checkpoint import check_resume_config, latest_checkpoint, remove_pa
 from fastdqn.config import Config, from_dict
 from fastdqn.errors import CheckpointError, ConfigError
 from fastdqn.logs import console
-from fastdqn.rundir import default_run_dir, resume_point, write_config
+from fastdqn.rundir import LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
 from fastdqn.trainer import Trainer, TrainResult, load_run_checkpoint, resolve_device
 
 __all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
@@ -39,23 +39,37 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
     A new run writes to `run_dir` (default `runs_root/<env>-s<seed>-<time>`), which must be empty unless
     `overwrite`. `resume=True` continues the stopped run in `run_dir` from its newest checkpoint; `config` is
     then None (go on as saved) or the run's config with changes a resume may make (e.g. a larger total_steps).
+    The run dir is locked while this trains: a second process training into it gets RunDirLocked.
     """
     if resume:
         if run_dir is None:
             raise ConfigError("resume=True continues a run in place: pass its run_dir")
-        trainer = _resumed_trainer(Path(run_dir), config, show_progress)
-    else:
-        cfg = (config if config is not None else Config()).validate()
-        resolve_device(cfg.device)  # fail before touching the disk
-        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-                              "--overwrite to replace it, or another --run-dir")
-        trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
-        if run_dir.exists():
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn "
+                                  "train`")
+        with RunDirLock(run_dir):
+            return _resumed_trainer(run_dir, config, show_progress).run()
+    cfg = (config if config is not None else Config()).validate()
+    resolve_device(cfg.device)  # fail before touching the disk
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunDirLock(run_dir):
+            old = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+            if old and not overwrite:
+                raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+                                  "--overwrite to replace it, or another --run-dir")
+            trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            write_config(cfg, run_dir)
+            return trainer.run()
+    except BaseException:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # failed before writing anything
             shutil.rmtree(run_dir)
-        write_config(cfg, run_dir)
-    return trainer.run()
+        raise
 
 
 def _resumed_trainer(run_dir: Path, config: Config | None, show_progress: bool) -> Trainer:

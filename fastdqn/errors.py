@@ -30,6 +30,10 @@ class DeviceError(FastDQNError):
     """A device that was asked for but is not present."""
 
 
+class RunDirLocked(FastDQNError):
+    """Another process is training in the run dir."""
+
+
 class TrainingDiverged(FastDQNError):
     """The loss or Q-values became non-finite; the last finite state was checkpointed."""
 
