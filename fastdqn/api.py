@@ -48,41 +48,57 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
         if not run_dir.is_dir():
             raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn "
                                   "train`")
+        _resume_config(run_dir, config)  # a config the run cannot take fails here, before anything is written
         with RunDirLock(run_dir):
-            return _resumed_trainer(run_dir, config, show_progress).run()
+            trainer = _resumed_trainer(run_dir, config, show_progress)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
     cfg = (config if config is not None else Config()).validate()
     resolve_device(cfg.device)  # fail before touching the disk
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and _contents(run_dir) and not overwrite:
+        raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+                          "--overwrite to replace it, or another --run-dir")
+    trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir):
-            old = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
-            if old and not overwrite:
-                raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-                                  "--overwrite to replace it, or another --run-dir")
-            trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
-            for path in old:
+            for path in _contents(run_dir):  # read under the lock: what --overwrite replaces
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             write_config(cfg, run_dir)
             return trainer.run()
-    except BaseException:
-        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # failed before writing anything
-            shutil.rmtree(run_dir)
-        raise
+    finally:
+        trainer.close()
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What a run dir holds besides its lock file."""
+    return [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+
+
+def _resume_config(run_dir: Path, config: Config | None) -> tuple[Path | None, Config]:
+    """(newest checkpoint or None, the config to go on with), checked against what the run saved."""
+    newest, saved = resume_point(run_dir)
+    cfg = (config if config is not None else from_dict(saved, where=str(run_dir))).validate()
+    check_resume_config(saved, cfg)
+    return newest, cfg
 
 
 def _resumed_trainer(run_dir: Path, config: Config | None, show_progress: bool) -> Trainer:
     """The Trainer of a stopped run at its newest checkpoint (at step 0 if it stopped before its first one)."""
-    newest, saved = resume_point(run_dir)
-    cfg = (config if config is not None else from_dict(saved, where=str(run_dir))).validate()
-    check_resume_config(saved, cfg)
+    newest, cfg = _resume_config(run_dir, config)  # again under the lock: the newest checkpoint is final now
     trainer = Trainer(cfg, run_dir, show_progress=show_progress)
     remove_partial_writes(run_dir)
     if newest is None:
         console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
     else:
-        trainer.restore(load_run_checkpoint(newest, "cpu"))
+        try:
+            trainer.restore(load_run_checkpoint(newest, "cpu"))
+        except BaseException:
+            trainer.close()
+            raise
     if trainer.counters.env_step >= cfg.total_steps:  # e.g. killed between its last checkpoint and exiting
         console.print(f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
                       "larger --total-steps to train it further[/]")

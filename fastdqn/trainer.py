@@ -302,6 +302,10 @@ class Trainer:
             self.print_summary(result)
         return result
 
+    def close(self) -> None:
+        """Close the envs (idempotent: `run` closes them too)."""
+        self.envs.close()
+
     def log(self, sps: float) -> None:
         """Read the device counters (the loop's only sync) and write them out."""
         cfg, step = self.cfg, self.counters.env_step
