@@ -22,10 +22,11 @@ import torch
 
 from fastdqn.checkpoint import check_resume_config, latest_checkpoint, remove_partial_writes, strip_compile_prefix
 from fastdqn.config import Config, from_dict
+from fastdqn.devices import resolve_device, use_device
 from fastdqn.errors import CheckpointError, ConfigError
 from fastdqn.logs import console
 from fastdqn.rundir import LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
-from fastdqn.trainer import Trainer, TrainResult, load_run_checkpoint, resolve_device
+from fastdqn.trainer import Trainer, TrainResult, load_run_checkpoint
 
 __all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
 
@@ -140,7 +141,9 @@ def load_policy(path: str | Path, device: str | None = None) -> Policy:
     ckpt = target if target.is_file() else latest_checkpoint(target)
     state = load_run_checkpoint(ckpt, "cpu")
     cfg = from_dict(state["config"]).updated(num_envs=1, compile=False, **({"device": device} if device else {}))
-    policy = Policy(cfg, ckpt, int(state["counters"]["env_step"]), resolve_device(cfg.device))
+    run_device = resolve_device(cfg.device)
+    use_device(run_device, cfg.tf32)
+    policy = Policy(cfg, ckpt, int(state["counters"]["env_step"]), run_device)
     try:
         policy.q.load_state_dict(strip_compile_prefix(state["learner"]["q"]))
     except RuntimeError as exc:

@@ -91,7 +91,7 @@ def run(opts: argparse.Namespace) -> tuple[list[Any], Path]:
     import torch
 
     from fastdqn import bench_suites as S
-    from fastdqn.trainer import resolve_device
+    from fastdqn.devices import resolve_device
 
     check(opts)
     device = resolve_device(opts.device)

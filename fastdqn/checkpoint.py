@@ -33,7 +33,7 @@ RESUME_CHANGEABLE = frozenset({
     "total_steps", "learning_rate", "lr_schedule", "lr_end", "max_grad_norm", "clip_rewards",
     "epsilon_schedule", "epsilon_start", "epsilon_end", "epsilon_decay_steps", "epsilon_step_factor",
     "eval_every", "eval_episodes", "eval_epsilon", "solved_return", "log_every", "checkpoint_every",
-    "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "torch_threads",
+    "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "tf32", "torch_threads",
     "env_restarts", "nonfinite_skips", "env_threads",
 })
 

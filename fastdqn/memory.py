@@ -13,9 +13,12 @@ HEADROOM = 0.9  # a buffer may take at most this share of the free memory; the r
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory of `device`: cudaMemGetInfo on CUDA, MemAvailable (else free pages) on the host."""
+    """Memory a new buffer on `device` can take: on CUDA the driver's free memory plus the blocks PyTorch's caching
+    allocator holds unused (a second run in one process finds the first one's memory cached there, which the
+    driver counts as used); on the host MemAvailable, else free pages."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         for line in meminfo.read_text().splitlines():

@@ -42,6 +42,6 @@ class Staging:
             return tensor.numpy()
         buf = self._buffer(name, tensor.shape, tensor.dtype)
         buf.copy_(tensor, non_blocking=True)
-        self.done.record()
+        self.done.record(torch.cuda.current_stream(self.device))  # the copy's stream, also if cuda:N is not current
         self.done.synchronize()
         return buf.numpy().copy()

@@ -25,6 +25,7 @@ from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkp
 from fastdqn.config import Config
 from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
 from fastdqn.atari import GameTracker
+from fastdqn.devices import resolve_device, use_device
 from fastdqn.envs import (finished_episodes, get_env_state, make_vector_env, resolve_vector_mode, set_env_state,
                           true_next_obs)
 from fastdqn.errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
@@ -42,19 +43,6 @@ from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 from fastdqn.staging import Staging
 
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without a GPU is a DeviceError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device '{name}' was asked for but no CUDA GPU is available: use --device cpu")
-    return device
 
 
 def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device) -> ReplayBuffer:
@@ -141,6 +129,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, show_progress: bool = True):
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
         self.device = resolve_device(cfg.device)
+        use_device(self.device, cfg.tf32)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)

@@ -1,0 +1,45 @@
+"""Which device a run trains on, and the process-wide CUDA settings that go with it."""
+
+from __future__ import annotations
+
+import torch
+
+from fastdqn.errors import DeviceError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present. CUDA devices come back with their index (cuda -> cuda:0 on a
+    one-GPU machine), so tensors' devices compare equal to it; asking for a GPU that is not there is a
+    DeviceError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device '{name}' was asked for but no CUDA GPU is available: use --device cpu")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise DeviceError(f"device '{name}' was asked for but this machine has {count} CUDA GPU(s): use "
+                          f"cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}")
+    return torch.device("cuda", index)
+
+
+def use_device(device: torch.device, tf32: bool) -> None:
+    """Make `device` the current CUDA device and set float32 matmul and convolution precision (CUDA only).
+
+    The current device matters beyond the tensors: new streams, events and the CUDA graph capture's random
+    generator belong to it, so with cuda:1 and the current device left at cuda:0 they would sit on another GPU.
+    TF32 uses tensor cores for float32 matmuls (10-bit mantissa); off, both matmuls and cuDNN convolutions run in
+    full float32 (PyTorch's own default turns TF32 on for convolutions only). The legacy setters are used on
+    purpose: mixing them with the per-backend `fp32_precision` API makes torch's own getters raise.
+    """
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
