@@ -22,15 +22,16 @@ import torch
 
 from fastdqn.bench import VARIANT_NAMES
 from fastdqn.config import Config
-from fastdqn.cuda_graph import GraphedUpdate
 from fastdqn.errors import ConfigError
 from fastdqn.learner import DQNLearner
 from fastdqn.logs import console
 from fastdqn.replay import ReplayBuffer
+from fastdqn.update_runner import make_update_runner
 
-# Config changes of each update-step variant (cuda-graph also runs through GraphedUpdate).
-VARIANTS = dict(zip(VARIANT_NAMES, ({}, {"compile": True}, {"compile": True, "amp": True},
-                                    {"compile": True, "amp": True})))
+# Config changes of each update-step variant, as the update runner reads them.
+VARIANTS = dict(zip(VARIANT_NAMES, ({"cuda_graph": "never"}, {"compile": True, "cuda_graph": "never"},
+                                    {"compile": True, "amp": True, "cuda_graph": "never"},
+                                    {"compile": True, "amp": True, "cuda_graph": "always"})))
 CLEANRL_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "cleanrl_dqn.py"
 CARTPOLE = ((4,), 2)
 PRESAMPLED = 32  # distinct batches the eager and compiled update benchmarks cycle through
@@ -73,12 +74,12 @@ def filled_replay(obs_shape: tuple[int, ...], n_actions: int, capacity: int, dev
             return torch.randint(0, 256, (replay.capacity, *obs_shape), dtype=torch.uint8, generator=g)
         return torch.randn((replay.capacity, *obs_shape), generator=g)
 
-    replay.obs.copy_(obs())
-    replay.next_obs.copy_(obs())
-    replay.actions.copy_(torch.randint(0, n_actions, (replay.capacity,), generator=g))
-    replay.rewards.copy_(torch.randn(replay.capacity, generator=g))
-    replay.terminated.copy_((torch.rand(replay.capacity, generator=g) < 0.05).float())
-    replay.size = replay.capacity
+    zeros = torch.zeros(replay.capacity)
+    replay.load_state_dict({"pos": 0, "size": replay.capacity, "obs": obs(), "next_obs": obs(),
+                            "actions": torch.randint(0, n_actions, (replay.capacity,), generator=g),
+                            "rewards": torch.randn(replay.capacity, generator=g),
+                            "terminated": (torch.rand(replay.capacity, generator=g) < 0.05).float(),
+                            "truncated": zeros})
     return replay
 
 
@@ -89,10 +90,11 @@ def update_fn(cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: 
     its time includes sampling."""
     torch.manual_seed(cfg.seed)
     learner = DQNLearner(cfg.updated(**VARIANTS[variant]), obs_shape, n_actions, device)
+    runner = make_update_runner(learner, replay)
     if variant == "cuda-graph":
-        return GraphedUpdate(learner, replay, cfg.batch_size).step
+        return runner.step
     batches = itertools.cycle([replay.sample(cfg.batch_size) for _ in range(PRESAMPLED)])
-    return lambda: learner.update(next(batches))
+    return lambda: runner.update(next(batches))
 
 
 def clock(opts: argparse.Namespace) -> Callable[[], float]:

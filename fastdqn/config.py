@@ -113,9 +113,11 @@ class Config:
     tf32: bool = _f(False, "CUDA only: TF32 tensor cores for float32 matmuls and convolutions (10-bit mantissa, faster); "
                     "false = full float32 for both")
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
-        "auto", "torch.compile mode; auto = default on CPU, max-autotune-no-cudagraphs on CUDA (fastdqn captures its own graph)")
+        "auto", "torch.compile mode; auto = default (max-autotune's first compile can take minutes; reduce-overhead "
+        "and max-autotune bring inductor's own CUDA graphs, so cuda_graph auto then stays off)")
     cuda_graph: Literal["auto", "always", "never"] = _f(
-        "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA")
+        "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA "
+        "where the replay allows it (uniform, one-step)")
     profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
     profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
     torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes share the cores; 0 = torch's default")

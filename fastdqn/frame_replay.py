@@ -56,10 +56,11 @@ class FrameReplay:
     __len__ = ReplayBuffer.__len__
     nbytes = ReplayBuffer.nbytes
     state_dict = ReplayBuffer.state_dict
+    load_state_dict = ReplayBuffer.load_state_dict  # then `_refresh_bounds`, this class's own
+    graph_sampling = True  # `sample` reads only device tensors (`bounds`): a CUDA graph may capture it
 
-    def load_state_dict(self, state: dict) -> None:
-        ReplayBuffer.load_state_dict(self, state)
-        self._refresh_bounds()
+    def graph_sample(self, batch_size: int) -> Batch:
+        return self.sample(batch_size)
 
     def _storage(self) -> dict[str, torch.Tensor]:
         return {"frames": self.frames, "actions": self.actions, "rewards": self.rewards,

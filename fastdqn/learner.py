@@ -1,10 +1,11 @@
 """The DQN learner: online and target Q-networks, the TD update, target syncs and epsilon-greedy acting.
 
-The update step is one function (`_update_step`) that runs eager or under `torch.compile`, with or without
-bf16 autocast; on the CPU, `--compile` compiles `single_graph_step`, the same update written to trace as one
-graph (torch.func gradients, functional Adam), and `batch_td_loss` is the loss both share. Every value that changes
-during training (learning rate, epsilon) enters as a tensor or stays outside, so a compiled step never recompiles. Metrics accumulate on the device and are read with
-`read_metrics()` every `log_every` env steps, the only host-device synchronisation of the training loop.
+The update step exists twice, computing the same thing: `DQNLearner.step_on`, the eager step (autograd engine and
+torch's fused Adam), and `single_graph_step`, a pure function written for `torch.compile` to trace as one graph
+(torch.func gradients, torch's functional Adam on the same optimizer state); `batch_td_loss` is the loss both share.
+Which one runs, and whether it is captured in a CUDA graph, is the update runner's choice (update_runner.py).
+Every value that changes during training (learning rate, epsilon) enters as a tensor or stays outside, so a
+compiled step never recompiles.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch.func import functional_call, grad_and_value
 from torch.optim.adam import adam
 
 from fastdqn.config import Config
-from fastdqn.networks import build_q_network, is_pixel_shape
+from fastdqn.networks import build_q_network
 from fastdqn.replay import Batch
 
 METRICS = ("loss", "q_mean", "grad_norm")
@@ -58,14 +59,6 @@ def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float,
 
 
 ADAM_BETAS = (0.9, 0.999)
-
-
-def compile_mode(cfg: Config, device: torch.device) -> str:
-    """torch.compile mode of the update step. auto: inductor's default on CPU; on CUDA autotuned kernels without
-    inductor's own CUDA graphs, because fastdqn captures sampling + update in one graph itself (cuda_graph.py)."""
-    if cfg.compile_mode != "auto":
-        return cfg.compile_mode
-    return "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
 
 
 def autocast(cfg: Config, device_type: str) -> contextlib.AbstractContextManager:
@@ -111,8 +104,8 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
                       obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
                       terminated: torch.Tensor, discounts: torch.Tensor | None = None,
                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update step written for torch.compile on the CPU to trace as ONE graph: gradients by torch.func instead
-    of the autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on the optimizer's state
+    """The update step written for torch.compile to trace as ONE graph: gradients by torch.func instead of the
+    autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on the optimizer's state
     tensors (so checkpoints are unchanged), updating the weights in place through detached aliases.
 
     A plain function of its arguments, so every learner in a process shares one compiled graph (a method would
@@ -130,8 +123,12 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
     grads, (loss, (q_sa, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     grads = torch._foreach_mul(grads, torch.clamp(max_grad_norm(cfg) / (grad_norm + 1e-6), max=1.0))
+    # On CUDA the step counts live on the device and must stay there: with capturable=False torch runs this Adam
+    # outside the compiled graph (a graph break) and reads each step count with .item(), a host sync per tensor
+    # that also makes the step impossible to capture in a CUDA graph.
     adam(params, list(grads), exp_avgs, exp_avg_sqs, [], steps, foreach=False, amsgrad=False, beta1=ADAM_BETAS[0],
-         beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0, eps=cfg.adam_eps, maximize=False)
+         beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0, eps=cfg.adam_eps, maximize=False,
+         capturable=params[0].device.type == "cuda")
     if cfg.target_update == "soft":
         soft_update_(target, q, cfg.tau)
     return torch.stack([loss.detach(), q_sa.mean(), grad_norm]), (y - q_sa).abs()
@@ -147,23 +144,13 @@ class DQNLearner:
         self.target = self.q if cfg.target_update == "none" else copy.deepcopy(self.q).requires_grad_(False)
         # A tensor learning rate: the LR schedule changes it in place, so a compiled step never recompiles.
         self.lr = torch.tensor(cfg.learning_rate, dtype=torch.float32, device=device)
-        # CUDA: capturable (state on the device, no host sync) so the step can live in a CUDA graph. CPU: fused,
-        # one kernel for all parameters (the foreach path cannot take a tensor LR there and loops per tensor).
-        on_cuda = device.type == "cuda"
+        # Fused on every device: one kernel for all parameters, and with the step counts and the tensor LR on the
+        # device it never syncs with the host, so a CUDA graph can capture it (the foreach path cannot take a
+        # tensor LR without capturable=True, the single-tensor path reads each step count with .item()).
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=cfg.adam_eps,
-                                          capturable=on_cuda, fused=None if on_cuda else True)
-        self.metrics_sum = torch.zeros(len(METRICS), device=device)
-        self.metrics_count = 0
-        self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update
-        self.update_step = self._update_step
-        if cfg.compile and (on_cuda or is_pixel_shape(obs_shape)):
-            # CUDA: the whole step, then captured with sampling into a CUDA graph (cuda_graph.py). CPU CNN: the
-            # convolutions dominate, and inductor's joint graph of the single-graph step runs them slower.
-            self.update_step = torch.compile(self._update_step, mode=compile_mode(cfg, device))
-        elif cfg.compile:  # CPU MLP: per-op and autograd-engine overhead dominate; one graph removes most of it
-            self._init_adam_state()
-            self._compiled_graph_step = torch.compile(single_graph_step, mode=compile_mode(cfg, device))
-            self.update_step = self._single_graph_step
+                                          fused=True)
+        self.adam_flags = {k: v for k, v in self.optimizer.param_groups[0].items()
+                           if v is None or isinstance(v, bool)}  # fused, capturable, foreach, ...
         if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
                           "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
@@ -174,16 +161,15 @@ class DQNLearner:
         return None if self.target is self.q else self.target
 
     # --- the update -----------------------------------------------------------------------------------
-    def _update_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                     next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One gradient step on one batch; returns ([loss, mean Q(s,a), grad norm], per-sample |TD error|).
+    def step_on(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager update: one gradient step on `batch`; returns ([loss, mean Q(s,a), grad norm], per-sample
+        |TD error|), both device tensors.
 
-        `discounts` (gamma^k of n-step returns) replaces gamma and `weights` (prioritized replay) weight the
-        loss; both are tensors or None, so a compiled step sees no changing Python values.
+        The batch's `discounts` (gamma^k of n-step returns) replace gamma and its `weights` (prioritized replay)
+        weight the loss; both are tensors or None.
         """
-        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, obs, actions, rewards, next_obs, terminated,
-                                   discounts, weights)
+        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, batch.obs, batch.actions, batch.rewards,
+                                   batch.next_obs, batch.terminated, batch.discounts, batch.weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), max_grad_norm(self.cfg))
@@ -192,42 +178,31 @@ class DQNLearner:
             soft_update_(self.target, self.q, self.cfg.tau)
         return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()]), (y - q).detach().abs()
 
-    def _single_graph_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                           next_obs: torch.Tensor, terminated: torch.Tensor, discounts: torch.Tensor | None = None,
-                           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compiled `single_graph_step` on this learner's networks and Adam state (CPU `--compile`).
+    def functional_state(self) -> tuple:
+        """The arguments of `single_graph_step` before the batch: networks, Adam's state tensors (made up front, as
+        its first step would, if there are none yet) and the learning rate."""
+        params = list(self.q.parameters())
+        if not self.optimizer.state:
+            for p in params:
+                self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                           "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.optimizer.state[p] for p in params]
+        return (self.cfg, self.q, self.target_net, [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], self.lr)
 
-        Called under no_grad, which torch.func's gradients ignore: the compiled step is then an inference graph,
-        without the autograd wrapper around it that nothing outside would use (10-20% of the step's time here).
-        """
-        states = [self.optimizer.state[p] for p in self.q.parameters()]
-        with torch.no_grad():
-            return self._compiled_graph_step(
-                self.cfg, self.q, self.target_net, [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], self.lr, obs, actions, rewards,
-                next_obs, terminated, discounts, weights)
-
-    def _init_adam_state(self) -> None:
-        """Adam's per-parameter state, made up front (as its first step would) for the single-graph step."""
-        for p in self.q.parameters():
-            self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                       "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-    def update(self, batch: Batch) -> torch.Tensor:
-        """Run one update step, add its metrics to the device-side running sums and return them.
-
-        The batch's per-sample |TD errors| stay in `self.td_errors` (device tensor) for priority updates.
-        """
-        stats, self.td_errors = self.step_on(batch)
-        self.metrics_sum += stats
-        self.metrics_count += 1
-        return stats
-
-    def step_on(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The update step (eager or compiled) on one batch, without touching the metric sums."""
-        return self.update_step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
-                                batch.discounts, batch.weights)
+    @contextlib.contextmanager
+    def optimizer_capturable(self) -> Iterator[None]:
+        """Adam marked capturable while a CUDA graph captures the eager step: torch refuses to capture an optimizer
+        without the flag. The fused kernels do not read it (they never sync anyway), so it is off otherwise:
+        torch warns that a capturable optimizer stepping uncaptured may be slow."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+        try:
+            yield
+        finally:
+            for group in self.optimizer.param_groups:
+                group["capturable"] = self.adam_flags["capturable"]
 
     def set_learning_rate(self, value: float) -> None:
         self.lr.fill_(value)
@@ -262,16 +237,7 @@ class DQNLearner:
         if normalizer is not None:
             normalizer.update(obs)
 
-    # --- metrics and state ----------------------------------------------------------------------------
-    def read_metrics(self) -> dict[str, float]:
-        """Mean of each metric since the last read (one device->host copy), then reset the sums."""
-        if self.metrics_count == 0:
-            return {}
-        means = (self.metrics_sum / self.metrics_count).tolist()
-        self.metrics_sum.zero_()
-        self.metrics_count = 0
-        return dict(zip(METRICS, means))
-
+    # --- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"q": self.q.state_dict(), "target": self.target.state_dict(), "optimizer": self.optimizer.state_dict()}
 
@@ -280,6 +246,11 @@ class DQNLearner:
         if self.target is not self.q:
             self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
-        # load_state_dict replaces the param group's lr with the saved tensor: point it back at ours.
-        self.lr.copy_(torch.as_tensor(self.optimizer.param_groups[0]["lr"]))
-        self.optimizer.param_groups[0]["lr"] = self.lr
+        # load_state_dict replaces the param group with the saved one: point its lr back at our tensor, and set its
+        # flags back to this learner's own (a CUDA run's capturable=True, resumed on the CPU, fails at the first
+        # step), with the step counts where fused Adam keeps them, float32 on the parameter's device.
+        group = self.optimizer.param_groups[0]
+        self.lr.copy_(torch.as_tensor(group["lr"]))
+        group.update(self.adam_flags, lr=self.lr)
+        for p, st in self.optimizer.state.items():
+            st["step"] = st["step"].to(dtype=torch.float32, device=p.device)

@@ -51,6 +51,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         super().add(*args, **kwargs)
         self.priorities[start:start + self.num_envs] = self.max_priority
 
+    graph_sampling = False  # sampling reads the fill level and beta on the host
+
     def sample(self, batch_size: int) -> Batch:
         idx, weights = proportional_sample(self.priorities[:self.size], batch_size, self.beta)
         return self.gather(idx)._replace(weights=weights, indices=idx)

@@ -2,8 +2,9 @@
 
 While a profile runs, six methods of the run's objects are wrapped in `record_function` ranges named
 `env.step`, `replay.add`, `replay.sample`, `learner.update`, `target.sync` and `act` (with a CUDA graph,
-`learner.update` covers the sampling too), and each loop iteration (one vector step and its updates) is one
-profiler step, counted from the first gradient update so that the schedule's windows see training, not warm-up. With profiling off nothing is wrapped: the loop carries no profiling code at all.
+`learner.update` covers the sampling too, which runs inside the graph), and each loop iteration (one vector step
+and its updates) is one profiler step, counted from the first gradient update so that the schedule's windows see
+training, not warm-up. With profiling off nothing is wrapped: the loop carries no profiling code at all.
 Output, under `<run_dir>/profile/`: `trace_<step>.json` (Chrome / Perfetto trace), `tensorboard/` (for the
 TensorBoard profiler plugin) and `top_ops.txt` (the operators that took the most time).
 """
@@ -42,11 +43,11 @@ def traced(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 def targets(trainer: Any) -> list[tuple[object, str, str]]:
     """(object, method, range name) for each wrapped method of a Trainer."""
     found = [(trainer.envs, "step", "env.step"), (trainer.replay, "add", "replay.add"),
-             (trainer.replay, "sample", "replay.sample"), (trainer.learner, "update", "learner.update"),
-             (trainer.learner, "sync_target", "target.sync"), (trainer.learner, "act", "act")]
-    if getattr(trainer, "graphed", None) is not None:
-        found.append((trainer.graphed, "step", "learner.update"))
-    return found
+             (trainer.replay, "sample", "replay.sample"), (trainer.learner, "sync_target", "target.sync"),
+             (trainer.learner, "act", "act")]
+    # The runner's `update` is one update on a sampled batch; a graphed runner's `step` samples and updates.
+    update = "step" if trainer.updates.kind == "graphed" else "update"
+    return found + [(trainer.updates, update, "learner.update")]
 
 
 @contextlib.contextmanager

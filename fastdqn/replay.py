@@ -43,6 +43,7 @@ class ReplayBuffer:
         self.truncated = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.pos = 0  # next slot to write
         self.size = 0  # filled slots
+        self.filled = torch.zeros((), dtype=torch.int64, device=device)  # `size` on the device, for graph_sample
 
     def __len__(self) -> int:
         return self.size
@@ -72,11 +73,28 @@ class ReplayBuffer:
             dest[self.pos:self.pos + n] = new[name]
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+        self._refresh_bounds()
+
+    def _refresh_bounds(self) -> None:
+        """Copy the fill level to the device (a kernel launch, no host sync) for `graph_sample`."""
+        self.filled.fill_(self.size)
 
     def sample(self, batch_size: int) -> Batch:
         """Uniform sample with replacement over the filled slots, indices drawn on the device."""
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.gather(idx)
+
+    @property
+    def graph_sampling(self) -> bool:
+        """Whether `graph_sample` may be captured in a CUDA graph (n-step returns read the write position on the
+        host)."""
+        return self.n_step == 1
+
+    def graph_sample(self, batch_size: int) -> Batch:
+        """A uniform sample like `sample`, computed from device tensors only (the fill level is `filled`), so a
+        CUDA graph that captures it keeps sampling all filled slots as the buffer grows."""
+        idx = (torch.rand(batch_size, device=self.device) * self.filled).long()
+        return self.gather(torch.minimum(idx, self.filled - 1))  # rand can round up to exactly 1.0 in float32
 
     def newest(self) -> Batch:
         """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""
@@ -104,3 +122,4 @@ class ReplayBuffer:
         for name, dest in self._storage().items():
             dest[:size] = state[name].to(self.device)
         self.pos, self.size = state["pos"], size
+        self._refresh_bounds()

@@ -23,7 +23,6 @@ import torch
 
 from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
 from fastdqn.config import Config
-from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
 from fastdqn.atari import GameTracker
 from fastdqn.devices import resolve_device, use_device
 from fastdqn.envs import (finished_episodes, get_env_state, make_vector_env, resolve_vector_mode, set_env_state,
@@ -38,9 +37,10 @@ from fastdqn.memory import check_replay_fits
 from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.profiling import profiled
-from fastdqn.replay import Batch, ReplayBuffer
+from fastdqn.replay import ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 from fastdqn.staging import Staging
+from fastdqn.update_runner import make_update_runner
 
 CHECKPOINT_FORMAT = 1
 
@@ -145,8 +145,7 @@ class Trainer:
         self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(self.compile_or_eager(cfg), self.obs_shape, self.n_actions, self.device)
         self.staging = Staging(self.device)
-        self.graphed = (GraphedUpdate(self.learner, self.replay, cfg.batch_size)
-                        if graph_wanted(cfg, self.device, self.replay) else None)
+        self.updates = make_update_runner(self.learner, self.replay)  # eager, compiled or CUDA-graphed
         self.finite = FiniteGuard(self.learner)
         self.counters = Counters()
         self.obs, reset_infos = self.envs.reset(seed=cfg.seed)
@@ -225,23 +224,12 @@ class Trainer:
             self.learner.set_learning_rate(learning_rate_at(cfg, c.env_step))
             if cfg.prioritized:
                 self.replay.beta = per_beta_at(cfg, c.env_step)
-            for _ in range(due - c.updates):
-                self.update_once()
+            self.updates.run(due - c.updates)  # each on a new sample; prioritized replay gets new priorities
             c.updates = due
         syncs_due = c.env_step // cfg.target_update_interval
         if cfg.target_update == "hard" and syncs_due > c.target_syncs:
             self.learner.sync_target()
         c.target_syncs = syncs_due
-
-    def update_once(self) -> None:
-        """One gradient step on a replay sample (the newest vector step without replay), then new priorities."""
-        if self.graphed is not None:
-            self.graphed.step()  # sampling and update in one replayed CUDA graph
-            return
-        batch: Batch = self.replay.sample(self.cfg.batch_size) if self.cfg.replay_buffer else self.replay.newest()
-        self.learner.update(batch)
-        if batch.indices is not None:
-            self.replay.update_priorities(batch.indices, self.learner.td_errors)
 
     # --- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -298,7 +286,7 @@ class Trainer:
     def log(self, sps: float) -> None:
         """Read the device counters (the loop's only sync) and write them out."""
         cfg, step = self.cfg, self.counters.env_step
-        metrics = self.learner.read_metrics()
+        metrics = self.updates.read_metrics()
         self.check_finite(metrics)
         epsilon = epsilon_at(cfg, step)
         scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate_at(cfg, step), "charts/SPS": sps}

@@ -52,8 +52,8 @@ def test_no_replay_variant_trains_once_on_each_vector_step(tiny_base, tmp_path, 
     cfg = tiny_base.updated(num_envs=2, total_steps=40, **changes)
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     seen = []
-    real_update = trainer.learner.update
-    monkeypatch.setattr(trainer.learner, "update", lambda batch: (seen.append(batch), real_update(batch))[1])
+    real_update = trainer.updates.update
+    monkeypatch.setattr(trainer.updates, "update", lambda batch: (seen.append(batch), real_update(batch))[1])
     newest = []
     real_add = trainer.replay.add
     monkeypatch.setattr(trainer.replay, "add", lambda *a, **k: (newest.append(a[0].clone()), real_add(*a, **k))[1])

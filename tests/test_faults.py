@@ -195,7 +195,7 @@ def no_cpp_compiler(monkeypatch):
 
 def test_compile_without_a_compiler_falls_back_to_eager_with_a_warning(tmp_path, no_cpp_compiler, capsys):
     trainer = Trainer(small_cfg(compile=True), tmp_path, show_progress=False)
-    assert trainer.learner.update_step == trainer.learner._update_step  # eager, not a compiled wrapper
+    assert trainer.updates.kind == "eager"  # not the compiled step
     assert "no working compiler" in capsys.readouterr().err
     assert trainer.cfg.compile  # the run's own config keeps what the user asked for
 
@@ -247,18 +247,20 @@ def test_rollback_restores_the_snapshot_into_the_same_tensors():
     from fastdqn.faults import FiniteGuard
     from fastdqn.learner import DQNLearner
     from fastdqn.replay import ReplayBuffer
+    from fastdqn.update_runner import UpdateRunner
 
     learner = DQNLearner(small_cfg(), (4,), 2, torch.device("cpu"))
     replay = ReplayBuffer(64, 1, (4,), torch.float32, torch.device("cpu"))
     for _ in range(64):
         replay.add(torch.randn(1, 4), torch.zeros(1, dtype=torch.int64), torch.ones(1), torch.randn(1, 4),
                    torch.zeros(1), torch.zeros(1))
-    learner.update(replay.sample(16))
+    updates = UpdateRunner(learner, replay)
+    updates.update(replay.sample(16))
     guard = FiniteGuard(learner)
     guard.commit(100)
     before = {k: v.clone() for k, v in learner.q.state_dict().items()}
     weight = learner.q.state_dict()["net.0.weight"].data_ptr()
-    learner.update(replay.sample(16))
+    updates.update(replay.sample(16))
     with torch.no_grad():
         next(learner.q.parameters()).fill_(float("nan"))
     assert not guard.is_finite({})

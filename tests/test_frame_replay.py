@@ -238,8 +238,8 @@ def test_capacity_that_does_not_fit_is_refused_with_numbers(monkeypatch):
 def test_cuda_graph_body_samples_frame_replay_like_the_eager_update(tmp_path):
     """GraphedUpdate's body (here uncaptured, on the CPU) draws FrameReplay samples from its device-side bounds:
     the same random draw gives exactly the eager update, and CUDA runs with compile may capture it."""
-    from fastdqn.cuda_graph import GraphedUpdate, graph_wanted
     from fastdqn.learner import DQNLearner
+    from fastdqn.update_runner import GraphedUpdate, graph_wanted
 
     cfg = frame_id_cfg(batch_size=8)
     with trainer_without_run(cfg, tmp_path) as trainer:
@@ -250,10 +250,10 @@ def test_cuda_graph_body_samples_frame_replay_like_the_eager_update(tmp_path):
     for _ in range(2):
         torch.manual_seed(0)
         learners.append(DQNLearner(cfg, (4, 84, 84), 3, torch.device("cpu")))
-    graphed = GraphedUpdate(learners[0], replay, cfg.batch_size)
+    graphed = GraphedUpdate(learners[0], replay)
     for _ in range(2):
         torch.manual_seed(5)
-        stats, td_errors = graphed.sampled_update()
+        stats, td_errors = graphed.body()
         torch.manual_seed(5)
         eager_stats, eager_td = learners[1].step_on(replay.sample(cfg.batch_size))
         assert torch.equal(stats, eager_stats) and torch.equal(td_errors, eager_td)

@@ -1,7 +1,9 @@
 """DQNLearner: the update computes the TD loss it should, target nets update as configured, acting honours
-epsilon, metrics read back, and the compiled and bf16 paths learn on a fixed batch."""
+epsilon, and the compiled and bf16 paths learn on a fixed batch."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from fastdqn.config import Config
 from fastdqn.learner import METRICS, DQNLearner, td_loss, td_targets
 from fastdqn.replay import Batch
+from fastdqn.update_runner import make_update_runner
 
 CPU = torch.device("cpu")
 OBS_DIM, N_ACTIONS, BATCH = 4, 3, 64
@@ -18,6 +21,11 @@ def make_learner(**changes) -> DQNLearner:
     torch.manual_seed(0)
     cfg = Config(hidden_sizes=[32, 32], device="cpu").updated(**changes)
     return DQNLearner(cfg, (OBS_DIM,), N_ACTIONS, CPU)
+
+
+def update(learner: DQNLearner, batch: Batch) -> torch.Tensor:
+    """One update of `learner` on `batch` by the update runner its config asks for; [loss, mean Q, grad norm]."""
+    return make_update_runner(learner).update(batch)
 
 
 def fixed_batch(seed: int = 0) -> Batch:
@@ -64,7 +72,7 @@ def test_update_reports_the_td_loss_of_its_batch(changes):
         perturb(learner.target)  # a target net that differs from the online one, so mixing them up shows
     batch = fixed_batch()
     expected = expected_loss(learner, batch)
-    stats = learner.update(batch)
+    stats = update(learner, batch)
     assert stats.shape == (len(METRICS),)
     assert stats[0].item() == pytest.approx(expected, rel=1e-5)
 
@@ -75,7 +83,7 @@ def test_hard_target_is_fixed_between_syncs_and_sync_copies_params_and_buffers()
     before = params(learner.target)
     learner.observe(torch.randn(16, OBS_DIM) * 3 + 1)  # moves the online net's normalizer buffers
     for seed in range(3):
-        learner.update(fixed_batch(seed))
+        update(learner, fixed_batch(seed))
     assert all(torch.equal(a, b) for a, b in zip(before, params(learner.target)))
     online = params(learner.q)
     assert not all(torch.equal(a, b) for a, b in zip(online, before))
@@ -84,7 +92,7 @@ def test_hard_target_is_fixed_between_syncs_and_sync_copies_params_and_buffers()
     assert len(after) == len(online) and all(torch.equal(a, b) for a, b in zip(online, after))
     assert learner.target.normalizer.count.item() == pytest.approx(16.0)
     # a copy, not shared storage: the next update moves the online net only
-    learner.update(fixed_batch(5))
+    update(learner, fixed_batch(5))
     assert all(torch.equal(a, b) for a, b in zip(after, params(learner.target)))
 
 
@@ -94,7 +102,7 @@ def test_soft_update_is_a_tau_lerp_towards_the_updated_online_net():
     perturb(learner.target, 1.0)
     learner.observe(torch.randn(16, OBS_DIM) + 2)
     target_before = [p.detach().clone() for p in learner.target.parameters()]
-    learner.update(fixed_batch())
+    update(learner, fixed_batch())
     for old, new, online in zip(target_before, learner.target.parameters(), learner.q.parameters()):
         assert torch.allclose(new, old + tau * (online - old), atol=1e-6)
         assert not torch.allclose(new, online)
@@ -154,26 +162,13 @@ def test_amp_acting_picks_the_fp32_greedy_action_between_close_large_q_values():
     assert torch.equal(learner.act(obs, 0.0), q.argmax(dim=1))
 
 
-def test_read_metrics_returns_the_mean_since_the_last_read():
-    learner = make_learner()
-    assert learner.read_metrics() == {}
-    stats = torch.stack([learner.update(fixed_batch(seed)) for seed in range(5)])
-    metrics = learner.read_metrics()
-    assert list(metrics) == list(METRICS)
-    assert [metrics[k] for k in METRICS] == pytest.approx(stats.mean(0).tolist(), rel=1e-6)
-    assert metrics["grad_norm"] > 0
-    assert learner.read_metrics() == {}  # the sums were reset
-    one = learner.update(fixed_batch(9))
-    assert learner.read_metrics()["loss"] == pytest.approx(one[0].item(), rel=1e-6)
-
-
 def test_grad_norm_is_reported_before_clipping_and_the_step_uses_the_clipped_gradient():
     learner = make_learner(max_grad_norm=1e-3)
     batch = fixed_batch()
     reference = make_learner(max_grad_norm=0.0)
-    reference.update(batch)
+    update(reference, batch)
     raw_norm = torch.norm(torch.stack([p.grad.norm() for p in reference.q.parameters()])).item()
-    stats = learner.update(batch)
+    stats = update(learner, batch)
     assert stats[2].item() == pytest.approx(raw_norm, rel=1e-4) and raw_norm > 1e-2
     # Adam's first moment after one step is (1 - beta1) * the gradient it was given: the clipped one
     first_moment = [learner.optimizer.state[p]["exp_avg"] / 0.1 for p in learner.q.parameters()]
@@ -184,12 +179,12 @@ def test_zero_grad_sets_gradients_to_none_not_zero():
     learner = make_learner()
     batch = fixed_batch()
     reference = make_learner()
-    reference.update(batch)
+    update(reference, batch)
     stale = []
     for p in learner.q.parameters():
         p.grad = torch.full_like(p, 1e3)  # left over from an earlier step
         stale.append(p.grad)
-    learner.update(batch)
+    update(learner, batch)
     for p, old, ref in zip(learner.q.parameters(), stale, reference.q.parameters()):
         assert p.grad is not old  # a fresh tensor: the old one was dropped (set_to_none), not zeroed in place
         assert torch.equal(old, torch.full_like(p, 1e3))
@@ -201,14 +196,14 @@ def test_learning_rate_tensor_is_what_adam_steps_with():
     frozen = make_learner()
     frozen.set_learning_rate(0.0)
     before = params(frozen.q)
-    frozen.update(batch)
+    update(frozen, batch)
     assert all(torch.equal(a, b) for a, b in zip(before, params(frozen.q)))
 
     learner = make_learner()
     learner.set_learning_rate(2.5e-3)
     reference = make_learner()
     adam = torch.optim.Adam(reference.q.parameters(), lr=2.5e-3, eps=reference.cfg.adam_eps)
-    learner.update(batch)
+    update(learner, batch)
     y = td_targets(batch.rewards, batch.terminated, reference.cfg.gamma, reference.target(batch.next_obs).detach())
     q = reference.q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
     adam.zero_grad()
@@ -219,10 +214,28 @@ def test_learning_rate_tensor_is_what_adam_steps_with():
         assert torch.allclose(a, b, atol=1e-7)
 
 
+def test_adam_state_saved_with_other_flags_loads_with_the_learners_own():
+    """A CUDA run's checkpoint (Adam capturable, not fused) resumed with --device cpu: the saved param group used to
+    replace this learner's flags, and the first update failed ('If capturable=True, params and state_steps must be
+    on supported devices'). The flags are the learner's own after a load, and the update is the plain one's."""
+    source = make_learner()
+    update(source, fixed_batch(0))
+    from_cuda = copy.deepcopy(source.state_dict())
+    from_cuda["optimizer"]["param_groups"][0].update(capturable=True, fused=None)
+    plain, resumed = make_learner(), make_learner()
+    plain.load_state_dict(copy.deepcopy(source.state_dict()))
+    resumed.load_state_dict(from_cuda)
+    group = resumed.optimizer.param_groups[0]
+    assert group["capturable"] is False and group["fused"] is True and group["lr"] is resumed.lr
+    assert all(st["step"].dtype == torch.float32 for st in resumed.optimizer.state.values())
+    assert torch.equal(update(resumed, fixed_batch(1)), update(plain, fixed_batch(1)))
+    assert all(torch.equal(a, b) for a, b in zip(params(resumed.q), params(plain.q)))
+
+
 def losses_on_a_fixed_batch(learner: DQNLearner, updates: int = 50) -> list[float]:
     """Regression to fixed targets: the target net is never synced here, so the loss should fall steadily."""
     batch = fixed_batch()
-    return [learner.update(batch)[0].item() for _ in range(updates)]
+    return [update(learner, batch)[0].item() for _ in range(updates)]
 
 
 def assert_learns(losses: list[float]) -> None:
@@ -240,7 +253,7 @@ def test_amp_loss_is_finite_and_decreases_on_a_fixed_batch():
 @pytest.mark.slow
 def test_compiled_loss_is_finite_and_decreases_on_a_fixed_batch():
     learner = make_learner(compile=True, hidden_sizes=[16], learning_rate=1e-2)
-    assert learner.update_step is not learner._update_step
+    assert make_update_runner(learner).kind == "compiled"
     losses = losses_on_a_fixed_batch(learner)
     assert_learns(losses)
     eager = make_learner(hidden_sizes=[16], learning_rate=1e-2)

@@ -1,25 +1,31 @@
-"""Fast paths against the eager update (PITFALLS 6, 7, 10).
+"""Fast paths against the eager update: compiled, bf16 and the CUDA-graph runner's logic.
 
-On the CPU `--compile` runs `single_graph_step` (torch.func gradients, functional Adam) and on CUDA the
-compiled `_update_step`; both must equal eager. Each variant starts from the same weights and takes the same batches: compiled fp32 must match eager to float32
+`--compile` runs `single_graph_step` (torch.func gradients, functional Adam) on every device; it must equal eager.
+Each variant starts from the same weights and takes the same batches: compiled fp32 must match eager to float32
 rounding (loss rtol 1e-5, weights atol 1e-6 after several steps); bf16 autocast is looser (loss rtol 2e-2)
-because its matmuls round to 8 mantissa bits. The CUDA-graph variant cannot be captured on a CPU: its captured
-body (device-side sampling, gather, update) is checked against eager here, and its refusal on a CPU.
+because its matmuls round to 8 mantissa bits. A CUDA graph cannot be captured on a CPU: here the graphed runner's
+body (device-side sampling, gather, update) is checked against eager, and its warm-up / capture / recapture /
+fallback logic runs with a stand-in for the capture that, like a graph, rewrites fixed output tensors in place.
+The real captures are in test_cuda.py.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from fastdqn import update_runner
 from fastdqn.config import Config
-from fastdqn.cuda_graph import GraphedUpdate, graph_wanted, sample_indices
+from fastdqn.cuda_graph import CaptureError
 from fastdqn.errors import ConfigError, DeviceError
-from fastdqn.learner import DQNLearner
+from fastdqn.learner import METRICS, DQNLearner
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at
 from fastdqn.staging import Staging
+from fastdqn.update_runner import WARMUP, GraphedUpdate, UpdateRunner, graph_wanted, make_update_runner
 
 CPU = torch.device("cpu")
 OBS_SHAPE, N_ACTIONS = (4,), 2
@@ -54,10 +60,11 @@ def filled_replay(capacity: int = 256) -> ReplayBuffer:
 
 def run_updates(lrn: DQNLearner, cfg: Config, data: list[Batch]) -> list[float]:
     """One update per batch with the LR schedule moving, as in training; the losses, read at the end."""
+    runner = make_update_runner(lrn)
     stats = []
     for step, batch in enumerate(data):
         lrn.set_learning_rate(learning_rate_at(cfg, step * 100))
-        stats.append(lrn.update(batch))
+        stats.append(runner.update(batch))
     return [s[0].item() for s in stats]
 
 
@@ -80,10 +87,11 @@ def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon
     # PITFALL 7: a changing Python float in the step would recompile (and after 8, silently run eager).
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     obs = torch.randn(4, 4)
+    runner = make_update_runner(compiled)
     for step in range(100):
         compiled.set_learning_rate(learning_rate_at(cfg, step * 10))
         compiled.act(obs, epsilon_at(cfg, step * 10))
-        compiled.update(data[step % len(data)])
+        runner.update(data[step % len(data)])
     assert len({round(epsilon_at(cfg, s * 10), 6) for s in range(100)}) > 50  # both really changed
     assert compiled.lr.item() == pytest.approx(learning_rate_at(cfg, 990))
 
@@ -94,14 +102,14 @@ def test_new_learners_reuse_the_compiled_step_instead_of_recompiling(monkeypatch
     cfg = small_cfg(compile=True)
     data = batches(2)
     first = learner(cfg)
-    first.update(data[0])  # compiles (or finds this config's graph from an earlier test)
+    make_update_runner(first).update(data[0])  # compiles (or finds this config's graph from an earlier test)
     first_weights = [p.clone() for p in first.q.parameters()]
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for seed in range(10):
         torch.manual_seed(seed)
         other = DQNLearner(cfg, OBS_SHAPE, N_ACTIONS, CPU)
         before = [p.clone() for p in other.q.parameters()]
-        other.update(data[1])
+        make_update_runner(other).update(data[1])
         assert all(not torch.equal(a, p) for a, p in zip(before, other.q.parameters()))  # its own weights moved
     assert all(torch.equal(a, p) for a, p in zip(first_weights, first.q.parameters()))  # the shared graph wrote
     # each learner's own tensors, never the first one's
@@ -124,7 +132,7 @@ def test_compiled_bf16_update_matches_eager_loosely_and_keeps_fp32_state():
     for p in amp.q.parameters():
         assert p.dtype == torch.float32
         assert all(v.dtype == torch.float32 for v in amp.optimizer.state[p].values())
-    assert amp.metrics_sum.dtype == torch.float32
+    assert make_update_runner(amp).metrics_sum.dtype == torch.float32
 
 
 def test_eager_bf16_loss_is_float32_and_close_to_fp32():
@@ -139,48 +147,137 @@ def test_eager_bf16_loss_is_float32_and_close_to_fp32():
 
 
 def test_graph_body_gives_eager_update_on_the_same_indices():
-    """The captured body samples on the device; with the same random draw it is exactly the eager update."""
+    """The captured body samples from device tensors; with the same random draw it is exactly the eager update."""
     cfg = small_cfg()
     replay = filled_replay()
     graphed_learner, eager = learner(cfg), learner(cfg)
-    graphed = GraphedUpdate(graphed_learner, replay, cfg.batch_size)
+    graphed = GraphedUpdate(graphed_learner, replay)
     eager_sum = torch.zeros(3)
     for _ in range(3):
-        graphed.size.fill_(len(replay))
         torch.manual_seed(7)
-        stats, td_errors = graphed.sampled_update()
+        stats, td_errors = graphed.body()
         torch.manual_seed(7)
-        idx = sample_indices(torch.tensor(len(replay)), cfg.batch_size)
-        eager_stats, eager_td = eager.step_on(replay.gather(idx))
+        eager_stats, eager_td = eager.step_on(replay.graph_sample(cfg.batch_size))
         torch.testing.assert_close(stats, eager_stats, rtol=0, atol=0)
         torch.testing.assert_close(td_errors, eager_td, rtol=0, atol=0)
         eager_sum += eager_stats
     assert_same_weights(graphed_learner, eager, atol=0)
-    torch.testing.assert_close(graphed_learner.metrics_sum, eager_sum)  # the body also adds up the metrics
+    torch.testing.assert_close(graphed.metrics_sum, eager_sum)  # the body also adds up the metrics
 
 
-def test_graph_sampler_stays_in_the_filled_slots_and_covers_them():
-    size = torch.tensor(5)
-    idx = torch.cat([sample_indices(size, 1000) for _ in range(5)])
-    assert idx.min() == 0 and idx.max() == 4 and idx.dtype == torch.int64
-    counts = torch.bincount(idx, minlength=5).float()
-    assert (counts / counts.sum() - 0.2).abs().max() < 0.03  # uniform
-    assert sample_indices(torch.tensor(1), 100).eq(0).all()
+class StandInGraph:
+    """What a CUDA graph does, on the CPU: capturing runs nothing and hands out fixed output tensors; each replay
+    runs the body and writes its results into those tensors in place (a real replay does not run the Python)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.outputs = (torch.full((3,), float("nan")), torch.full((small_cfg().batch_size,), float("nan")))
+
+    def replay(self) -> None:
+        for out, new in zip(self.outputs, self.fn()):
+            out.copy_(new)
 
 
-def test_graph_runner_on_cpu_falls_back_to_the_uncaptured_update():
-    """GraphedUpdate.step on a CPU device never captures; its updates and metric counts are the eager ones."""
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    """GraphedUpdate on the CPU with a stand-in capture; the list collects one entry per capture."""
+    captures = []
+
+    def capture(fn, device):
+        captures.append(device)
+        graph = StandInGraph(fn)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(update_runner, "capture", capture)
+    monkeypatch.setattr(update_runner, "on_side_stream", lambda fn, device: fn())
+    return captures
+
+
+def test_graphed_runner_warms_up_captures_once_and_replays_like_eager(stand_in_capture):
+    """Warm-up, capture, replay: the same updates, metric sums and TD errors as the eager runner, with the LR
+    schedule moving; the outputs it returns are the graph's fixed tensors, rewritten by each replay."""
     cfg = small_cfg()
     replay = filled_replay()
-    lrn = learner(cfg)
-    graphed = GraphedUpdate(lrn, replay, cfg.batch_size)
-    graphed.failed = True  # what a failed capture leaves behind
-    before = [p.clone() for p in lrn.q.parameters()]
-    graphed.step()
-    graphed.step()
-    assert lrn.metrics_count == 2 and lrn.td_errors.shape == (cfg.batch_size,)
-    assert any(not torch.equal(a, b) for a, b in zip(before, lrn.q.parameters()))
-    assert set(lrn.read_metrics()) == {"loss", "q_mean", "grad_norm"}
+    graphed = GraphedUpdate(learner(cfg), replay)
+    eager = UpdateRunner(learner(cfg), replay)
+    outputs = set()
+    for step in range(12):
+        for runner in (graphed, eager):
+            runner.learner.set_learning_rate(learning_rate_at(cfg, step * 100))
+        torch.manual_seed(step)
+        stats = graphed.step().clone()
+        torch.manual_seed(step)
+        eager_stats = eager.update(replay.graph_sample(cfg.batch_size))  # the eager runner on the same draw
+        torch.testing.assert_close(stats, eager_stats, rtol=0, atol=0)
+        torch.testing.assert_close(graphed.td_errors, eager.td_errors, rtol=0, atol=0)
+        if step >= WARMUP:
+            outputs.add(graphed.td_errors.data_ptr())
+    assert len(stand_in_capture) == graphed.captures == 1 and graphed.kind == "graphed"
+    assert len(outputs) == 1  # replays rewrite the captured output in place: read it before the next update
+    assert graphed.metrics_count == 12
+    assert graphed.read_metrics() == pytest.approx(dict(zip(METRICS, (eager.metrics_sum / 12).tolist())), rel=1e-6)
+    assert_same_weights(graphed.learner, eager.learner, atol=0)
+
+
+def test_graphed_runner_captures_again_after_a_checkpoint_load(stand_in_capture):
+    """A load replaces Adam's state tensors, which the old graph would go on writing: the runner notices and
+    captures again (after one warm-up), and the loaded state is what it trains from."""
+    cfg = small_cfg()
+    replay = filled_replay()
+    graphed = GraphedUpdate(learner(cfg), replay)
+    graphed.run(WARMUP + 3)
+    saved = copy.deepcopy(graphed.learner.state_dict())
+    graphed.run(3)
+    graphed.learner.load_state_dict(saved)
+    loaded_moments = [st["exp_avg"] for st in graphed.learner.optimizer.state.values()]
+    before = [m.clone() for m in loaded_moments]
+    graphed.run(3)
+    assert len(stand_in_capture) == graphed.captures == 2
+    assert all(not torch.equal(m, b) for m, b in zip(loaded_moments, before))  # the new graph trains the loaded state
+
+
+def test_graphed_runner_runs_uncaptured_with_one_warning_when_capture_fails(monkeypatch):
+    """A failed capture (restored stream and generator are cuda_graph.capture's job) leaves a runner that computes
+    the same updates uncaptured; with cuda_graph=always it is a one-line error naming the fix."""
+    def failing_capture(fn, device):
+        raise CaptureError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(update_runner, "capture", failing_capture)
+    monkeypatch.setattr(update_runner, "on_side_stream", lambda fn, device: fn())
+    cfg = small_cfg()
+    replay = filled_replay()
+    graphed, eager = GraphedUpdate(learner(cfg), replay), UpdateRunner(learner(cfg), replay)
+    with pytest.warns(RuntimeWarning, match="capture of the update failed.*running it uncaptured") as warned:
+        for step in range(WARMUP + 4):
+            torch.manual_seed(step)
+            stats = graphed.step()
+            torch.manual_seed(step)
+            torch.testing.assert_close(stats, eager.update(replay.graph_sample(cfg.batch_size)), rtol=0, atol=0)
+    assert len(warned) == 1 and graphed.failed and graphed.captures == 0
+    assert graphed.metrics_count == WARMUP + 4 and graphed.td_errors.shape == (cfg.batch_size,)
+    strict = GraphedUpdate(learner(cfg, cuda_graph="always"), replay)
+    with pytest.raises(DeviceError, match="capture of the update failed.*set cuda_graph to auto.*or never"):
+        strict.run(WARMUP + 1)
+
+
+def test_runner_updates_priorities_of_the_sampled_slots():
+    cfg = small_cfg(prioritized=True)
+    replay = PrioritizedReplayBuffer(64, 1, OBS_SHAPE, torch.float32, CPU, 1, 0.99, 0.6, 1e-6)
+    for b in batches(2):
+        for i in range(32):
+            replay.add(b.obs[i:i + 1], b.actions[i:i + 1], b.rewards[i:i + 1], b.next_obs[i:i + 1],
+                       b.terminated[i:i + 1])
+    runner = make_update_runner(learner(cfg), replay)
+    assert runner.kind == "eager"
+    torch.manual_seed(0)
+    batch = replay.sample(cfg.batch_size)
+    torch.manual_seed(0)
+    runner.step()
+    expected = (runner.td_errors + replay.eps) ** replay.alpha
+    last = {int(i): k for k, i in enumerate(batch.indices)}  # a slot drawn twice keeps its last value
+    for slot, k in last.items():
+        assert replay.priorities[slot].item() == pytest.approx(expected[k].item(), rel=1e-6)
+    assert replay.priorities.unique().numel() > 10
 
 
 def test_cuda_graph_choice_refuses_clearly_where_it_cannot_run():
@@ -192,10 +289,40 @@ def test_cuda_graph_choice_refuses_clearly_where_it_cannot_run():
     cuda = torch.device("cuda")  # only inspected, never used
     assert graph_wanted(small_cfg(compile=True), cuda, replay)
     assert not graph_wanted(small_cfg(), cuda, replay)  # auto without compile
+    assert graph_wanted(small_cfg(cuda_graph="always"), cuda, replay)  # the eager step, captured
     per = PrioritizedReplayBuffer(64, 1, OBS_SHAPE, torch.float32, CPU, 1, 0.99, 0.6, 1e-6)
     assert not graph_wanted(small_cfg(compile=True, prioritized=True), cuda, per)
     with pytest.raises(ConfigError, match="uniform one-step replay only"):
         graph_wanted(small_cfg(cuda_graph="always", prioritized=True), cuda, per)
+    nstep = ReplayBuffer(64, 1, OBS_SHAPE, torch.float32, CPU, n_step=3)
+    assert not graph_wanted(small_cfg(compile=True, n_step=3), cuda, nstep)
+    # inductor's own CUDA graphs (reduce-overhead, max-autotune) cannot nest inside fastdqn's capture
+    for mode in ("reduce-overhead", "max-autotune"):
+        assert not graph_wanted(small_cfg(compile=True, compile_mode=mode), cuda, replay)
+        with pytest.raises(ConfigError, match=f"compile_mode={mode}.*nest.*use compile_mode default"):
+            graph_wanted(small_cfg(compile=True, compile_mode=mode, cuda_graph="always"), cuda, replay)
+    assert graph_wanted(small_cfg(compile=True, compile_mode="max-autotune-no-cudagraphs"), cuda, replay)
+
+
+def test_factory_picks_the_runner_from_the_config():
+    replay = filled_replay()
+    assert make_update_runner(learner(small_cfg()), replay).kind == "eager"
+    assert make_update_runner(learner(small_cfg(compile=True)), replay).kind == "compiled"
+    assert update_runner.compile_mode(small_cfg()) == "default"  # auto: no minutes-long autotuning
+
+
+def test_read_metrics_returns_the_mean_since_the_last_read():
+    runner = UpdateRunner(learner(small_cfg()))
+    data = batches(6)
+    assert runner.read_metrics() == {}
+    stats = torch.stack([runner.update(batch) for batch in data[:5]])
+    metrics = runner.read_metrics()
+    assert list(metrics) == list(METRICS)
+    assert [metrics[k] for k in METRICS] == pytest.approx(stats.mean(0).tolist(), rel=1e-6)
+    assert metrics["grad_norm"] > 0
+    assert runner.read_metrics() == {}  # the sums were reset
+    one = runner.update(data[5])
+    assert runner.read_metrics()["loss"] == pytest.approx(one[0].item(), rel=1e-6)
 
 
 def test_staging_on_cpu_converts_dtypes_and_returns_actions():

@@ -9,8 +9,10 @@ import torch
 from fastdqn.config import Config
 from fastdqn.learner import DQNLearner, td_loss
 from fastdqn.prioritized import PrioritizedReplayBuffer, proportional_sample
+from fastdqn.replay import Batch
 from fastdqn.schedules import per_beta_at
 from fastdqn.trainer import Trainer
+from fastdqn.update_runner import make_update_runner
 
 CPU = torch.device("cpu")
 
@@ -100,7 +102,7 @@ def test_learner_update_with_unit_weights_equals_the_unweighted_update_and_retur
         learner = DQNLearner(cfg, (4,), 2, CPU)
         q_before = learner.q(obs).gather(1, actions.unsqueeze(1)).squeeze(1).detach()
         y = rewards + cfg.gamma * (1 - term) * learner.target(next_obs).max(1).values.detach()
-        stats, td = learner.update_step(obs, actions, rewards, next_obs, term, None, weights)
+        stats, td = learner.step_on(Batch(obs, actions, rewards, next_obs, term, None, weights))
         assert torch.allclose(td, (y - q_before).abs())
         results.append((stats, [p.detach().clone() for p in learner.q.parameters()]))
     assert torch.allclose(results[0][0], results[1][0])
@@ -139,7 +141,9 @@ def test_compiled_update_step_matches_eager_with_weights_and_nstep_discounts():
     for compiled in (False, True):
         torch.manual_seed(6)
         learner = DQNLearner(Config(hidden_sizes=[8], device="cpu", compile=compiled, double_dqn=True), (4,), 2, CPU)
-        stats, td = learner.update_step(obs, actions, rewards, next_obs, term, discounts, weights)
+        runner = make_update_runner(learner)
+        assert runner.kind == ("compiled" if compiled else "eager")
+        stats, td = runner.step_fn(Batch(obs, actions, rewards, next_obs, term, discounts, weights))
         outputs.append((stats, td, [p.detach().clone() for p in learner.q.parameters()]))
     (s0, td0, p0), (s1, td1, p1) = outputs
     assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(td0, td1, atol=1e-5)

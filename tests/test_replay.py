@@ -169,3 +169,25 @@ def test_state_dict_of_a_partly_filled_buffer_holds_only_the_filled_part():
     assert dst.obs[:6, 0].tolist() == [1, 2, 3, 4, 5, 6] and len(dst) == 6
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(4, 2, (1,), torch.float32, CPU).load_state_dict(state)
+
+
+def test_graph_sample_reads_the_fill_level_from_the_device_and_covers_the_filled_slots():
+    """The sampler a CUDA graph captures: uniform over the filled slots as the buffer grows, through `filled`."""
+    torch.manual_seed(2)
+    buf = ReplayBuffer(100, 1, (1,), torch.float32, CPU)
+    add_counter_steps(buf, 1, 5)  # obs 1..5
+    assert buf.filled.item() == 5 and buf.graph_sampling
+    values = buf.graph_sample(5_000).obs[:, 0].long()
+    assert values.min() == 1 and values.max() == 5
+    counts = torch.bincount(values, minlength=6)[1:].double()
+    assert (counts / counts.sum() - 0.2).abs().max() < 0.03  # uniform
+    add_counter_steps(buf, 6, 45)  # obs 1..50: the same sampler now reaches the new slots
+    values = buf.graph_sample(5_000).obs[:, 0]
+    assert values.min() == 1 and values.max() == 50 and torch.unique(values).numel() == 50
+    one = ReplayBuffer(4, 1, (1,), torch.float32, CPU)
+    add_counter_steps(one, 7, 1)
+    assert one.graph_sample(100).obs.eq(7).all()  # rand's rare 1.0 is clamped into the filled slots
+    restored = ReplayBuffer(100, 1, (1,), torch.float32, CPU)
+    restored.load_state_dict(buf.state_dict())  # a resume restores the device-side fill level too
+    assert restored.filled.item() == 50
+    assert not ReplayBuffer(8, 1, (1,), torch.float32, CPU, n_step=3).graph_sampling  # n-step reads host values

@@ -86,7 +86,7 @@ def test_truncated_transition_bootstraps_terminal_one_does_not(tmp_path, tiny_cf
         cut = truncated & ~terminal
         assert torch.allclose(y[cut], 2.5 + 0.9 * max_next_q[cut])
         assert torch.allclose(y[terminal], torch.full_like(y[terminal], 2.5))
-        # and the learner's own update bootstraps exactly the truncated transitions
+        # and the run's own update bootstraps exactly the truncated transitions
         only_cut = buf.gather(cut.nonzero().squeeze(1))
         bootstrapped = td_loss(q[cut], 2.5 + 0.9 * max_next_q[cut], cfg.loss, cfg.huber_delta)
-        assert learner.update(only_cut)[0].item() == pytest.approx(bootstrapped.item(), rel=1e-5)
+        assert trainer.updates.update(only_cut)[0].item() == pytest.approx(bootstrapped.item(), rel=1e-5)

@@ -63,13 +63,13 @@ def test_update_count_is_independent_of_num_envs(tmp_path, tiny_cfg, num_envs):
                            batch_size=8, hidden_sizes=[8])
     calls = []
     with trainer_without_run(cfg, tmp_path) as trainer:
-        real_update = trainer.learner.update
+        real_update = trainer.updates.update
 
         def counting_update(batch):
             calls.append(trainer.counters.env_step)
             return real_update(batch)
 
-        trainer.learner.update = counting_update
+        trainer.updates.update = counting_update
         drive(trainer, total)
         assert trainer.counters.env_step == total
         expected = (total - starts) // every * grad_steps

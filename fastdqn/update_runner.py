@@ -1,0 +1,196 @@
+"""The update runner: gradient updates on replay samples behind one interface, eager, compiled or CUDA-graphed.
+
+`make_update_runner` picks the implementation from the learner's config:
+
+- eager: the learner's `step_on` (autograd engine, fused Adam);
+- compiled: `single_graph_step` under torch.compile, one pure function of the learner's tensors, so every learner
+  in a process (bench, sweeps) shares one compiled graph instead of recompiling, and after torch's recompile
+  limit silently running eager;
+- graphed: sampling, gather and the update (eager or compiled) captured once into a CUDA graph and replayed, one
+  launch per update.
+
+All three own the device-side metric sums (`read_metrics`, the training loop's one periodic sync), the last
+update's per-sample |TD errors| and the priority updates of a prioritized replay.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fastdqn.config import Config
+from fastdqn.cuda_graph import CaptureError, capture, on_side_stream
+from fastdqn.errors import ConfigError, DeviceError
+from fastdqn.learner import METRICS, DQNLearner, single_graph_step
+from fastdqn.replay import Batch
+
+StepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+WARMUP = 3  # uncaptured updates on a side stream before a capture (compiling, allocating the optimizer state)
+INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor captures its own CUDA graphs in these
+
+
+def compile_mode(cfg: Config) -> str:
+    """torch.compile mode of the update step; auto is inductor's default on every device (max-autotune's first
+    compile can take minutes, for little gain on these small matmuls)."""
+    return "default" if cfg.compile_mode == "auto" else cfg.compile_mode
+
+
+@functools.cache
+def compiled_graph_step(mode: str) -> Callable:
+    """`single_graph_step` compiled once per mode for the whole process."""
+    return torch.compile(single_graph_step, mode=mode)
+
+
+def compiled_step(learner: DQNLearner) -> StepFn:
+    """The shared compiled `single_graph_step` on `learner`'s tensors.
+
+    Called under no_grad, which torch.func's gradients ignore: the compiled step is then an inference graph,
+    without the autograd wrapper around it that nothing outside would use.
+    """
+    step = compiled_graph_step(compile_mode(learner.cfg))
+
+    def run(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return step(*learner.functional_state(), batch.obs, batch.actions, batch.rewards, batch.next_obs,
+                        batch.terminated, batch.discounts, batch.weights)
+
+    return run
+
+
+def graph_wanted(cfg: Config, device: torch.device, replay: object | None) -> bool:
+    """Whether this run captures its update in a CUDA graph; cuda_graph=always where it cannot is a clear error."""
+    if cfg.cuda_graph == "never" or (cfg.cuda_graph == "auto" and not cfg.compile):
+        return False
+    why_not, fix, error = None, "set cuda_graph to auto or never", ConfigError
+    if device.type != "cuda":
+        why_not, error = f"needs a CUDA device, this run is on {device}", DeviceError
+    elif replay is None or not cfg.replay_buffer or not getattr(replay, "graph_sampling", False):
+        why_not = "covers uniform one-step replay only (not prioritized, n_step > 1 or no replay)"
+    elif cfg.compile and compile_mode(cfg) in INDUCTOR_GRAPH_MODES:
+        why_not = f"cannot hold compile_mode={cfg.compile_mode}, whose own CUDA graphs would nest in fastdqn's capture"
+        fix = "use compile_mode default or max-autotune-no-cudagraphs, or set cuda_graph to auto or never"
+    if why_not is None:
+        return True
+    if cfg.cuda_graph == "always":
+        raise error(f"cuda_graph=always {why_not}: {fix}")
+    return False
+
+
+class UpdateRunner:
+    """Runs gradient updates of `learner` on samples of `replay`, or on given batches, with the eager step or the
+    compiled one; keeps the metric sums and the last |TD errors|, and updates a prioritized replay's priorities."""
+
+    def __init__(self, learner: DQNLearner, replay: object | None = None, compiled: bool = False):
+        self.learner, self.replay, self.cfg = learner, replay, learner.cfg
+        self.kind = "compiled" if compiled else "eager"
+        self.step_fn: StepFn = compiled_step(learner) if compiled else learner.step_on
+        self.metrics_sum = torch.zeros(len(METRICS), device=learner.device)
+        self.metrics_count = 0
+        self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update (device tensor)
+
+    def run(self, n: int) -> None:
+        """`n` updates, each on a new sample."""
+        for _ in range(n):
+            self.step()
+
+    def step(self) -> torch.Tensor:
+        """One update on a new replay sample (the newest vector step in the no-replay ablation); returns its
+        [loss, mean Q, grad norm] as a device tensor, valid until the next update."""
+        return self.update(self.replay.sample(self.cfg.batch_size) if self.cfg.replay_buffer else self.replay.newest())
+
+    def update(self, batch: Batch) -> torch.Tensor:
+        """One update on `batch`: add its metrics to the sums, keep its |TD errors| and give them to the replay as
+        new priorities when the batch came with slot indices (prioritized replay)."""
+        stats, self.td_errors = self.step_fn(batch)
+        self.metrics_sum += stats
+        self.metrics_count += 1
+        if batch.indices is not None:
+            self.replay.update_priorities(batch.indices, self.td_errors)
+        return stats
+
+    def read_metrics(self) -> dict[str, float]:
+        """Mean of each metric since the last read (one device->host copy), then reset the sums in place."""
+        if self.metrics_count == 0:
+            return {}
+        means = (self.metrics_sum / self.metrics_count).tolist()
+        self.metrics_sum.zero_()
+        self.metrics_count = 0
+        return dict(zip(METRICS, means))
+
+
+class GraphedUpdate(UpdateRunner):
+    """Sampling, gather, update and metric sums as one CUDA graph, replayed for every update.
+
+    Everything the graph touches has a fixed address: the replay storage and its device-side fill level, the
+    weights, the optimizer state, the tensor learning rate and the metric sums; all are updated in place. The
+    first WARMUP updates run uncaptured on a side stream, the next one captures, later ones replay. A checkpoint
+    load or a rollback that replaces the optimizer state triggers a new capture. If capture fails the runner
+    warns once and runs the same body uncaptured (cuda_graph=always: raises instead).
+    """
+
+    def __init__(self, learner: DQNLearner, replay: object, compiled: bool = False):
+        super().__init__(learner, replay, compiled)
+        self.kind, self.compiled, self.device = "graphed", compiled, learner.device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.captured_ids: tuple[int, ...] = ()
+        self.captures = 0
+        self.warmups = 0
+        self.failed = False
+
+    def body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the graph holds: a sample drawn from device tensors only, the update, the metric sums."""
+        stats, td_errors = self.step_fn(self.replay.graph_sample(self.cfg.batch_size))
+        self.metrics_sum += stats
+        return stats, td_errors
+
+    def step(self) -> torch.Tensor:
+        """One update; its [loss, mean Q, grad norm] and `td_errors` are rewritten in place by the next one."""
+        if self.graph is not None and self.tensor_ids() != self.captured_ids:
+            self.graph, self.outputs = None, None  # a checkpoint or rollback replaced tensors: capture again
+            self.warmups = WARMUP - 1
+        if self.graph is None and not self.failed:
+            if self.warmups < WARMUP:
+                self.warmups += 1
+                stats, self.td_errors = on_side_stream(self.body, self.device)
+                self.metrics_count += 1
+                return stats
+            self._capture()
+        if self.graph is None:
+            stats, self.td_errors = self.body()
+        else:
+            self.graph.replay()
+            stats, self.td_errors = self.outputs
+        self.metrics_count += 1
+        return stats
+
+    def _capture(self) -> None:
+        try:
+            with self.learner.optimizer_capturable():
+                self.graph, self.outputs = capture(self.body, self.device)
+        except CaptureError as exc:
+            if self.cfg.cuda_graph == "always":
+                raise DeviceError(f"CUDA graph capture of the update failed ({exc}): set cuda_graph to auto to run "
+                                  "it uncaptured with a warning, or never") from exc
+            self.failed = True
+            warnings.warn(f"CUDA graph capture of the update failed ({exc}); running it uncaptured. Set "
+                          "cuda_graph=never to skip the attempt.", RuntimeWarning, stacklevel=2)
+            return
+        self.captures += 1
+        self.captured_ids = self.tensor_ids()
+
+    def tensor_ids(self) -> tuple[int, ...]:
+        """Identity of the tensors the captured graph reads and writes in place that a load could replace."""
+        opt = self.learner.optimizer
+        return (id(self.learner.lr), *map(id, self.learner.q.parameters()),
+                *(id(t) for state in opt.state.values() for t in state.values()))
+
+
+def make_update_runner(learner: DQNLearner, replay: object | None = None) -> UpdateRunner:
+    """The update runner the learner's config asks for: graphed where `graph_wanted` says so, capturing the
+    compiled step with `compile` and the eager one without; else compiled or eager."""
+    runner = GraphedUpdate if graph_wanted(learner.cfg, learner.device, replay) else UpdateRunner
+    return runner(learner, replay, compiled=learner.cfg.compile)
