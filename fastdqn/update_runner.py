@@ -136,7 +136,7 @@ class GraphedUpdate(UpdateRunner):
         self.kind, self.compiled, self.device = "graphed", compiled, learner.device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.captured_ids: tuple[int, ...] = ()
+        self.held: list[tuple[torch.Tensor, int]] = []  # what the graph uses by address, and the address
         self.captures = 0
         self.warmups = 0
         self.failed = False
@@ -149,8 +149,8 @@ class GraphedUpdate(UpdateRunner):
 
     def step(self) -> torch.Tensor:
         """One update; its [loss, mean Q, grad norm] and `td_errors` are rewritten in place by the next one."""
-        if self.graph is not None and self.tensor_ids() != self.captured_ids:
-            self.graph, self.outputs = None, None  # a checkpoint or rollback replaced tensors: capture again
+        if self.graph is not None and self.replaced():
+            self.graph, self.outputs, self.held = None, None, []  # a load or rollback replaced them: capture again
             self.warmups = WARMUP - 1
         if self.graph is None and not self.failed:
             if self.warmups < WARMUP:
@@ -180,13 +180,22 @@ class GraphedUpdate(UpdateRunner):
                           "cuda_graph=never to skip the attempt.", RuntimeWarning, stacklevel=2)
             return
         self.captures += 1
-        self.captured_ids = self.tensor_ids()
+        self.held = [(t, t.data_ptr()) for t in self.graph_tensors()]
 
-    def tensor_ids(self) -> tuple[int, ...]:
-        """Identity of the tensors the captured graph reads and writes in place that a load could replace."""
-        opt = self.learner.optimizer
-        return (id(self.learner.lr), *map(id, self.learner.q.parameters()),
-                *(id(t) for state in opt.state.values() for t in state.values()))
+    def graph_tensors(self) -> list[torch.Tensor]:
+        """The learner's tensors a captured graph reads and writes by address, which a checkpoint load or a
+        rollback could replace: weights and buffers of both networks, Adam's state, the learning rate."""
+        learner = self.learner
+        nets = (learner.q, learner.target)
+        return [learner.lr, *(t for net in nets for t in (*net.parameters(), *net.buffers())),
+                *(t for state in learner.optimizer.state.values() for t in state.values())]
+
+    def replaced(self) -> bool:
+        """Whether any tensor of the capture was replaced, or given new storage, since. The captured ones stay
+        referenced, so their memory cannot go to a new tensor and fool the comparison."""
+        now = self.graph_tensors()
+        return len(now) != len(self.held) or any(t is not old or t.data_ptr() != ptr
+                                                 for t, (old, ptr) in zip(now, self.held))
 
 
 def make_update_runner(learner: DQNLearner, replay: object | None = None) -> UpdateRunner:

@@ -236,6 +236,19 @@ def test_graphed_runner_captures_again_after_a_checkpoint_load(stand_in_capture)
     assert all(not torch.equal(m, b) for m, b in zip(loaded_moments, before))  # the new graph trains the loaded state
 
 
+def test_graphed_runner_captures_again_when_a_weight_gets_new_storage(stand_in_capture):
+    """Not only new tensor objects: a parameter given new storage in place (`p.data = ...`) leaves the graph
+    writing the old memory."""
+    graphed = GraphedUpdate(learner(small_cfg()), filled_replay())
+    graphed.run(WARMUP + 2)
+    weight = next(graphed.learner.q.parameters())
+    graphed.run(2)
+    assert graphed.captures == 1
+    weight.data = weight.data.clone()
+    graphed.run(WARMUP + 1)
+    assert graphed.captures == 2
+
+
 def test_graphed_runner_runs_uncaptured_with_one_warning_when_capture_fails(monkeypatch):
     """A failed capture (restored stream and generator are cuda_graph.capture's job) leaves a runner that computes
     the same updates uncaptured; with cuda_graph=always it is a one-line error naming the fix."""
