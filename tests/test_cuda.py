@@ -256,6 +256,7 @@ def test_frame_replay_sampling_is_captured_and_follows_the_buffer_as_it_fills(de
 
     replay.add_resets(torch.zeros(envs, 84, 84, dtype=torch.uint8, device=device))
     add_rows(10, marker=1)
+    replay.graph_sample(64)  # its kernels run once before the capture (as the runner's warm-up updates do)
     graph, batch = capture(lambda: replay.graph_sample(64), device)
     add_rows(20, marker=2)  # rows the graph has never seen
     seen = set()
@@ -312,15 +313,15 @@ def test_short_cartpole_run_on_cuda_learns(tmp_path, variant):
     """The whole loop on the GPU (staging, device replay, runner) learns: a sign error, a stale graph input or a
     frozen learning rate would keep returns near 20."""
     cfg = Config(device="cuda", seed=3, num_envs=1, train_every=4, gradient_steps=1, learning_rate=1e-3,
-                 total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000, epsilon_end=0.05,
-                 batch_size=128, buffer_size=50_000, eval_every=2_000, eval_episodes=5, hidden_sizes=[64, 64],
-                 log_every=2_000, checkpoint_every=0, target_update_interval=250, compile_mode="default", **variant)
+                 total_steps=10_000, learning_starts=500, epsilon_decay_steps=4_000, epsilon_end=0.05,
+                 batch_size=128, buffer_size=50_000, eval_every=2_500, eval_episodes=5, hidden_sizes=[64, 64],
+                 log_every=2_500, checkpoint_every=0, target_update_interval=250, compile_mode="default", **variant)
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     expected = "graphed" if variant.get("compile") or variant.get("cuda_graph") == "always" else "eager"
     assert trainer.updates.kind == expected
     result = trainer.run()
     means = [mean for _, mean, _ in result.evals]
-    assert len(means) == 3 and means[0] < 60
+    assert len(means) == 4 and means[0] < 100  # it starts out poor
     assert max(means) >= 100, means
     if expected == "graphed":
         assert trainer.updates.captures == 1 and not trainer.updates.failed
