@@ -1,7 +1,7 @@
 """The DQN training loop, top to bottom.
 
     for each vector step (N env steps):
-        act epsilon-greedily on the device, step the envs, store one transition per env
+        collect: act epsilon-greedily on the device, step the envs, store one transition per env (collection.py)
         run the gradient updates that are due (replay ratio = gradient_steps / train_every per env step)
         copy the target net when a target_update_interval boundary is crossed
         every log_every / eval_every / checkpoint_every env steps: read device counters, evaluate, save
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 
 from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
+from fastdqn.collection import Collector
 from fastdqn.config import Config
-from fastdqn.atari import GameTracker
+from fastdqn.counters import Counters
 from fastdqn.devices import resolve_device, use_device
-from fastdqn.envs import (finished_episodes, get_env_state, make_vector_env, resolve_vector_mode, set_env_state,
-                          true_next_obs)
+from fastdqn.envs import make_vector_env, resolve_vector_mode
 from fastdqn.errors import CheckpointError, ConfigError, DeviceError, TrainingDiverged
 from fastdqn.evaluation import evaluate
 from fastdqn.learner import DQNLearner
@@ -39,7 +38,6 @@ from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.profiling import profiled
 from fastdqn.replay import ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
-from fastdqn.staging import Staging
 from fastdqn.update_runner import make_update_runner
 
 CHECKPOINT_FORMAT = 1
@@ -64,17 +62,6 @@ def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
 def crossed(before: int, after: int, every: int) -> bool:
     """Did the count pass a multiple of `every` going from `before` to `after`?"""
     return every > 0 and after // every > before // every
-
-
-@dataclass
-class Counters:
-    """Host-side progress counters; env_step is the unit of everything (one transition of one env)."""
-
-    env_step: int = 0
-    updates: int = 0
-    target_syncs: int = 0
-    episodes: int = 0
-    nonfinite_skips: int = 0  # roll-backs after a non-finite learner state (at most cfg.nonfinite_skips)
 
 
 @dataclass
@@ -133,8 +120,7 @@ class Trainer:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        self.vector_mode = resolve_vector_mode(cfg)
-        self.envs = make_vector_env(cfg, cfg.num_envs, mode=self.vector_mode)
+        self.envs = make_vector_env(cfg, cfg.num_envs, mode=resolve_vector_mode(cfg))
         obs_space = self.envs.single_observation_space
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
@@ -144,76 +130,14 @@ class Trainer:
         self.replay_report = check_replay_fits(meta.nbytes, meta.capacity, self.device)
         self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
         self.learner = DQNLearner(self.compile_or_eager(cfg), self.obs_shape, self.n_actions, self.device)
-        self.staging = Staging(self.device)
         self.updates = make_update_runner(self.learner, self.replay)  # eager, compiled or CUDA-graphed
         self.finite = FiniteGuard(self.learner)
         self.counters = Counters()
-        self.obs, reset_infos = self.envs.reset(seed=cfg.seed)
-        self.pixels = isinstance(self.replay, FrameReplay)
-        if self.pixels:
-            self.games = GameTracker(cfg.num_envs, cfg.episodic_life)
-            self.games.reset(reset_infos)
-            self.reset_frames_pending = True  # the first collect stores the reset frames as episode starts
-        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.collector = Collector(cfg, self.envs, self.replay, self.learner, self.counters, self.device)
         self.evals: list[tuple[int, float, float]] = []
         self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
 
-    # --- one vector step ------------------------------------------------------------------------------
-    def collect(self) -> None:
-        """Act in all envs once and store one transition per env."""
-        if self.pixels:
-            return self.collect_frames()
-        cfg, n = self.cfg, self.cfg.num_envs
-        stage = self.staging
-        obs_t = stage.to_device("obs", self.obs)
-        epsilon = epsilon_at(cfg, self.counters.env_step)
-        actions_t = self.learner.act(obs_t, epsilon)
-        actions = stage.to_host("actions", actions_t)  # the one device->host copy of a vector step
-        next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
-        real_next = true_next_obs(next_obs, infos)
-        if cfg.clip_rewards:
-            rewards = np.clip(rewards, -1.0, 1.0)
-        self.replay.add(obs_t, actions_t, stage.to_device("rewards", rewards, torch.float32),
-                        stage.to_device("next_obs", real_next),
-                        stage.to_device("terminated", terminated, torch.float32),
-                        stage.to_device("truncated", truncated, torch.float32))
-        self.learner.observe(obs_t)
-        for ret, length in finished_episodes(infos):
-            self.record_episode(ret, length)
-        self.obs = next_obs
-        self.counters.env_step += n
-
-    def collect_frames(self) -> None:
-        """Pixel envs (NEXT_STEP autoreset): act, step, and store each env's newest frame once in FrameReplay."""
-        cfg, n = self.cfg, self.cfg.num_envs
-        stage = self.staging
-        obs_t = stage.to_device("obs", self.obs)
-        if self.reset_frames_pending:
-            self.replay.add_resets(obs_t[:, -1])
-            self.reset_frames_pending = False
-        epsilon = epsilon_at(cfg, self.counters.env_step)
-        actions_t = self.learner.act(obs_t, epsilon)
-        actions = stage.to_host("actions", actions_t)  # the one device->host copy of a vector step
-        next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
-        train_terminated, starts, finished = self.games.step(rewards, terminated, truncated, infos)
-        if cfg.clip_rewards:
-            rewards = np.clip(rewards, -1.0, 1.0)
-        self.replay.add(stage.to_device("frames", next_obs[:, -1]), actions_t,
-                        stage.to_device("rewards", rewards, torch.float32),
-                        stage.to_device("terminated", train_terminated, torch.uint8),
-                        stage.to_device("starts", starts))
-        for ret, length in finished.values():
-            self.record_episode(ret, length)
-        self.obs = next_obs
-        self.counters.env_step += n
-
-    def record_episode(self, ret: float, length: int) -> None:
-        """Log one finished episode's raw return (a whole game for Atari) at the step it ended."""
-        self.recent_returns.append(ret)
-        self.counters.episodes += 1
-        self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length},
-                            self.counters.env_step + self.cfg.num_envs)
-
+    # --- updates ---------------------------------------------------------------------------------------
     def train(self) -> None:
         """Run the gradient updates that are due, then any target sync that is due."""
         cfg, c = self.cfg, self.counters
@@ -242,7 +166,9 @@ class Trainer:
             with StopRequest() as stop, profiled(self):
                 while c.env_step < cfg.total_steps:
                     before = c.env_step
-                    self.collect()
+                    for ret, length in self.collector.collect():
+                        self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length},
+                                            c.env_step)
                     self.train()
                     sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
                     if crossed(before, c.env_step, cfg.log_every) or c.env_step >= cfg.total_steps:
@@ -292,7 +218,7 @@ class Trainer:
         scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate_at(cfg, step), "charts/SPS": sps}
         scalars.update({f"losses/{k}": v for k, v in metrics.items()})
         self.logger.scalars(scalars, step)
-        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        recent = self.collector.recent_return()
         self.logger.record("train", step, sps=sps, epsilon=epsilon, recent_return=recent,
                            episodes=self.counters.episodes, **metrics)
         self.logger.advance(step, sps, recent, epsilon)
@@ -328,10 +254,7 @@ class Trainer:
             "counters": vars(self.counters).copy(),
             "learner": strip_compile_prefix(self.learner.state_dict()),
             "rng": rng,
-            "obs": torch.from_numpy(np.array(self.obs, copy=True)),
-            # Pixel envs (C++ or wrapped ALE state) are not snapshotted: a resumed run starts fresh games.
-            "env_state": get_env_state(self.envs) if self.vector_mode != "async" and not self.pixels else {},
-            "recent_returns": list(self.recent_returns),
+            **self.collector.state_dict(),
             "evals": [list(e) for e in self.evals],
         }
         if cfg.save_replay:
@@ -385,16 +308,13 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
                                   "resume with the run's own config") from None
-        self.counters = Counters(**state["counters"])
+        self.counters.load(state["counters"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        if state["env_state"]:
-            set_env_state(self.envs, state["env_state"])
-            self.obs = state["obs"].numpy().copy()
+        self.collector.load_state_dict(state)
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
-        self.recent_returns.extend(state["recent_returns"])
         self.evals = [tuple(e) for e in state["evals"]]
         self.finite.commit(self.counters.env_step)
 

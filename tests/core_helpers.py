@@ -1,4 +1,4 @@
-"""Test doubles for the core tests: a tiny counter env registered with gymnasium, and a Trainer without run().
+"""Test doubles for the core tests: a tiny counter env registered with gymnasium, and a Trainer driven without run().
 
 The counter env makes every transition checkable: its observation is [t, marker], where t counts steps since
 reset and marker is drawn once per episode, so a valid transition has next.t == obs.t + 1 and the same marker.
@@ -16,7 +16,6 @@ import gymnasium as gym
 import numpy as np
 
 from fastdqn.config import Config
-from fastdqn.logs import RunLogger
 from fastdqn.trainer import Trainer
 
 COUNTER_ENV = "fastdqn_test/Counter-v0"  # float32 observations, reward 2.5 per step
@@ -65,18 +64,16 @@ def classic(cfg: Config, **changes: object) -> Config:
 
 @contextlib.contextmanager
 def trainer_without_run(cfg: Config, run_dir: Path) -> Iterator[Trainer]:
-    """A Trainer whose collect()/train() can be driven step by step (run() normally opens the logger)."""
+    """A Trainer whose collector and updates are driven step by step instead of by run(); closes its envs."""
     trainer = Trainer(cfg, run_dir, show_progress=False)
-    trainer.logger = RunLogger(run_dir, cfg, 0, show_progress=False)
     try:
         yield trainer
     finally:
-        trainer.logger.close()
         trainer.envs.close()
 
 
 def drive(trainer: Trainer, env_steps: int) -> None:
     """collect() + train() until `env_steps` env steps have been taken."""
     while trainer.counters.env_step < env_steps:
-        trainer.collect()
+        trainer.collector.collect()
         trainer.train()

@@ -91,9 +91,9 @@ def test_trainer_stores_clipped_rewards_reports_raw_scores_uint8_to_device(tmp_p
         seen = []
         trainer.learner.act = lambda obs, eps: (seen.append(obs.dtype), act(obs, eps))[1]
         for _ in range(20):
-            trainer.collect()
+            trainer.collector.collect()
         assert set(seen) == {torch.uint8} and trainer.replay.frames.dtype == torch.uint8
-        assert list(trainer.recent_returns)[:2] == [56.0, 56.0], "whole-game raw score: 8 steps x 7"
+        assert list(trainer.collector.recent_returns)[:2] == [56.0, 56.0], "whole-game raw score: 8 steps x 7"
         filled = trainer.replay.rewards[:len(trainer.replay)]
         assert set(filled[~trainer.replay.starts[:len(trainer.replay)]].tolist()) == {1.0}, "stored clipped"
         batch = trainer.replay.sample(16)

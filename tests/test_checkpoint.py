@@ -47,7 +47,8 @@ def test_round_trip_restores_q_values_optimizer_counters_and_replay(run_cfg, tmp
     assert float(copy.learner.lr) == float(source.learner.lr)
     assert vars(copy.counters) == vars(source.counters) and copy.counters.env_step == 400
     assert copy.counters.updates == source.counters.updates > 0
-    assert copy.evals == source.evals and list(copy.recent_returns) == list(source.recent_returns)
+    assert copy.evals == source.evals
+    assert list(copy.collector.recent_returns) == list(source.collector.recent_returns)
     assert (copy.replay.pos, copy.replay.size) == (source.replay.pos, source.replay.size)
     assert torch.equal(copy.replay.obs[:copy.replay.size], source.replay.obs[:source.replay.size])
 

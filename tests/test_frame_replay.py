@@ -15,9 +15,13 @@ import pytest
 import torch
 from core_helpers import trainer_without_run
 
+from fastdqn.collection import Collector
 from fastdqn.config import Config
+from fastdqn.counters import Counters
+from fastdqn.envs import make_vector_env
 from fastdqn.errors import ConfigError
 from fastdqn.frame_replay import FrameReplay
+from fastdqn.learner import DQNLearner
 from fastdqn.memory import check_replay_fits
 from fastdqn.replay import ReplayBuffer
 
@@ -71,16 +75,36 @@ def test_bytes_per_transition_and_a_million_transitions():
         assert ReplayBuffer(1_000_000, 16, (4, 84, 84), dtype, torch.device("meta")).nbytes >= size
 
 
+def test_collector_alone_stores_the_reset_frames_first_then_one_frame_per_env():
+    """The Collector on its own (no trainer, no logger): a first row of episode starts, then each newest frame."""
+    cfg = frame_id_cfg()
+    cpu = torch.device("cpu")
+    replay = FrameReplay(cfg.buffer_size, cfg.num_envs, (84, 84), cfg.frame_stack, cpu)
+    collector = Collector(cfg, make_vector_env(cfg, cfg.num_envs), replay, DQNLearner(cfg, (4, 84, 84), 3, cpu),
+                          Counters(), cpu)
+    newest = []
+    try:
+        for _ in range(2):
+            newest.append(torch.from_numpy(collector.obs[:, -1].copy()))
+            collector.collect()
+    finally:
+        collector.envs.close()
+    assert len(replay) == 3 * 3 and collector.counters.env_step == 2 * 3
+    assert replay.starts[:3].all() and not replay.starts[3:6].any()  # reset frames, then the first transitions
+    assert torch.equal(replay.frames[:3], newest[0]) and torch.equal(replay.frames[3:6], newest[1])
+    assert (replay.frames[:3, 1, 0] == 1).all() and (replay.frames[3:6, 1, 0] == 2).all()  # t = 0, then t = 1
+
+
 def test_stacks_hold_one_episode_with_zero_padding_and_no_overwritten_frame(tmp_path):
     cfg = frame_id_cfg()
     with trainer_without_run(cfg, tmp_path) as trainer:
         replay = trainer.replay
         assert isinstance(replay, FrameReplay) and replay.frames.dtype == torch.uint8
-        newest = lambda: [(int(o[-1, 0, 0]), int(o[-1, 1, 0]) - 1) for o in trainer.obs]  # noqa: E731
+        newest = lambda: [(int(o[-1, 0, 0]), int(o[-1, 1, 0]) - 1) for o in trainer.collector.obs]  # noqa: E731
         history = [newest()]  # (episode, t) of each env's newest frame, one entry per stored row
         truncated_seen = 0
         for step in range(150):
-            trainer.collect()
+            trainer.collector.collect()
             history.append(newest())
             if step % 10 != 9:
                 continue
@@ -116,7 +140,7 @@ def test_sampled_transitions_equal_the_ale_stacks(tmp_path):
 
         def recording_step(actions):
             nonlocal was_done
-            before = trainer.obs.copy()
+            before = trainer.collector.obs.copy()
             out = step_envs(actions)
             nxt, _, terminated, truncated, _ = out
             recorded.append([((before[e].tobytes(), nxt[e].tobytes()), int(actions[e]))
@@ -127,7 +151,7 @@ def test_sampled_transitions_equal_the_ale_stacks(tmp_path):
         trainer.envs.step = recording_step
         lives_lost = 0
         for step in range(160):
-            trainer.collect()
+            trainer.collector.collect()
             if step % 40 == 39:
                 rows = trainer.replay.rows
                 # Stored rows: the last `rows` vector steps; transitions of the oldest `stack` rows are not sampled.
@@ -185,7 +209,7 @@ def test_two_starts_in_a_row_at_a_resume_are_never_sampled():
 def test_state_dict_round_trip(tmp_path):
     with trainer_without_run(frame_id_cfg(), tmp_path) as trainer:
         for _ in range(40):
-            trainer.collect()
+            trainer.collector.collect()
         state = trainer.replay.state_dict()
         copy = FrameReplay(trainer.cfg.buffer_size, 3, (84, 84), 4, torch.device("cpu"))
         copy.load_state_dict(state)
@@ -201,13 +225,13 @@ def test_resume_starts_fresh_games_and_no_stack_crosses_the_resume(tmp_path):
     cfg = frame_id_cfg(save_replay=True)
     with trainer_without_run(cfg, tmp_path / "a") as trainer:
         for _ in range(30):
-            trainer.collect()
+            trainer.collector.collect()
         state = trainer.state_dict()
     with trainer_without_run(cfg, tmp_path / "b") as resumed:
         resumed.restore(state)
         assert len(resumed.replay) == len(trainer.replay) and resumed.counters.env_step == 30 * 3
         for _ in range(3):
-            resumed.collect()
+            resumed.collector.collect()
         batch = resumed.replay.sample(512)
     episodes = torch.cat([batch.obs, batch.next_obs[:, -1:]], 1)[:, :, 0, 0]  # (B, 5) episode ids, 0 = padding
     for row in episodes.tolist():
@@ -244,7 +268,7 @@ def test_cuda_graph_body_samples_frame_replay_like_the_eager_update(tmp_path):
     cfg = frame_id_cfg(batch_size=8)
     with trainer_without_run(cfg, tmp_path) as trainer:
         for _ in range(20):
-            trainer.collect()
+            trainer.collector.collect()
         replay = trainer.replay
     learners = []
     for _ in range(2):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fastdqn.checkpoint import checkpoint_path
-from fastdqn.logs import RunLogger
 from fastdqn.trainer import Trainer, load_run_checkpoint
 from small_runs import small_cfg
 
@@ -63,16 +62,15 @@ def test_resume_without_saved_replay_refills_before_training_again(tmp_path):
     assert "replay" not in state
     resumed = Trainer(cfg, tmp_path / "resumed", show_progress=False)
     resumed.restore(state)
-    resumed.logger = RunLogger(tmp_path / "resumed", cfg, 300, show_progress=False)
     weights = [p.clone() for p in resumed.learner.q.parameters()]
     for _ in range(99):  # fewer than learning_starts new transitions: no gradient step yet
-        resumed.collect()
+        resumed.collector.collect()
         resumed.train()
     assert len(resumed.replay) == 99
     assert all(torch.equal(p, w) for p, w in zip(resumed.learner.q.parameters(), weights))
-    resumed.collect()
+    resumed.collector.collect()
     resumed.train()
-    resumed.collect()
+    resumed.collector.collect()
     resumed.train()
     assert not all(torch.equal(p, w) for p, w in zip(resumed.learner.q.parameters(), weights))
-    resumed.logger.close()
+    resumed.envs.close()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fastdqn
+import fastdqn.collection as collection_module
 import fastdqn.envs as envs_module
-import fastdqn.trainer as trainer_module
 from core_helpers import COUNTER_ENV, REWARD, classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.evaluation import evaluate
@@ -29,7 +29,7 @@ def record_finished_episodes(monkeypatch) -> list[tuple[float, int]]:
         episodes.extend(found)
         return found
 
-    monkeypatch.setattr(trainer_module, "finished_episodes", recording)
+    monkeypatch.setattr(collection_module, "finished_episodes", recording)
     return episodes
 
 
@@ -91,7 +91,7 @@ def test_clip_rewards_stores_clipped_rewards_and_reports_raw_returns(tmp_path, t
         with trainer_without_run(cfg, tmp_path / str(clip)) as trainer:
             drive(trainer, 100)
             assert torch.equal(trainer.replay.rewards, torch.full((100,), stored))
-            assert list(trainer.recent_returns) == [r for r, _ in episodes][-20:]
+            assert list(trainer.collector.recent_returns) == [r for r, _ in episodes][-20:]
         assert len(episodes) > 10
         assert all(ret == pytest.approx(REWARD * length) for ret, length in episodes)
 
