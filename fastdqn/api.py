@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from fastdqn.checkpoint import check_resume_config, latest_checkpoint, remove_partial_writes, strip_compile_prefix
+from fastdqn.checkpointer import load_run_checkpoint
 from fastdqn.config import Config, from_dict
 from fastdqn.devices import resolve_device, use_device
 from fastdqn.errors import CheckpointError, ConfigError
 from fastdqn.logs import console
 from fastdqn.rundir import LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
-from fastdqn.trainer import Trainer, TrainResult, load_run_checkpoint
+from fastdqn.trainer import Trainer, TrainResult
 
 __all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
 

@@ -1,9 +1,10 @@
-"""Greedy (or small-epsilon) evaluation on separately seeded envs: one episode per env, all stepped together."""
+"""Greedy (or small-epsilon) evaluation on separately seeded envs: one episode per env, all stepped together; and
+a run's periodic evaluations with their history."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import torch
 from fastdqn.atari import evaluate_games
 from fastdqn.config import Config
 from fastdqn.envs import make_vector_env
+from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape
 
 EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
@@ -56,3 +58,30 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episod
             return returns
         finally:
             envs.close()
+
+
+class Evaluator:
+    """A training run's evaluations: `eval_episodes` episodes of the learner's current policy at `eval_epsilon`,
+    seeded the same way every time, and the (env step, mean, std) of each so far, which checkpoints carry."""
+
+    def __init__(self, cfg: Config, learner: DQNLearner):
+        self.cfg, self.learner = cfg, learner
+        self.evals: list[tuple[int, float, float]] = []
+
+    def evaluate(self, step: int) -> np.ndarray:
+        """Evaluate now, at env step `step`, and record it; returns each episode's return."""
+        cfg = self.cfg
+        returns = evaluate(lambda obs: self.learner.act(obs, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed,
+                           self.learner.device)
+        self.evals.append((step, float(returns.mean()), float(returns.std())))
+        return returns
+
+    def steps_to_solve(self) -> int | None:
+        """The first evaluated step whose mean reached cfg.solved_return."""
+        return next((step for step, mean, _ in self.evals if mean >= self.cfg.solved_return), None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evals": [list(e) for e in self.evals]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evals = [tuple(e) for e in state["evals"]]

@@ -3,7 +3,8 @@
 `GuardedEnv` turns an exception inside one env into an `EnvFailure` that names the env index, or rebuilds the
 env and cuts its episode when `cfg.env_restarts` allows. `FiniteGuard` keeps a device copy of the learner's last
 state that was verified finite, so a divergence can be rolled back or checkpointed without the NaNs.
-`compile_unavailable` says why `torch.compile` cannot run here (no C++ compiler, no Triton), before it is tried.
+`compile_unavailable` says why `torch.compile` cannot run here (no C++ compiler, no Triton), before it is tried, and
+`compile_or_eager` falls back to the eager update with a warning (or refuses, with compile_strict).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_structure
 
 from fastdqn.config import Config
-from fastdqn.errors import EnvError
+from fastdqn.errors import DeviceError, EnvError
 from fastdqn.logs import console
 
 
@@ -159,3 +160,15 @@ def compile_unavailable(device: torch.device) -> str | None:
     except Exception as exc:
         return f"torch.compile has no working compiler here ({_describe(exc)})"
     return None
+
+
+def compile_or_eager(cfg: Config, device: torch.device) -> Config:
+    """The learner's config: `compile` turned off, with a warning, where torch.compile cannot run here."""
+    reason = compile_unavailable(device) if cfg.compile else None
+    if reason is None:
+        return cfg
+    if cfg.compile_strict:
+        raise DeviceError(f"{reason}: install it, or drop compile_strict to fall back to eager with a warning")
+    console.print(f"[yellow]warning: {reason}; running the update step eagerly "
+                  "(set compile_strict to make this an error)[/]")
+    return cfg.updated(compile=False)

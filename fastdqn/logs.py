@@ -6,13 +6,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fastdqn.config import Config
+
+if TYPE_CHECKING:
+    import numpy as np
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths, resume commands) stay whole for copy-paste
 
@@ -53,6 +56,28 @@ class RunLogger:
         if self.progress is not None:
             ret = "-" if recent_return is None else f"{recent_return:.1f}"
             self.progress.update(self.task, completed=step, sps=f"{sps:.0f}", ret=ret, eps=epsilon)
+
+    # --- what the training loop reports ---------------------------------------------------------------
+    def episode(self, ret: float, length: int, step: int) -> None:
+        """One finished episode's raw return (a whole game for Atari), at the env step it ended."""
+        self.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
+
+    def training(self, step: int, sps: float, epsilon: float, learning_rate: float, metrics: dict[str, float],
+                 recent_return: float | None, episodes: int) -> None:
+        """The periodic training record: schedules, speed and the update metrics averaged since the last one."""
+        scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate, "charts/SPS": sps}
+        scalars.update({f"losses/{k}": v for k, v in metrics.items()})
+        self.scalars(scalars, step)
+        self.record("train", step, sps=sps, epsilon=epsilon, recent_return=recent_return, episodes=episodes,
+                    **metrics)
+        self.advance(step, sps, recent_return, epsilon)
+
+    def evaluation(self, step: int, returns: np.ndarray, episodes: int) -> None:
+        """One evaluation's returns, with their mean and std."""
+        mean, std = float(returns.mean()), float(returns.std())
+        self.scalars({"eval/mean_return": mean, "eval/std_return": std}, step)
+        self.record("eval", step, mean=mean, std=std, returns=returns.tolist(), episodes=episodes)
+        self.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {len(returns)} episodes")
 
     def message(self, text: str) -> None:
         (self.progress.console if self.progress else console).print(text)

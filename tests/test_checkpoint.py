@@ -1,5 +1,6 @@
 """Checkpoint files: the round trip restores everything, writes are atomic, loading never runs code from the file,
-compiled modules' `_orig_mod.` keys never reach a checkpoint, and resume refuses keys that define the run."""
+compiled modules' `_orig_mod.` keys never reach a checkpoint, and resume refuses keys that define the run; the
+Checkpointer on its own, with its finite guard."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import torch
 
 from fastdqn.checkpoint import (check_resume_config, latest_checkpoint, list_checkpoints, load_checkpoint,
                                 remove_partial_writes, save_checkpoint, strip_compile_prefix)
-from fastdqn.errors import CheckpointError
-from fastdqn.evaluation import evaluate
+from fastdqn.checkpointer import Checkpointer, load_run_checkpoint
+from fastdqn.collection import Collector
+from fastdqn.counters import Counters
+from fastdqn.envs import make_vector_env
+from fastdqn.errors import CheckpointError, TrainingDiverged
+from fastdqn.evaluation import Evaluator, evaluate
 from fastdqn.learner import DQNLearner
-from fastdqn.trainer import Trainer, load_run_checkpoint
+from fastdqn.replay import ReplayBuffer
+from fastdqn.trainer import Trainer
 from small_runs import small_cfg
 
 
@@ -47,7 +53,7 @@ def test_round_trip_restores_q_values_optimizer_counters_and_replay(run_cfg, tmp
     assert float(copy.learner.lr) == float(source.learner.lr)
     assert vars(copy.counters) == vars(source.counters) and copy.counters.env_step == 400
     assert copy.counters.updates == source.counters.updates > 0
-    assert copy.evals == source.evals
+    assert copy.evaluator.evals == source.evaluator.evals
     assert list(copy.collector.recent_returns) == list(source.collector.recent_returns)
     assert (copy.replay.pos, copy.replay.size) == (source.replay.pos, source.replay.size)
     assert torch.equal(copy.replay.obs[:copy.replay.size], source.replay.obs[:source.replay.size])
@@ -80,7 +86,7 @@ def test_compiled_module_keys_are_saved_plain_and_evaluate_uncompiled(run_cfg, t
     trainer = Trainer(run_cfg, tmp_path, show_progress=False)
     trainer.learner.q = torch.compile(trainer.learner.q)  # compiled lazily: nothing is compiled unless called
     assert all(k.startswith("_orig_mod.") for k in trainer.learner.q.state_dict())
-    state = trainer.state_dict()
+    state = trainer.checkpoints.state_dict()
     assert not any("_orig_mod." in k for k in state["learner"]["q"])
 
     eager = DQNLearner(run_cfg, trainer.obs_shape, trainer.n_actions, torch.device("cpu"))
@@ -147,3 +153,56 @@ def test_resume_refuses_keys_that_define_the_checkpoint(change):
 def test_resume_refuses_a_config_with_keys_this_version_does_not_know():
     with pytest.raises(CheckpointError, match="does not know \\(warp_drive\\)"):
         check_resume_config({**small_cfg().to_dict(), "warp_drive": 1}, small_cfg())
+
+
+def checkpointer_of(cfg, run_dir: Path) -> Checkpointer:
+    """A run's units wired by hand, as the Trainer wires them, without a loop or a logger."""
+    torch.manual_seed(cfg.seed)
+    cpu = torch.device("cpu")
+    replay = ReplayBuffer(cfg.buffer_size, cfg.num_envs, (4,), torch.float32, cpu)
+    learner, counters = DQNLearner(cfg, (4,), 2, cpu), Counters()
+    collector = Collector(cfg, make_vector_env(cfg, cfg.num_envs), replay, learner, counters, cpu)
+    return Checkpointer(cfg, run_dir, learner, replay, collector, Evaluator(cfg, learner), counters)
+
+
+def test_checkpointer_alone_saves_and_restores_every_unit_exactly(tmp_path):
+    cfg = small_cfg(num_envs=2, save_replay=True)
+    source, copy = checkpointer_of(cfg, tmp_path / "a"), checkpointer_of(cfg, tmp_path / "b")
+    for _ in range(60):
+        source.collector.collect()
+    source.learner.step_on(source.replay.sample(16))
+    source.evaluator.evaluate(source.counters.env_step)
+    path = source.save()
+    assert path == tmp_path / "a" / "ckpt-000000000120.pt"
+    copy.restore(load_run_checkpoint(path, "cpu"))
+    assert vars(copy.counters) == vars(source.counters) and copy.counters.episodes > 0
+    assert copy.collector.counters is copy.counters  # restored in place: the collector counts on
+    assert copy.evaluator.evals == source.evaluator.evals and len(copy.evaluator.evals) == 1
+    assert list(copy.collector.recent_returns) == list(source.collector.recent_returns)
+    assert torch.equal(copy.replay.obs[:len(copy.replay)], source.replay.obs[:len(source.replay)])
+    rng, stored = torch.get_rng_state(), []
+    for units in (source, copy):  # both go on alike: same env states, weights and random draws
+        torch.set_rng_state(rng)
+        for _ in range(10):
+            units.collector.collect()
+        units.learner.step_on(units.replay.sample(16))
+        stored.append((units.replay.next_obs[120:140].clone(), [p.clone() for p in units.learner.q.parameters()]))
+        units.collector.envs.close()
+    assert torch.equal(stored[0][0], stored[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(stored[0][1], stored[1][1]))
+
+
+def test_checkpointer_rolls_back_nonfinite_weights_then_stops_with_the_last_finite_ones(tmp_path):
+    units = checkpointer_of(small_cfg(nonfinite_skips=1), tmp_path)
+    units.collector.envs.close()
+    units.check_finite({"loss": 1.0})  # finite: remembered
+    finite = {k: v.clone() for k, v in units.learner.q.state_dict().items()}
+    with torch.no_grad():
+        next(units.learner.q.parameters()).fill_(float("nan"))
+    units.check_finite({})  # one roll-back allowed: back to the finite weights, and on
+    assert units.counters.nonfinite_skips == 1
+    assert all(torch.equal(units.learner.q.state_dict()[k], v) for k, v in finite.items())
+    with pytest.raises(TrainingDiverged, match="loss=nan became non-finite"):
+        units.check_finite({"loss": float("nan")})
+    saved = load_checkpoint(list_checkpoints(tmp_path)[-1])["learner"]["q"]
+    assert all(torch.equal(saved[k], v) for k, v in finite.items())

@@ -226,7 +226,7 @@ def test_resume_starts_fresh_games_and_no_stack_crosses_the_resume(tmp_path):
     with trainer_without_run(cfg, tmp_path / "a") as trainer:
         for _ in range(30):
             trainer.collector.collect()
-        state = trainer.state_dict()
+        state = trainer.checkpoints.state_dict()
     with trainer_without_run(cfg, tmp_path / "b") as resumed:
         resumed.restore(state)
         assert len(resumed.replay) == len(trainer.replay) and resumed.counters.env_step == 30 * 3

@@ -1,4 +1,5 @@
-"""Trainer: seeded determinism, the update count's meaning, warm-up, reward clipping, observation normalization."""
+"""Trainer: seeded determinism, the update count's meaning, warm-up, reward clipping, observation normalization,
+evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import fastdqn.collection as collection_module
 import fastdqn.envs as envs_module
 from core_helpers import COUNTER_ENV, REWARD, classic, drive, trainer_without_run
 from fastdqn.config import Config
-from fastdqn.evaluation import evaluate
+from fastdqn.evaluation import Evaluator, evaluate
+from fastdqn.learner import DQNLearner
 from fastdqn.trainer import Trainer
 
 
@@ -182,6 +184,18 @@ def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
         torch.rand(10)  # whatever the caller drew in between
         second = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
     assert first.tolist() == second.tolist()
+
+
+def test_evaluator_alone_records_each_evaluation_and_the_first_solved_step(tiny_cfg):
+    cfg = classic(tiny_cfg, eval_episodes=3)
+    evaluator = Evaluator(cfg, DQNLearner(cfg, (4,), 2, torch.device("cpu")))
+    returns = evaluator.evaluate(100)
+    assert evaluator.evals == [(100, float(returns.mean()), float(returns.std()))] and returns.shape == (3,)
+    assert evaluator.evaluate(200).tolist() == returns.tolist()  # seeded alike each time; the weights did not move
+    assert evaluator.steps_to_solve() is None  # CartPole's 475 is out of reach of an untrained net
+    solved = Evaluator(cfg.updated(solved_return=float(returns.mean())), evaluator.learner)
+    solved.load_state_dict(evaluator.state_dict())
+    assert solved.evals == evaluator.evals and solved.steps_to_solve() == 100
 
 
 def test_run_stops_and_does_periodic_work_at_the_first_vector_step_past_each_multiple(tmp_path, tiny_cfg):

@@ -1,0 +1,112 @@
+"""A run's checkpoints: what they hold, restoring a run from one, and the guard that keeps them finite.
+
+A checkpoint (its file handling is checkpoint.py) holds the config, the counters, the learner (networks and
+optimizer, saved without torch.compile's prefix), torch's RNG states, the collector's state (last observations,
+the env state where it is plain data, recent returns), the evaluations and, with save_replay, the replay.
+Restoring all of it continues the run exactly as if it had never stopped.
+
+The finite guard runs at the loop's sync points (logging, saving): a finite learner state is remembered; a
+non-finite one is rolled back to the last finite state and training goes on (at most cfg.nonfinite_skips times),
+or that last finite state is checkpointed and the run stops with TrainingDiverged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
+from fastdqn.collection import Collector
+from fastdqn.config import Config
+from fastdqn.counters import Counters
+from fastdqn.errors import CheckpointError, TrainingDiverged
+from fastdqn.evaluation import Evaluator
+from fastdqn.faults import FiniteGuard, divergence_message
+from fastdqn.learner import DQNLearner
+from fastdqn.logs import console
+
+CHECKPOINT_FORMAT = 1
+
+
+class Checkpointer:
+    """Saves the state of a run's units into `run_dir` and restores them; owns the run's finite guard."""
+
+    def __init__(self, cfg: Config, run_dir: Path, learner: DQNLearner, replay: Any, collector: Collector,
+                 evaluator: Evaluator, counters: Counters):
+        self.cfg, self.run_dir, self.counters = cfg, Path(run_dir), counters
+        self.learner, self.replay, self.collector, self.evaluator = learner, replay, collector, evaluator
+        self.finite = FiniteGuard(learner)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole run as plain data (tensors, numbers, strings), loadable with weights_only."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.learner.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "counters": vars(self.counters).copy(),
+            "learner": strip_compile_prefix(self.learner.state_dict()),
+            "rng": rng,
+            **self.collector.state_dict(),
+            **self.evaluator.state_dict(),
+        }
+        if self.cfg.save_replay:
+            state["replay"] = self.replay.state_dict()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint made by `state_dict` with a compatible config."""
+        check_resume_config(state["config"], self.cfg)
+        try:
+            self.learner.load_state_dict(strip_compile_prefix(state["learner"]))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
+                                  "resume with the run's own config") from None
+        self.counters.load(state["counters"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.learner.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.learner.device)
+        self.collector.load_state_dict(state)
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+        self.evaluator.load_state_dict(state)
+        self.finite.commit(self.counters.env_step)
+
+    def save(self) -> Path:
+        """Checkpoint the run; never with non-finite weights (`check_finite` rolls those back first)."""
+        self.check_finite({})
+        return self.write()
+
+    def write(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.run_dir, self.counters.env_step, self.cfg.keep_checkpoints)
+
+    def check_finite(self, metrics: dict[str, float]) -> None:
+        """At a sync point: remember the learner state if it (and `metrics`) is finite; otherwise roll back to the
+        last finite one and go on (up to cfg.nonfinite_skips times) or checkpoint it and raise TrainingDiverged."""
+        c, guard = self.counters, self.finite
+        if guard.is_finite(metrics):
+            guard.commit(c.env_step)
+            return
+        guard.rollback()
+        message = divergence_message(self.cfg, metrics, guard.step, c.env_step)
+        if c.nonfinite_skips < self.cfg.nonfinite_skips:
+            c.nonfinite_skips += 1
+            console.print(f"[yellow]{message}; rolled back to the weights of env step {guard.step} and going on "
+                          f"({c.nonfinite_skips} of nonfinite_skips={self.cfg.nonfinite_skips})[/]")
+            return
+        path = self.write()
+        raise TrainingDiverged(f"{message}. Saved the last finite weights (env step {guard.step}) as {path}: resume "
+                               f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
+                               "nonfinite_skips to roll back and go on")
+
+
+def load_run_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
+    """A checkpoint file of this fastdqn's format, or CheckpointError naming the format it has."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' has format {state.get('format')}, this fastdqn reads "
+                              f"{CHECKPOINT_FORMAT}: evaluate it with the fastdqn version that wrote it")
+    return state
