@@ -26,6 +26,7 @@ from fastdqn.evaluation import Evaluator
 from fastdqn.faults import FiniteGuard, divergence_message
 from fastdqn.learner import DQNLearner
 from fastdqn.logs import console
+from fastdqn.replay import Replay
 
 CHECKPOINT_FORMAT = 1
 
@@ -33,7 +34,7 @@ CHECKPOINT_FORMAT = 1
 class Checkpointer:
     """Saves the state of a run's units into `run_dir` and restores them; owns the run's finite guard."""
 
-    def __init__(self, cfg: Config, run_dir: Path, learner: DQNLearner, replay: Any, collector: Collector,
+    def __init__(self, cfg: Config, run_dir: Path, learner: DQNLearner, replay: Replay, collector: Collector,
                  evaluator: Evaluator, counters: Counters):
         self.cfg, self.run_dir, self.counters = cfg, Path(run_dir), counters
         self.learner, self.replay, self.collector, self.evaluator = learner, replay, collector, evaluator

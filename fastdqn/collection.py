@@ -24,8 +24,10 @@ from fastdqn.atari import GameTracker
 from fastdqn.config import Config
 from fastdqn.counters import Counters
 from fastdqn.envs import finished_episodes, get_env_state, resolve_vector_mode, set_env_state, true_next_obs
+from fastdqn.frame_replay import FrameReplay
 from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape
+from fastdqn.replay import Replay
 from fastdqn.schedules import epsilon_at
 from fastdqn.staging import Staging
 
@@ -36,7 +38,7 @@ RECENT_EPISODES = 20  # finished episodes averaged into the logged recent return
 class TransitionWriter:
     """Stores a SAME_STEP vector step as one whole transition per env, with the true next observation."""
 
-    def __init__(self, replay: Any, staging: Staging):
+    def __init__(self, replay: Replay, staging: Staging):
         self.replay, self.staging = replay, staging
 
     def write(self, obs_t: torch.Tensor, actions_t: torch.Tensor, rewards_t: torch.Tensor,
@@ -53,7 +55,7 @@ class TransitionWriter:
 class FrameWriter:
     """Stores a NEXT_STEP pixel vector step as each env's newest frame, marking reset observations as starts."""
 
-    def __init__(self, replay: Any, staging: Staging, cfg: Config, reset_infos: dict[str, Any]):
+    def __init__(self, replay: FrameReplay, staging: Staging, cfg: Config, reset_infos: dict[str, Any]):
         self.replay, self.staging = replay, staging
         self.games = GameTracker(cfg.num_envs, cfg.episodic_life)
         self.games.reset(reset_infos)
@@ -80,7 +82,7 @@ class Collector:
     episodes in `counters`, the recent raw returns. It logs nothing: `collect` returns the episodes that ended.
     """
 
-    def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, replay: Any, learner: DQNLearner,
+    def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, replay: Replay, learner: DQNLearner,
                  counters: Counters, device: torch.device):
         self.cfg, self.envs, self.replay, self.learner, self.counters = cfg, envs, replay, learner, counters
         self.staging = Staging(device)

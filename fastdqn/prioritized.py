@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdqn.replay import Batch, ReplayBuffer
+from fastdqn.replay import Batch, TransitionStorage
 
 
 def proportional_sample(priorities: torch.Tensor, batch_size: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,12 +30,14 @@ def proportional_sample(priorities: torch.Tensor, batch_size: int, beta: float) 
     return idx, (weights / max_weight).float()
 
 
-class PrioritizedReplayBuffer(ReplayBuffer):
-    """A ReplayBuffer whose `sample` is proportional to priorities and returns importance weights and indices.
+class PrioritizedReplayBuffer(TransitionStorage):
+    """Transitions sampled in proportion to their priorities; batches carry importance weights and their slots.
 
     Set `beta` (the importance-weight exponent, annealed by the trainer) before sampling, and call
     `update_priorities` with the batch's |TD errors| after each update.
     """
+
+    graph_sampling = False  # the draw reads the fill level on the host
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  device: torch.device, n_step: int = 1, gamma: float = 0.99, alpha: float = 0.6,
@@ -45,13 +47,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.priorities = torch.zeros(self.capacity, dtype=torch.float32, device=device)  # p^alpha per slot
         self.max_priority = torch.ones((), dtype=torch.float32, device=device)  # largest p^alpha so far
 
-    def add(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> None:
-        """Store one vector step (as ReplayBuffer.add) at the largest priority seen so far."""
+    def add(self, *columns: torch.Tensor) -> None:
+        """Store one vector step (as TransitionStorage.add) at the largest priority seen so far."""
         start = self.pos
-        super().add(*args, **kwargs)
+        super().add(*columns)
         self.priorities[start:start + self.num_envs] = self.max_priority
-
-    graph_sampling = False  # sampling reads the fill level and beta on the host
 
     def sample(self, batch_size: int) -> Batch:
         idx, weights = proportional_sample(self.priorities[:self.size], batch_size, self.beta)

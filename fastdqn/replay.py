@@ -1,15 +1,19 @@
-"""A circular replay buffer of preallocated tensors on the training device.
+"""Replay on the training device: ring storages written a vector step at a time, and replays that sample them.
 
-A vector step of N envs is added in one call, as one slice copy. The capacity is rounded up to a multiple of N,
-so the layout is fixed: slot `k * N + e` holds env `e`'s transition of some vector step, and the same env's
-next transition is N slots later (mod capacity). Sampling draws indices on the device, so neither call
-synchronises with the host. Pixel observations (uint8) are kept as
-uint8 and become float only inside the network.
+Storage. A vector step of N envs is written in one call, one slice copy per column. The capacity is rounded up to
+a multiple of N, so the layout is fixed: slot `k * N + e` holds env `e`'s entry of some vector step, and the same
+env's next entry is N slots later (mod capacity). `RingStorage` keeps that layout; `TransitionStorage` (here)
+stores whole transitions and `FrameStorage` (frame_replay.py) each frame of a frame stack once. Pixel observations
+stay uint8 and become float only inside the network.
+
+Replay. A replay is a storage plus the rule that samples it: `ReplayBuffer` (uniform, here), `PrioritizedReplayBuffer`
+(prioritized.py) and `FrameReplay` (frame_replay.py). All follow the one `Replay` protocol that the collection, the
+updates and a captured CUDA graph use. Sampling draws indices on the device, so no call synchronises with the host.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -27,79 +31,123 @@ class Batch(NamedTuple):
     indices: torch.Tensor | None = None  # (B,) slots sampled, for priority updates
 
 
-class ReplayBuffer:
-    """Fixed-capacity FIFO of transitions; the oldest are overwritten once it is full."""
+class Replay(Protocol):
+    """What the collection, the updates, a captured CUDA graph and checkpoints use of a replay.
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
-                 device: torch.device, n_step: int = 1, gamma: float = 0.99):
+    `add` takes one vector step in its storage's columns. A batch that carries `indices` (prioritized replay) gets
+    its |TD errors| back through `update_priorities`. `graph_sample` exists where `graph_sampling` is true: it
+    reads only device tensors, so a CUDA graph that captures it keeps following the buffer as it fills. Transition
+    replays also give `newest()`, the batch of the no-replay ablation.
+    """
+
+    capacity: int
+    num_envs: int
+    device: torch.device
+    graph_sampling: bool
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def add(self, *columns: torch.Tensor) -> None: ...
+
+    def sample(self, batch_size: int) -> Batch: ...
+
+    def graph_sample(self, batch_size: int) -> Batch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RingStorage:
+    """Named per-slot columns preallocated on the device, written a vector step (N slots) at a time; the oldest
+    are overwritten once it is full.
+
+    Subclasses allocate their columns and name them in `columns`. `filled` is `size` on the device, refreshed by
+    every write (a kernel launch, no host sync), for samplers that a CUDA graph captures.
+    """
+
+    def __init__(self, capacity: int, num_envs: int, device: torch.device):
         capacity = -(-capacity // num_envs) * num_envs  # round up to whole vector steps
         self.capacity, self.num_envs, self.device = capacity, num_envs, device
-        self.n_step, self.gamma = n_step, gamma  # gather() returns n-step transitions when n_step > 1
-        self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
-        self.next_obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
-        self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
-        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.terminated = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.truncated = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.pos = 0  # next slot to write
+        self.rows = capacity // num_envs  # vector steps held
+        self.pos = 0  # next slot to write (always a row start)
         self.size = 0  # filled slots
-        self.filled = torch.zeros((), dtype=torch.int64, device=device)  # `size` on the device, for graph_sample
+        self.filled = torch.zeros((), dtype=torch.int64, device=device)
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        """The storage's tensors by name, each with one entry per slot first."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.size
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._storage().values())
+        return sum(t.numel() * t.element_size() for t in self.columns().values())
 
-    def _storage(self) -> dict[str, torch.Tensor]:
+    def write(self, new: dict[str, torch.Tensor]) -> None:
+        """Store one vector step, one entry per env in each column, at `pos`."""
+        n, start = self.num_envs, self.pos
+        width = next(iter(new.values())).shape[0]
+        if width != n:
+            raise ValueError(f"add expects one entry per env ({n}), got {width}")
+        for name, dest in self.columns().items():
+            dest[start:start + n] = new[name]
+        self.pos = (start + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._refresh_fill()
+
+    def _refresh_fill(self) -> None:
+        """Copy the fill level to the device-side tensors that samplers read."""
+        self.filled.fill_(self.size)
+
+    def state_dict(self) -> dict:
+        """Filled part of the storage plus its position, for checkpoints (tensors and ints only)."""
+        return {"pos": self.pos, "size": self.size, **{k: v[:self.size].clone() for k, v in self.columns().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        size = state["size"]
+        if size > self.capacity:
+            raise ValueError(f"saved replay holds {size} transitions, more than this buffer's capacity {self.capacity}")
+        for name, dest in self.columns().items():
+            dest[:size] = state[name].to(self.device)
+        self.pos, self.size = state["pos"], size
+        self._refresh_fill()
+
+
+class TransitionStorage(RingStorage):
+    """Whole transitions: obs, action, reward, true next obs, terminated and truncated per slot. `gather` reads
+    one-step transitions, or n-step returns when n_step > 1 (nstep.py)."""
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
+                 device: torch.device, n_step: int = 1, gamma: float = 0.99):
+        super().__init__(capacity, num_envs, device)
+        capacity = self.capacity
+        self.n_step, self.gamma = n_step, gamma
+        self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
+        self.next_obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype, device=device)
+        self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.terminated = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.truncated = torch.zeros(capacity, dtype=torch.float32, device=device)
+
+    def columns(self) -> dict[str, torch.Tensor]:
         return {"obs": self.obs, "next_obs": self.next_obs, "actions": self.actions,
                 "rewards": self.rewards, "terminated": self.terminated, "truncated": self.truncated}
 
-    def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-            next_obs: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor | None = None) -> None:
+    def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
+            terminated: torch.Tensor, truncated: torch.Tensor | None = None) -> None:
         """Store one vector step: one transition per env (leading dim num_envs), tensors already on the device.
 
         `truncated` (episode cut by a time limit) only matters to n-step returns, which stop there.
         """
-        n = self.num_envs
-        if obs.shape[0] != n:
-            raise ValueError(f"add expects one transition per env ({n}), got {obs.shape[0]}")
         if truncated is None:
             truncated = torch.zeros_like(terminated)
-        new = {"obs": obs, "next_obs": next_obs, "actions": actions, "rewards": rewards, "terminated": terminated,
-               "truncated": truncated}
-        for name, dest in self._storage().items():
-            dest[self.pos:self.pos + n] = new[name]
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-        self._refresh_bounds()
-
-    def _refresh_bounds(self) -> None:
-        """Copy the fill level to the device (a kernel launch, no host sync) for `graph_sample`."""
-        self.filled.fill_(self.size)
-
-    def sample(self, batch_size: int) -> Batch:
-        """Uniform sample with replacement over the filled slots, indices drawn on the device."""
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return self.gather(idx)
-
-    @property
-    def graph_sampling(self) -> bool:
-        """Whether `graph_sample` may be captured in a CUDA graph (n-step returns read the write position on the
-        host)."""
-        return self.n_step == 1
-
-    def graph_sample(self, batch_size: int) -> Batch:
-        """A uniform sample like `sample`, computed from device tensors only (the fill level is `filled`), so a
-        CUDA graph that captures it keeps sampling all filled slots as the buffer grows."""
-        idx = (torch.rand(batch_size, device=self.device) * self.filled).long()
-        return self.gather(torch.minimum(idx, self.filled - 1))  # rand can round up to exactly 1.0 in float32
-
-    def newest(self) -> Batch:
-        """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""
-        idx = torch.remainder(self.pos - self.num_envs + torch.arange(self.num_envs, device=self.device), self.capacity)
-        return self.gather(idx)
+        self.write({"obs": obs, "next_obs": next_obs, "actions": actions, "rewards": rewards,
+                           "terminated": terminated, "truncated": truncated})
 
     def gather(self, idx: torch.Tensor) -> Batch:
         """The transitions starting at slots `idx`: one-step, or n-step returns when n_step > 1."""
@@ -111,15 +159,25 @@ class ReplayBuffer:
         return Batch(self.obs[idx], self.actions[idx], returns, self.next_obs[last], self.terminated[last],
                      discounts)
 
-    def state_dict(self) -> dict:
-        """Filled part of the buffer plus its position, for checkpoints (tensors and ints only)."""
-        return {"pos": self.pos, "size": self.size, **{k: v[:self.size].clone() for k, v in self._storage().items()}}
+    def newest(self) -> Batch:
+        """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""
+        idx = torch.remainder(self.pos - self.num_envs + torch.arange(self.num_envs, device=self.device), self.capacity)
+        return self.gather(idx)
 
-    def load_state_dict(self, state: dict) -> None:
-        size = state["size"]
-        if size > self.capacity:
-            raise ValueError(f"saved replay holds {size} transitions, more than this buffer's capacity {self.capacity}")
-        for name, dest in self._storage().items():
-            dest[:size] = state[name].to(self.device)
-        self.pos, self.size = state["pos"], size
-        self._refresh_bounds()
+
+class ReplayBuffer(TransitionStorage):
+    """Transitions sampled uniformly, with replacement, over the filled slots."""
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return self.gather(idx)
+
+    @property
+    def graph_sampling(self) -> bool:
+        """n-step returns read the write position on the host, so only one-step sampling can be captured."""
+        return self.n_step == 1
+
+    def graph_sample(self, batch_size: int) -> Batch:
+        """A uniform sample like `sample`, drawn from the device-side fill level `filled` only."""
+        idx = (torch.rand(batch_size, device=self.device) * self.filled).long()
+        return self.gather(torch.minimum(idx, self.filled - 1))  # rand can round up to exactly 1.0 in float32

@@ -40,12 +40,12 @@ from fastdqn.memory import check_replay_fits
 from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.profiling import profiled
-from fastdqn.replay import ReplayBuffer
+from fastdqn.replay import Replay, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 from fastdqn.update_runner import make_update_runner
 
 
-def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device) -> ReplayBuffer:
+def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype, device: torch.device) -> Replay:
     """The uniform or prioritized buffer the config asks for (n-step aware when n_step > 1).
 
     Frame stacks (pixel envs) go to `FrameReplay`, which stores each frame once.
