@@ -8,8 +8,8 @@
 
 Every counter is in env steps, so changing `num_envs` changes how the work is batched, not what it means. The
 Trainer builds the loop's units from the Config, and each can be built and used alone: the collector
-(collection.py), the learner and its update step (learner.py, cuda_graph.py), the evaluator (evaluation.py) and
-the checkpointer with the finite guard (checkpointer.py). The logger (logs.py) lives for one call of `run`.
+(collection.py), the learner and its update runner (learner.py, update_runner.py), the evaluator (evaluation.py)
+and the checkpointer with the finite guard (checkpointer.py). The logger (logs.py) lives for one call of `run`.
 """
 
 from __future__ import annotations
@@ -234,4 +234,5 @@ class Trainer:
                         self.collector.recent_return(), c.episodes)
 
     def evaluate(self, logger: RunLogger) -> None:
+        """Evaluate the current policy and report it."""
         logger.evaluation(self.counters.env_step, self.evaluator.evaluate(self.counters.env_step), self.counters.episodes)
