@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdqn.checkpoint import check_resume_config, latest_checkpoint, remove_partial_writes, strip_compile_prefix
+from fastdqn.checkpoint import (BEST_FILE, check_resume_config, latest_checkpoint, remove_partial_writes,
+                                strip_compile_prefix)
 from fastdqn.checkpointer import load_run_checkpoint
 from fastdqn.config import Config, from_dict
 from fastdqn.devices import resolve_device, use_device
@@ -136,10 +137,34 @@ class Policy:
         return self.act(torch.as_tensor(np.asarray(obs), device=self.device), epsilon).cpu().numpy()
 
 
-def load_policy(path: str | Path, device: str | None = None) -> Policy:
-    """The policy of a run dir's newest checkpoint, or of one `ckpt-*.pt` file, on `device` (default: the run's)."""
+def checkpoint_of(path: str | Path, checkpoint: str | None = None) -> Path:
+    """The checkpoint file to evaluate: `path` itself if it is a file; for a run dir, `checkpoint` = "best"
+    (the default: best.pt, or the newest checkpoint of a run without one), "last" (the newest checkpoint) or the
+    path of a checkpoint file."""
     target = Path(path)
-    ckpt = target if target.is_file() else latest_checkpoint(target)
+    if target.is_file():
+        if checkpoint is not None:
+            raise ConfigError(f"'{target}' is a checkpoint file already: pass its run dir to choose --checkpoint")
+        return target
+    if checkpoint not in (None, "best", "last"):
+        chosen = Path(checkpoint)
+        if not chosen.is_file():
+            raise CheckpointError(f"checkpoint '{checkpoint}' does not exist: use best, last or the path of a "
+                                  "ckpt-*.pt or best.pt file")
+        return chosen
+    newest = latest_checkpoint(target)  # a clear error for a dir that is no run
+    best = target / BEST_FILE
+    if checkpoint != "last" and best.is_file():
+        return best
+    if checkpoint == "best":
+        console.print(f"[yellow]{target} has no {BEST_FILE} (no evaluation finished yet): using {newest.name}[/]")
+    return newest
+
+
+def load_policy(path: str | Path, device: str | None = None, checkpoint: str | None = None) -> Policy:
+    """The policy of a run (its best.pt unless `checkpoint` says otherwise, see `checkpoint_of`) or of one
+    checkpoint file, on `device` (default: the run's)."""
+    ckpt = checkpoint_of(path, checkpoint)
     state = load_run_checkpoint(ckpt, "cpu")
     cfg = from_dict(state["config"]).updated(num_envs=1, compile=False, **({"device": device} if device else {}))
     run_device = resolve_device(cfg.device)
@@ -170,15 +195,16 @@ class EvalResult:
 
 
 def evaluate(path: str | Path, episodes: int = 10, seed: int | None = None, epsilon: float | None = None,
-             device: str | None = None, video: bool = False) -> EvalResult:
-    """Evaluate a run dir's newest checkpoint (or one checkpoint file) and write `eval.json` into its run dir.
+             device: str | None = None, video: bool = False, checkpoint: str | None = None) -> EvalResult:
+    """Evaluate a run's best.pt (or `checkpoint`: "last", a file; see `checkpoint_of`), or one checkpoint file,
+    and write `eval.json` into its run dir.
 
     `seed` and `epsilon` default to the run's config (seed, eval_epsilon); `video` also records one episode
     (a whole game for Atari) to `<run dir>/<checkpoint>-seed<seed>.mp4` (a .gif where no mp4 codec opens).
     """
     from fastdqn.evaluation import evaluate as run_episodes
 
-    policy = load_policy(path, device)
+    policy = load_policy(path, device, checkpoint)
     cfg = policy.config
     epsilon = cfg.eval_epsilon if epsilon is None else epsilon
     seed = cfg.seed if seed is None else seed

@@ -1,8 +1,9 @@
 """Checkpoint files: written atomically, loaded without executing code from the file.
 
-A checkpoint is `ckpt-<env_step>.pt` in the run dir. Writing goes to a temporary file in the same dir, is
-fsynced, then renamed over the final name, so a crash at any moment leaves either the old set of checkpoints
-or the new one, never a half-written file under a checkpoint name. The newest `keep` checkpoints are kept.
+A checkpoint is `ckpt-<env_step>.pt` in the run dir, and `best.pt` holds the network of the run's best
+evaluation. Writing goes to a temporary file in the same dir, is fsynced, then renamed over the final name, so
+a crash at any moment leaves either the old set of checkpoints or the new one, never a half-written file under
+a checkpoint name. The newest `keep` checkpoints are kept.
 Loading uses `torch.load(weights_only=True)`: only tensors, numbers, strings and containers of them.
 Module weights are saved without torch.compile's `_orig_mod.` prefix, so compiled and eager runs read each
 other's checkpoints.
@@ -36,6 +37,9 @@ RESUME_CHANGEABLE = frozenset({
     "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "tf32", "torch_threads",
     "env_restarts", "nonfinite_skips", "env_threads",
 })
+
+
+BEST_FILE = "best.pt"
 
 
 def checkpoint_path(run_dir: Path, env_step: int) -> Path:
@@ -95,12 +99,20 @@ def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:
 
 def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep: int) -> Path:
     """Atomically write `payload` as the checkpoint of `env_step`, then drop all but the newest `keep`."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(run_dir, env_step)
+    final = write_atomically(payload, checkpoint_path(run_dir, env_step))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def write_atomically(payload: dict[str, Any], final: Path) -> Path:
+    """torch.save `payload` to a temporary file beside `final`, fsync it, then rename it over `final`: a kill at
+    any moment leaves the old file or the new one, never a part of one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     import torch  # here, not at the top: path mistakes in `fastdqn train --resume` are reported without it
 
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=run_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -110,9 +122,7 @@ def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(run_dir)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
     return final
 
 

@@ -3,7 +3,9 @@
 A checkpoint (its file handling is checkpoint.py) holds the config, the counters, the learner (networks and
 optimizer, saved without torch.compile's prefix), torch's RNG states, the collector's state (last observations,
 the env state where it is plain data, recent returns), the evaluations and, with save_replay, the replay.
-Restoring all of it continues the run exactly as if it had never stopped.
+Restoring all of it continues the run exactly as if it had never stopped. `best.pt` is written beside them
+whenever an evaluation beats all earlier ones: the config, the online network and that evaluation's returns,
+so a run that falls back after its peak still ends with its best policy.
 
 The finite guard runs at the loop's sync points (logging, saving): a finite learner state is remembered; a
 non-finite one is rolled back to the last finite state and training goes on (at most cfg.nonfinite_skips times),
@@ -17,7 +19,8 @@ from typing import Any
 
 import torch
 
-from fastdqn.checkpoint import check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix
+from fastdqn.checkpoint import (BEST_FILE, check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix,
+                                write_atomically)
 from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters
@@ -74,7 +77,18 @@ class Checkpointer:
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
         self.evaluator.load_state_dict(state)
+        best = read_best(self.run_dir)
+        if best is not None and (self.evaluator.best is None or best[1] > self.evaluator.best[1]):
+            self.evaluator.best = best  # written after this checkpoint, before the run stopped: still to beat
         self.finite.commit(self.counters.env_step)
+
+    def save_best(self, returns: list[float]) -> Path:
+        """Write best.pt: the online network now, with the evaluation (Evaluator.best) that it just scored."""
+        step, mean, std = self.evaluator.best
+        payload = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "counters": vars(self.counters).copy(),
+                   "learner": {"q": strip_compile_prefix(self.learner.q.state_dict())},
+                   "eval": {"env_step": step, "mean": mean, "std": std, "returns": list(returns)}}
+        return write_atomically(payload, self.run_dir / BEST_FILE)
 
     def save(self) -> Path:
         """Checkpoint the run; never with non-finite weights (`check_finite` rolls those back first)."""
@@ -102,6 +116,15 @@ class Checkpointer:
         raise TrainingDiverged(f"{message}. Saved the last finite weights (env step {guard.step}) as {path}: resume "
                                f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
                                "nonfinite_skips to roll back and go on")
+
+
+def read_best(run_dir: Path) -> tuple[int, float, float] | None:
+    """(env step, mean, std) of the evaluation `run_dir/best.pt` holds, or None without one."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    best = load_checkpoint(path, mmap=True)["eval"]
+    return int(best["env_step"]), float(best["mean"]), float(best["std"])
 
 
 def load_run_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastdqn.logs import console, summary_table
 
     result = api.evaluate(args.run, episodes=args.episodes, seed=args.seed, epsilon=args.epsilon,
-                          device=args.device, video=args.video)
+                          device=args.device, video=args.video, checkpoint=args.checkpoint)
     rows = {k: v for k, v in asdict(result).items() if k != "returns" and v is not None}
     run = Path(args.run)
     console.print(summary_table(f"eval {(run if run.is_dir() else run.parent).name}", rows))
@@ -209,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="greedy, seeded evaluation of a run's newest checkpoint",
-                        description="Evaluate a run (its newest checkpoint) or one checkpoint file.")
-    ev.add_argument("run", metavar="RUN_DIR_OR_CKPT", help="a run dir under runs/ or a ckpt-*.pt file")
+    ev = sub.add_parser("eval", help="greedy, seeded evaluation of a run's best policy (best.pt)",
+                        description="Evaluate a run (its best.pt, the network of its best evaluation, unless "
+                                    "--checkpoint says otherwise) or one checkpoint file.")
+    ev.add_argument("run", metavar="RUN_DIR_OR_CKPT", help="a run dir under runs/ or a ckpt-*.pt / best.pt file")
+    ev.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
+                    help="which of the run's checkpoints: best (default), last (the newest ckpt-*.pt) or a file")
     ev.add_argument("--episodes", type=int, default=10, help="episodes, each on its own seeded env (default: 10)")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")

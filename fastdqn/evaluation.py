@@ -67,6 +67,7 @@ class Evaluator:
     def __init__(self, cfg: Config, learner: DQNLearner):
         self.cfg, self.learner = cfg, learner
         self.evals: list[tuple[int, float, float]] = []
+        self.best: tuple[int, float, float] | None = None  # the evaluation best.pt holds (step, mean, std)
 
     def evaluate(self, step: int) -> np.ndarray:
         """Evaluate now, at env step `step`, and record it; returns each episode's return."""
@@ -76,12 +77,22 @@ class Evaluator:
         self.evals.append((step, float(returns.mean()), float(returns.std())))
         return returns
 
+    def newest_is_best(self) -> bool:
+        """Whether the newest evaluation beats every earlier one (and best.pt's); it then becomes the best."""
+        newest = self.evals[-1]
+        if self.best is not None and not newest[1] > self.best[1]:
+            return False
+        self.best = newest
+        return True
+
     def steps_to_solve(self) -> int | None:
         """The first evaluated step whose mean reached cfg.solved_return."""
         return next((step for step, mean, _ in self.evals if mean >= self.cfg.solved_return), None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"evals": [list(e) for e in self.evals]}
+        return {"evals": [list(e) for e in self.evals], "best_eval": list(self.best) if self.best else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evals = [tuple(e) for e in state["evals"]]
+        best = state.get("best_eval")
+        self.best = tuple(best) if best else None

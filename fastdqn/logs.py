@@ -72,11 +72,12 @@ class RunLogger:
                     **metrics)
         self.advance(step, sps, recent_return, epsilon)
 
-    def evaluation(self, step: int, returns: np.ndarray, episodes: int) -> None:
-        """One evaluation's returns, with their mean and std."""
+    def evaluation(self, step: int, returns: np.ndarray, episodes: int, best: tuple[int, float, float]) -> None:
+        """One evaluation's returns, with their mean and std, and the best evaluation so far (step, mean, std)."""
         mean, std = float(returns.mean()), float(returns.std())
-        self.scalars({"eval/mean_return": mean, "eval/std_return": std}, step)
-        self.record("eval", step, mean=mean, std=std, returns=returns.tolist(), episodes=episodes)
+        self.scalars({"eval/mean_return": mean, "eval/std_return": std, "eval/best_mean_return": best[1]}, step)
+        self.record("eval", step, mean=mean, std=std, returns=returns.tolist(), episodes=episodes, best_mean=best[1],
+                    best_step=best[0])
         self.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {len(returns)} episodes")
 
     def message(self, text: str) -> None:

@@ -81,12 +81,14 @@ class TrainResult:
     steps_to_solve: int | None  # first evaluation step whose mean reached cfg.solved_return
     interrupted: bool = False
     evals: list[tuple[int, float, float]] = field(default_factory=list)
+    best_eval: tuple[int, float, float] | None = None  # (env step, mean, std) of the evaluation best.pt holds
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
+        best_step, best_mean = self.best_eval[:2] if self.best_eval else (None, None)
         return {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "final_eval_mean": self.final_eval_mean,
-                "steps_to_solve": self.steps_to_solve, "wall_time": round(self.wall_time, 2),
-                "interrupted": self.interrupted}
+                "best_eval_mean": best_mean, "best_eval_step": best_step, "steps_to_solve": self.steps_to_solve,
+                "wall_time": round(self.wall_time, 2), "interrupted": self.interrupted}
 
     def table(self, cfg: Config) -> Table:
         """The console summary printed at the end of a run."""
@@ -94,6 +96,8 @@ class TrainResult:
             "env steps": self.env_steps, "gradient updates": self.updates, "episodes": self.episodes,
             "wall time (s)": round(self.wall_time, 1), "env steps / s": round(self.sps),
             "final eval mean": self.final_eval_mean, "final eval std": self.final_eval_std,
+            "best eval mean (best.pt)": (f"{self.best_eval[1]:g} at env step {self.best_eval[0]}" if self.best_eval
+                                         else "no evaluation"),
             f"steps to eval >= {cfg.solved_return:g}": self.steps_to_solve or "not reached",
             "run dir": str(self.run_dir)})
 
@@ -199,7 +203,7 @@ class Trainer:
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))
         result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
                              (c.env_step - start_step) / max(wall, 1e-9), final_mean, final_std,
-                             self.evaluator.steps_to_solve(), interrupted, list(evals))
+                             self.evaluator.steps_to_solve(), interrupted, list(evals), self.evaluator.best)
         if self.show_progress and not interrupted:
             console.print(result.table(cfg))
         return result
@@ -234,5 +238,8 @@ class Trainer:
                         self.collector.recent_return(), c.episodes)
 
     def evaluate(self, logger: RunLogger) -> None:
-        """Evaluate the current policy and report it."""
-        logger.evaluation(self.counters.env_step, self.evaluator.evaluate(self.counters.env_step), self.counters.episodes)
+        """Evaluate the current policy, keep it as best.pt if it beats every earlier evaluation, and report it."""
+        returns = self.evaluator.evaluate(self.counters.env_step)
+        if self.evaluator.newest_is_best():
+            self.checkpoints.save_best(returns.tolist())
+        logger.evaluation(self.counters.env_step, returns, self.counters.episodes, self.evaluator.best)

@@ -46,13 +46,14 @@ def test_train_refuses_a_used_run_dir_and_resume_continues_it(tmp_path):
 
 def test_evaluate_and_load_policy_read_the_newest_checkpoint(tmp_path):
     run = fastdqn.train(small(), tmp_path / "run", show_progress=False).run_dir
-    result = fastdqn.evaluate(run, episodes=3, seed=7)
+    result = fastdqn.evaluate(run, episodes=3, seed=7, checkpoint="last")
     assert result.episodes == 3 and len(result.returns) == 3 and result.env_step == 2_000
     assert result.checkpoint == list_checkpoints(run)[-1].name
     assert json.loads((run / "eval.json").read_text())["mean"] == pytest.approx(result.mean)
-    assert fastdqn.evaluate(run, episodes=3, seed=7).returns == result.returns, "seeded evaluation repeats"
+    assert fastdqn.evaluate(run, episodes=3, seed=7, checkpoint="last").returns == result.returns, \
+        "seeded evaluation repeats"
 
-    policy = fastdqn.load_policy(run)
+    policy = fastdqn.load_policy(run, checkpoint="last")
     obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
     with torch.no_grad():
         greedy = policy.q(torch.as_tensor(obs)).argmax(dim=1).numpy()

@@ -85,7 +85,7 @@ def test_train_writes_tensorboard_scalars(trained_run):
 
 def test_eval_prints_mean_and_std_and_writes_eval_json(trained_run, capsys):
     run_dir = trained_run[0]
-    assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
+    assert main(["eval", str(run_dir), "--episodes", "3", "--checkpoint", "last"]) == 0
     printed = last_json_line(capsys.readouterr().out)
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["episodes"] == 3 and len(report["returns"]) == 3 and report["seed"] == 7
@@ -94,7 +94,7 @@ def test_eval_prints_mean_and_std_and_writes_eval_json(trained_run, capsys):
     assert printed["std"] == pytest.approx(np.std(report["returns"]))
     assert all(r >= 1 for r in report["returns"])
     # seeded: the same evaluation again gives the same returns
-    assert main(["eval", str(run_dir), "--episodes", "3"]) == 0
+    assert main(["eval", str(run_dir), "--episodes", "3", "--checkpoint", "last"]) == 0
     assert json.loads((run_dir / "eval.json").read_text())["returns"] == report["returns"]
 
 
