@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from compile_checks import assert_compiled
 from fastdqn.config import Config
 from fastdqn.learner import METRICS, DQNLearner, td_loss, td_targets
 from fastdqn.replay import Batch
@@ -253,8 +254,8 @@ def test_amp_loss_is_finite_and_decreases_on_a_fixed_batch():
 @pytest.mark.slow
 def test_compiled_loss_is_finite_and_decreases_on_a_fixed_batch():
     learner = make_learner(compile=True, hidden_sizes=[16], learning_rate=1e-2)
-    assert make_update_runner(learner).kind == "compiled"
-    losses = losses_on_a_fixed_batch(learner)
+    with assert_compiled():
+        losses = losses_on_a_fixed_batch(learner)
     assert_learns(losses)
     eager = make_learner(hidden_sizes=[16], learning_rate=1e-2)
     assert losses[0] == pytest.approx(losses_on_a_fixed_batch(eager, 1)[0], rel=1e-4)

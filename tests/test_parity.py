@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 
+from compile_checks import assert_compiled
 from fastdqn import update_runner
 from fastdqn.config import Config
 from fastdqn.cuda_graph import CaptureError
@@ -74,43 +75,47 @@ def assert_same_weights(a: DQNLearner, b: DQNLearner, atol: float) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon_change(monkeypatch):
+def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon_change():
     cfg = small_cfg()
     data = batches(8)
-    eager, compiled = learner(cfg), learner(cfg, compile=True)
+    eager, compiled, constant_lr = learner(cfg), learner(cfg, compile=True), learner(cfg)
     eager_losses = run_updates(eager, cfg, data)
-    compiled_losses = run_updates(compiled, cfg, data)  # the first call compiles
-    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
-    assert_same_weights(compiled, eager, atol=1e-6)  # the LR schedule reached the compiled step unchanged
-    assert compiled.optimizer.param_groups[0]["lr"] is compiled.lr
-
+    constant_runner = make_update_runner(constant_lr)
+    for batch in data:
+        constant_runner.update(batch)
+    # the schedule matters on these batches, so equal weights below mean the compiled step followed it
+    assert (torch.cat([p.flatten() for p in constant_lr.q.parameters()])
+            - torch.cat([p.flatten() for p in eager.q.parameters()])).abs().max() > 1e-4
     # PITFALL 7: a changing Python float in the step would recompile (and after 8, silently run eager).
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    obs = torch.randn(4, 4)
-    runner = make_update_runner(compiled)
-    for step in range(100):
-        compiled.set_learning_rate(learning_rate_at(cfg, step * 10))
-        compiled.act(obs, epsilon_at(cfg, step * 10))
-        runner.update(data[step % len(data)])
+    with assert_compiled():
+        compiled_losses = run_updates(compiled, cfg, data)  # the first call compiles
+        torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
+        assert_same_weights(compiled, eager, atol=1e-6)  # the LR schedule reached the compiled step unchanged
+        obs = torch.randn(4, 4)
+        runner = make_update_runner(compiled)
+        for step in range(100):
+            compiled.set_learning_rate(learning_rate_at(cfg, step * 10))
+            compiled.act(obs, epsilon_at(cfg, step * 10))
+            runner.update(data[step % len(data)])
     assert len({round(epsilon_at(cfg, s * 10), 6) for s in range(100)}) > 50  # both really changed
-    assert compiled.lr.item() == pytest.approx(learning_rate_at(cfg, 990))
+    assert len({learning_rate_at(cfg, s * 10) for s in range(100)}) > 50
 
 
-def test_new_learners_reuse_the_compiled_step_instead_of_recompiling(monkeypatch):
+def test_new_learners_reuse_the_compiled_step_instead_of_recompiling():
     """Sweeps, ablations and `fastdqn bench` build many learners in one process. A step compiled per learner ran
     eagerly, and slower, from the 9th on (torch's recompile limit), without an error."""
     cfg = small_cfg(compile=True)
     data = batches(2)
     first = learner(cfg)
-    make_update_runner(first).update(data[0])  # compiles (or finds this config's graph from an earlier test)
-    first_weights = [p.clone() for p in first.q.parameters()]
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for seed in range(10):
-        torch.manual_seed(seed)
-        other = DQNLearner(cfg, OBS_SHAPE, N_ACTIONS, CPU)
-        before = [p.clone() for p in other.q.parameters()]
-        make_update_runner(other).update(data[1])
-        assert all(not torch.equal(a, p) for a, p in zip(before, other.q.parameters()))  # its own weights moved
+    with assert_compiled():
+        make_update_runner(first).update(data[0])  # compiles
+        first_weights = [p.clone() for p in first.q.parameters()]
+        for seed in range(10):
+            torch.manual_seed(seed)
+            other = DQNLearner(cfg, OBS_SHAPE, N_ACTIONS, CPU)
+            before = [p.clone() for p in other.q.parameters()]
+            make_update_runner(other).update(data[1])
+            assert all(not torch.equal(a, p) for a, p in zip(before, other.q.parameters()))  # its own weights moved
     assert all(torch.equal(a, p) for a, p in zip(first_weights, first.q.parameters()))  # the shared graph wrote
     # each learner's own tensors, never the first one's
 
@@ -121,7 +126,9 @@ def test_compiled_bf16_update_matches_eager_loosely_and_keeps_fp32_state():
     data = batches(4)
     eager, amp = learner(cfg), learner(cfg, compile=True, amp=True)
     start = torch.cat([p.detach().flatten() for p in eager.q.parameters()])
-    torch.testing.assert_close(torch.tensor(run_updates(amp, cfg, data)), torch.tensor(run_updates(eager, cfg, data)),
+    with assert_compiled():
+        amp_losses = run_updates(amp, cfg, data)
+    torch.testing.assert_close(torch.tensor(amp_losses), torch.tensor(run_updates(eager, cfg, data)),
                                rtol=2e-2, atol=2e-3)
     # Adam moves every weight by about lr per step, in the sign of its gradient, so near-zero gradients can flip
     # under bf16: compare the whole update direction instead of each weight.

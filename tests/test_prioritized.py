@@ -3,9 +3,12 @@ short training run that actually reprioritizes."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from compile_checks import assert_compiled
 from fastdqn.config import Config
 from fastdqn.learner import DQNLearner, td_loss
 from fastdqn.prioritized import PrioritizedReplayBuffer, proportional_sample
@@ -130,21 +133,24 @@ def test_training_with_prioritized_nstep_dueling_reprioritizes(tiny_cfg, tmp_pat
 
 
 @pytest.mark.slow
-def test_compiled_update_step_matches_eager_with_weights_and_nstep_discounts():
+def test_compiled_update_matches_eager_with_weights_and_nstep_discounts():
     """The fast path sees the same loss, |TD errors| and new weights as eager on one weighted n-step batch."""
     torch.manual_seed(5)
-    obs, next_obs = torch.randn(16, 4), torch.randn(16, 4)
-    actions, rewards = torch.randint(0, 2, (16,)), torch.randn(16)
-    term = (torch.rand(16) < 0.3).float()
-    discounts, weights = 0.99 ** torch.randint(1, 4, (16,)).float(), torch.rand(16)
+    batch = Batch(torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.randn(16), torch.randn(16, 4),
+                  (torch.rand(16) < 0.3).float(), discounts=0.99 ** torch.randint(1, 4, (16,)).float(),
+                  weights=torch.rand(16))
     outputs = []
     for compiled in (False, True):
         torch.manual_seed(6)
         learner = DQNLearner(Config(hidden_sizes=[8], device="cpu", compile=compiled, double_dqn=True), (4,), 2, CPU)
         runner = make_update_runner(learner)
-        assert runner.kind == ("compiled" if compiled else "eager")
-        stats, td = runner.step_fn(Batch(obs, actions, rewards, next_obs, term, discounts, weights))
-        outputs.append((stats, td, [p.detach().clone() for p in learner.q.parameters()]))
+        with assert_compiled() if compiled else contextlib.nullcontext():
+            stats = runner.update(batch)
+        outputs.append((stats, runner.td_errors, [p.detach().clone() for p in learner.q.parameters()]))
     (s0, td0, p0), (s1, td1, p1) = outputs
     assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(td0, td1, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
+    torch.manual_seed(6)  # the same start without the weights and discounts: they change the loss on this batch
+    plain = DQNLearner(Config(hidden_sizes=[8], device="cpu", double_dqn=True), (4,), 2, CPU)
+    assert abs(make_update_runner(plain).update(batch._replace(weights=None, discounts=None))[0].item()
+               - s0[0].item()) > 1e-3
