@@ -4,6 +4,7 @@ evaluation."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import fastdqn
 import fastdqn.collection as collection_module
 import fastdqn.envs as envs_module
+from compile_checks import assert_compiled
 from core_helpers import COUNTER_ENV, REWARD, classic, drive, trainer_without_run
 from fastdqn.config import Config
 from fastdqn.evaluation import Evaluator, evaluate
@@ -157,7 +159,8 @@ def test_learns_cartpole_well_beyond_a_random_policy(tmp_path, variant):
     cfg = classic(Config(), seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
                   epsilon_end=0.05, batch_size=128, buffer_size=50_000, eval_every=2_000, eval_episodes=5,
                   hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0, target_update_interval=250, **variant)
-    result = Trainer(cfg, tmp_path, show_progress=False).run()
+    with assert_compiled() if cfg.compile else contextlib.nullcontext():
+        result = Trainer(cfg, tmp_path, show_progress=False).run()
     means = [mean for _, mean, _ in result.evals]
     assert len(means) == 3 and means[0] < 60  # it starts out poor
     assert max(means) >= 100, means
