@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdqn import cli
+from fastdqn.bench_suites import load_cleanrl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +31,24 @@ def test_bench_command_writes_json_with_medians_and_speedups(tmp_path, capsys):
                           ("e2e", "1 envs"), ("e2e", "4 envs"), ("cleanrl", "cleanrl dqn.py (1 env)"),
                           ("cleanrl", "fastdqn (16 envs)"), ("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")}
     assert len(cases[("update-mlp", "eager")]["samples"]) == 2
-    assert cases[("e2e", "1 envs")]["speedup"] == 1.0 and cases[("cleanrl", "fastdqn (16 envs)")]["speedup"] > 0
-    same_work = cases[("cleanrl", "fastdqn (16 envs)")]["info"]  # the comparison is at CleanRL's replay ratio
-    assert (same_work["train_every"], same_work["gradient_steps"], same_work["hidden_sizes"]) == (10, 1, [120, 84])
-    assert (same_work["double_dqn"], same_work["loss"], same_work["batch_size"]) == (False, "mse", 128)  # as dqn.py
+    # each speed-up is the baseline's median time over the case's, both from this run
+    pairs = (("e2e", "1 envs", "4 envs"), ("cleanrl", "cleanrl dqn.py (1 env)", "fastdqn (16 envs)"))
+    for suite, baseline, case in pairs:
+        base, other = cases[(suite, baseline)], cases[(suite, case)]
+        assert other["baseline"] == baseline and base["median"] == statistics.median(base["samples"])
+        assert other["speedup"] == pytest.approx(base["median"] / statistics.median(other["samples"]))
+    # the CleanRL comparison does dqn.py's work: its settings as run, its network, its loss and no Double DQN
+    cleanrl = cases[("cleanrl", "cleanrl dqn.py (1 env)")]["info"]
+    same_work = cases[("cleanrl", "fastdqn (16 envs)")]["info"]
+    assert same_work["gradient_steps"] / same_work["train_every"] == 1 / cleanrl["train_frequency"]
+    assert [same_work[k] for k in ("batch_size", "learning_rate", "gamma", "buffer_size", "target_update_interval")] \
+        == [cleanrl[k] for k in ("batch_size", "learning_rate", "gamma", "buffer_size", "target_network_frequency")]
+    linear_widths = [m.out_features for m in load_cleanrl().QNetwork(4, 2).network if isinstance(m, torch.nn.Linear)]
+    assert same_work["hidden_sizes"] == linear_widths[:-1]
+    assert (same_work["double_dqn"], same_work["loss"], same_work["max_grad_norm"]) == (False, "mse", 0.0)
     grouped = cases[("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")]["info"]
-    assert grouped["gradient_steps"] / grouped["train_every"] == 1 / 10  # the same updates per env step
+    assert grouped["gradient_steps"] / grouped["train_every"] == 1 / cleanrl["train_frequency"]
+    assert grouped["gradient_steps"] > same_work["gradient_steps"]  # in phases
     assert {k: v for k, v in grouped.items() if k not in ("train_every", "gradient_steps")} == \
         {k: v for k, v in same_work.items() if k not in ("train_every", "gradient_steps")}
     assert "speed-up" in capsys.readouterr().err
