@@ -4,6 +4,7 @@ Atari preset and configs, and a short `fastdqn train --env ALE/Pong-v5 --envs 4`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +17,8 @@ from fastdqn.atari import FireReset, GameTracker, make_pixel_env, rom_name
 from fastdqn.config import Config
 from fastdqn.envs import make_vector_env
 from fastdqn.networks import NatureCNN, build_q_network
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pong(**kw) -> Config:
@@ -129,7 +132,7 @@ def test_atari_preset_configs_and_user_overrides():
     assert parse_train("--env", "ALE/Pong-v5", "--learning-rate", "3e-4").learning_rate == 3e-4
     assert parse_train("--env", "CartPole-v1").buffer_size == Config().buffer_size
     for name in ("pong", "breakout"):
-        game = parse_train("--config", f"configs/atari-{name}.yaml", "--envs", "16")
+        game = parse_train("--config", str(ROOT / "configs" / f"atari-{name}.yaml"), "--envs", "16")
         assert game.env_id.startswith("ALE/") and game.buffer_size == 1_000_000 and game.learning_rate == 1e-4
         assert game.epsilon_decay_steps == game.total_steps // 10 and game.num_envs == 16
 
@@ -174,7 +177,7 @@ def test_atari_benchmark_script_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench_atari_envs.py", "--envs", "2", "--steps", "20", "--rounds", "1",
                                      "--capacity", "200", "--replay-envs", "2", "--replay-iters", "2", "--device",
                                      "cpu", "--out", str(out)])
-    runpy.run_path("benchmarks/bench_atari_envs.py", run_name="__main__")
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_atari_envs.py"), run_name="__main__")
     results = json.loads(out.read_text())
     assert set(results["env_sps"]["2"]) == {"ale_vector", "gymnasium"}
     assert {"FrameReplay add (2 envs)", "FrameReplay sample (32)"} <= set(results["replay_us"])
