@@ -23,3 +23,10 @@ def tiny_cfg() -> Config:
     return Config(total_steps=2_000, learning_starts=200, buffer_size=1_000, batch_size=32, hidden_sizes=[32, 32],
                   eval_every=0, eval_episodes=2, log_every=500, checkpoint_every=0, epsilon_decay_steps=1_000,
                   target_update_interval=100, device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Name the random test order even under -q, so that a failure that depends on it can be repeated."""
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"tests ran in a random order; repeat it with --randomly-seed={seed}")
