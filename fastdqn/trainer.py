@@ -39,6 +39,7 @@ from fastdqn.logs import RunLogger, console, summary_table
 from fastdqn.memory import check_replay_fits
 from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
+from fastdqn.process_clock import seconds_since_start
 from fastdqn.profiling import profiled
 from fastdqn.replay import Replay, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
@@ -82,13 +83,16 @@ class TrainResult:
     interrupted: bool = False
     evals: list[tuple[int, float, float]] = field(default_factory=list)
     best_eval: tuple[int, float, float] | None = None  # (env step, mean, std) of the evaluation best.pt holds
+    first_update_time: float | None = None  # seconds from process start to the end of this run's first update
+    steady_sps: float | None = None  # env steps/s from the end of the first update to the end of training
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
         best_step, best_mean = self.best_eval[:2] if self.best_eval else (None, None)
         return {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "final_eval_mean": self.final_eval_mean,
                 "best_eval_mean": best_mean, "best_eval_step": best_step, "steps_to_solve": self.steps_to_solve,
-                "wall_time": round(self.wall_time, 2), "interrupted": self.interrupted}
+                "wall_time": round(self.wall_time, 2), "first_update_time": self.first_update_time,
+                "steady_sps": self.steady_sps, "interrupted": self.interrupted}
 
     def table(self, cfg: Config) -> Table:
         """The console summary printed at the end of a run."""
@@ -152,6 +156,7 @@ class Trainer:
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.learner, self.replay, self.collector, self.evaluator,
                                         self.counters)
         self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
+        self.first_update: tuple[float, int, float | None] | None = None  # see mark_first_update
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint (see `checkpointer.load_run_checkpoint`) made with a compatible config."""
@@ -183,7 +188,8 @@ class Trainer:
                     if stop.requested:
                         interrupted = True
                         break
-            wall = time.perf_counter() - start_time
+            end_time = time.perf_counter()
+            wall = end_time - start_time
             if interrupted:
                 self.checkpoints.save()
                 logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
@@ -204,6 +210,9 @@ class Trainer:
         result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
                              (c.env_step - start_step) / max(wall, 1e-9), final_mean, final_std,
                              self.evaluator.steps_to_solve(), interrupted, list(evals), self.evaluator.best)
+        if self.first_update is not None:
+            first_clock, first_step, result.first_update_time = self.first_update
+            result.steady_sps = (c.env_step - first_step) / max(end_time - first_clock, 1e-9)
         if self.show_progress and not interrupted:
             console.print(result.table(cfg))
         return result
@@ -222,12 +231,23 @@ class Trainer:
             self.learner.set_learning_rate(learning_rate_at(cfg, c.env_step))
             if cfg.prioritized:
                 self.replay.beta = per_beta_at(cfg, c.env_step)
-            self.updates.run(due - c.updates)  # each on a new sample; prioritized replay gets new priorities
+            if self.first_update is None:  # the run's first update alone, to time it
+                self.updates.run(1)
+                self.mark_first_update()
+                c.updates += 1
+            if due > c.updates:
+                self.updates.run(due - c.updates)  # each on a new sample; prioritized replay gets new priorities
             c.updates = due
         syncs_due = c.env_step // cfg.target_update_interval
         if cfg.target_update == "hard" and syncs_due > c.target_syncs:
             self.learner.sync_target()
         c.target_syncs = syncs_due
+
+    def mark_first_update(self) -> None:
+        """Remember (clock, env step, seconds since process start) at the end of this run's first update."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once a run: until then the update is only queued
+        self.first_update = (time.perf_counter(), self.counters.env_step, seconds_since_start())
 
     def log(self, logger: RunLogger, sps: float) -> None:
         """Read the device counters (the loop's only sync), check them for divergence and write them out."""
