@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from fastdqn.api import train
 from fastdqn.config import from_dict, load_yaml, parse_set
-from fastdqn.trainer import Trainer
 
 
 def run_seed(values: dict, seed: int, root: Path) -> dict:
     cfg = from_dict({**values, "seed": seed})
-    result = Trainer(cfg, root / f"seed{seed}", show_progress=False).run()
+    result = train(cfg, root / f"seed{seed}", show_progress=False)
     if result.interrupted:  # Ctrl-C / SIGTERM stops the whole table, not just this seed
         raise SystemExit(f"interrupted during seed {seed}")
     return {"seed": seed, "steps_to_solve": result.steps_to_solve,

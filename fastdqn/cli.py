@@ -249,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time update-step variants, replay and training; table + JSON",
                            description="Benchmark the update step (eager / compiled / compiled+AMP / CUDA graph), "
                                        "replay add and sample, end-to-end CartPole training with 1, 16, 64 envs, "
-                                       "and fastdqn against CleanRL's dqn.py at the same replay ratio. Prints "
-                                       "medians and speed-ups measured in this run; writes benchmarks/results/*.json.")
+                                       "and fastdqn against CleanRL's own dqn.py at its settings. Every training "
+                                       "run is a new process; each reports its whole run, its time to the first "
+                                       "update and its steady-state rate. Prints medians and speed-ups measured in "
+                                       "this run; writes benchmarks/results/bench-<time>.json and .md.")
     from fastdqn.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)

@@ -1,62 +1,177 @@
-"""`fastdqn bench` and the pytest-benchmark files stay runnable (a minimal run; no timing is asserted)."""
+"""`fastdqn bench` runs end to end and reads every process's figures right (a minimal run; no speed is asserted).
+
+The cleanrl suite runs CleanRL's own dqn.py when FASTDQN_CLEANRL_SCRIPT and FASTDQN_CLEANRL_PYTHON point at a
+checkout and its environment (README: comparing with CleanRL). Elsewhere it runs a stand-in written by the test
+below: a script that takes dqn.py's flags and prints dqn.py's `SPS:` lines from a known pace, so the bench's
+reading of those lines is checked against numbers known in advance.
+"""
 
 from __future__ import annotations
 
 import json
-import statistics
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 
 from fastdqn import cli
-from fastdqn.bench_suites import load_cleanrl
+from fastdqn.bench_cases import TrainingCase
+from fastdqn.bench_training import measure_cases
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_CLEANRL = (os.environ.get("FASTDQN_CLEANRL_SCRIPT"), os.environ.get("FASTDQN_CLEANRL_PYTHON"))
+PACE, OFFSET = 1000.0, 0.5  # the stand-in's clock: env step s is printed at s / PACE + OFFSET seconds
+
+# A stand-in for CleanRL's dqn.py (not CleanRL's code): dqn.py's flags in, its SPS lines out, and a record of
+# the flags, working dir and environment it was started with.
+STAND_IN = textwrap.dedent(f"""
+    import argparse, json, os, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--total-timesteps", type=int)
+    p.add_argument("--learning-starts", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cuda", action="store_true")
+    args = p.parse_args()
+    with open(os.environ["STAND_IN_SEEN"], "a") as seen:
+        seen.write(json.dumps({{"args": vars(args), "cwd": os.getcwd(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                               "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+                               "pythonpath": os.environ.get("PYTHONPATH")}}) + "\\n")
+    time.sleep(0.3)
+    for step in range(args.total_timesteps):
+        if step > args.learning_starts and step % 100 == 0:
+            print("SPS:", int(step / (step / {PACE} + {OFFSET})))
+        elif step % 97 == 0:
+            print(f"global_step={{step}}, episodic_return=[9.]")
+""")
+
+
+def cleanrl_flags(tmp_path: Path) -> list[str]:
+    """The real CleanRL where the environment names it, else the stand-in in a checkout-shaped dir."""
+    script, python = REAL_CLEANRL
+    if script and python:
+        return ["--cleanrl-script", script, "--cleanrl-python", python]
+    fake = tmp_path / "checkout" / "cleanrl" / "dqn.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(STAND_IN)
+    return ["--cleanrl-script", str(fake), "--cleanrl-python", sys.executable]
 
 
 @pytest.mark.slow
-def test_bench_command_writes_json_with_medians_and_speedups(tmp_path, capsys):
-    code = cli.main(["bench", "--device", "cpu", "--threads", "1", "--suite", "update-mlp,replay,e2e,cleanrl",
-                     "--variants", "eager", "--rounds", "2", "--iters", "2", "--warmup", "1", "--repeats", "1",
-                     "--steps", "300", "--learning-starts", "100", "--envs", "1,4", "--out", str(tmp_path)])
-    assert code == 0
-    [path] = tmp_path.glob("bench-cpu-*.json")
+def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures(tmp_path):
+    seen = tmp_path / "seen.jsonl"
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdqn.cli", "bench", "--device", "cpu", "--suite", "cleanrl,e2e", "--envs", "2",
+         "--steps", "800", "--learning-starts", "100", "--repeats", "1", "--cleanrl-threads", "1,0",
+         "--out", str(out), *cleanrl_flags(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "STAND_IN_SEEN": str(seen)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = out.glob("bench-*.json")
     record = json.loads(path.read_text())
-    assert record["device_type"] == "cpu" and record["torch"]
-    cases = {(c["suite"], c["name"]): c for c in record["cases"]}
-    assert set(cases) == {("update-mlp", "eager"), ("replay", "add (16 envs)"), ("replay", "sample (batch 128)"),
-                          ("e2e", "1 envs"), ("e2e", "4 envs"), ("cleanrl", "cleanrl dqn.py (1 env)"),
-                          ("cleanrl", "fastdqn (16 envs)"), ("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")}
-    assert len(cases[("update-mlp", "eager")]["samples"]) == 2
-    # each speed-up is the baseline's median time over the case's, both from this run
-    pairs = (("e2e", "1 envs", "4 envs"), ("cleanrl", "cleanrl dqn.py (1 env)", "fastdqn (16 envs)"))
-    for suite, baseline, case in pairs:
-        base, other = cases[(suite, baseline)], cases[(suite, case)]
-        assert other["baseline"] == baseline and base["median"] == statistics.median(base["samples"])
-        assert other["speedup"] == pytest.approx(base["median"] / statistics.median(other["samples"]))
-    # the CleanRL comparison does dqn.py's work: its settings as run, its network, its loss and no Double DQN
-    cleanrl = cases[("cleanrl", "cleanrl dqn.py (1 env)")]["info"]
-    same_work = cases[("cleanrl", "fastdqn (16 envs)")]["info"]
-    assert same_work["gradient_steps"] / same_work["train_every"] == 1 / cleanrl["train_frequency"]
-    assert [same_work[k] for k in ("batch_size", "learning_rate", "gamma", "buffer_size", "target_update_interval")] \
-        == [cleanrl[k] for k in ("batch_size", "learning_rate", "gamma", "buffer_size", "target_network_frequency")]
-    linear_widths = [m.out_features for m in load_cleanrl().QNetwork(4, 2).network if isinstance(m, torch.nn.Linear)]
-    assert same_work["hidden_sizes"] == linear_widths[:-1]
-    assert (same_work["double_dqn"], same_work["loss"], same_work["max_grad_norm"]) == (False, "mse", 0.0)
-    grouped = cases[("cleanrl", "fastdqn (16 envs, 64 updates / 640 steps)")]["info"]
-    assert grouped["gradient_steps"] / grouped["train_every"] == 1 / cleanrl["train_frequency"]
-    assert grouped["gradient_steps"] > same_work["gradient_steps"]  # in phases
+    cases = {c["name"]: c for c in record["training"]}
+    cleanrl_names = [n for n in cases if n.startswith("cleanrl dqn.py")]
+    assert cleanrl_names[0] == "cleanrl dqn.py, 1 env, OMP_NUM_THREADS=1" and len(cleanrl_names) == 2
+    assert set(cases) - set(cleanrl_names) == {
+        "fastdqn 1 env, 1 update / 10 steps, eager", "fastdqn 16 envs, 1 update / 10 steps, eager",
+        "fastdqn 16 envs, 64 updates / 640 steps, eager", "2 envs, eager"}
+    for case in cases.values():
+        [run] = case["runs"]
+        assert 0 < run["first_update_s"] < run["whole_s"] and run["cpu_s"] > 0, case["name"]
+        assert run["steady_sps"] > 0 and run["reported_sps"] > 0, case["name"]
+        assert case["baseline"] == (cleanrl_names[0] if case["suite"] == "cleanrl" else "2 envs, eager")
+    same = cases["fastdqn 16 envs, 1 update / 10 steps, eager"]["info"]["config"]
+    grouped = cases["fastdqn 16 envs, 64 updates / 640 steps, eager"]["info"]["config"]
+    assert (same["hidden_sizes"], same["batch_size"], same["loss"], same["double_dqn"]) == ([120, 84], 128, "mse", False)
+    assert (same["train_every"], same["gradient_steps"], grouped["train_every"], grouped["gradient_steps"]) == \
+        (10, 1, 640, 64)  # the same replay ratio, grouped
     assert {k: v for k, v in grouped.items() if k not in ("train_every", "gradient_steps")} == \
-        {k: v for k, v in same_work.items() if k not in ("train_every", "gradient_steps")}
-    assert "speed-up" in capsys.readouterr().err
+        {k: v for k, v in same.items() if k not in ("train_every", "gradient_steps")}
+    assert (same["total_steps"], same["learning_starts"], same["torch_threads"]) == (800, 100, 1)
+    assert "| cleanrl | fastdqn 16 envs, 64 updates / 640 steps, eager |" in path.with_suffix(".md").read_text()
+    if REAL_CLEANRL[0]:
+        return
+    # The stand-in: dqn.py's flags, its own scratch dir per run, OMP_NUM_THREADS only where asked for, its
+    # checkout root on PYTHONPATH; the figures follow from its pace.
+    runs = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert [r["args"] for r in runs] == [{"total_timesteps": 800, "learning_starts": 100, "seed": 1,
+                                          "no_cuda": True}] * 2
+    assert [r["omp"] for r in runs] == ["1", None] and {r["unbuffered"] for r in runs} == {"1"}
+    assert runs[0]["cwd"] != runs[1]["cwd"] and not Path(runs[0]["cwd"]).exists()
+    assert runs[0]["pythonpath"].split(os.pathsep)[0] == str(tmp_path / "checkout")
+    stand_in = cases[cleanrl_names[0]]["runs"][0]
+    assert stand_in["steady_sps"] == pytest.approx(PACE, rel=0.01)  # the offset cancels out
+    assert stand_in["reported_sps"] == int(700 / (700 / PACE + OFFSET))  # its last SPS line, at env step 700
+    assert stand_in["first_update_s"] >= 0.3  # its first SPS line came after its start-up sleep
+
+
+class Echo:
+    """A runner whose process prints its working dir; measures it as the bench's runners do."""
+
+    def __init__(self, order: list[str], label: str):
+        self.order, self.label = order, label
+
+    def command(self, scratch: Path) -> list[str]:
+        return [sys.executable, "-c", "import os, time; print(os.getcwd(), flush=True); time.sleep(0.2)"]
+
+    def prepare(self, scratch: Path) -> dict[str, str]:
+        return dict(os.environ)
+
+    def measure(self, case: TrainingCase, done) -> dict[str, float]:
+        [(arrival, cwd)] = done.lines
+        self.order.append(self.label)
+        return {"first_update_s": arrival, "steady_sps": 1.0, "reported_sps": 1.0, "cwd": cwd}
+
+
+def test_training_cases_take_turns_each_run_a_process_in_its_own_scratch_dir():
+    order: list[str] = []
+    cases = [(TrainingCase("t", label, []), Echo(order, label)) for label in ("A", "B")]
+    measured = measure_cases(cases, repeats=2)
+    assert order == ["A", "B", "A", "B"]
+    runs = [run for case in measured for run in case.runs]
+    assert len({run["cwd"] for run in runs}) == 4 and not any(Path(run["cwd"]).exists() for run in runs)
+    assert all(0 < run["first_update_s"] < 0.2 + run["first_update_s"] <= run["whole_s"] for run in runs)
+
+
+def test_a_run_reports_its_first_update_from_process_start(tmp_path):
+    code = ("import time; time.sleep(0.4); from fastdqn.process_clock import seconds_since_start; "
+            "print(seconds_since_start())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0.4 <= float(done.stdout) < 60  # the sleep and the interpreter's start, nothing from before it
+
+
+def test_bench_command_starts_without_torch():
+    code = ("import sys; from fastdqn.cli import build_parser; build_parser().parse_args(['bench']); "
+            "import fastdqn.bench, fastdqn.bench_training; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_in_process_suites_write_json_with_medians_and_speedups(tmp_path, capsys):
+    code = cli.main(["bench", "--device", "cpu", "--threads", "1", "--suite", "update-mlp,replay",
+                     "--variants", "eager", "--rounds", "2", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert code == 0
+    [path] = tmp_path.glob("bench-*.json")
+    record = json.loads(path.read_text())
+    assert record["in_process"]["device_type"] == "cpu" and record["in_process"]["torch"]
+    assert record["machine"]["cores"] >= 1 and len(record["machine"]["load_average"]) == 3
+    cases = {(c["suite"], c["name"]): c for c in record["cases"]}
+    assert set(cases) == {("update-mlp", "eager"), ("replay", "add (16 envs)"), ("replay", "sample (batch 128)")}
+    assert len(cases[("update-mlp", "eager")]["samples"]) == 2 and cases[("update-mlp", "eager")]["speedup"] == 1.0
+    assert record["training"] == [] and "speed-up" in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_options_in_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--suite", "update-mlp", "--rounds", "0", "--out", str(tmp_path)]) != 0
     assert "--rounds must be >= 1" in capsys.readouterr().err
+    assert cli.main(["bench", "--suite", "cleanrl", "--out", str(tmp_path)]) != 0
+    assert "pass --cleanrl-script" in capsys.readouterr().err
+    assert cli.main(["bench", "--suite", "e2e", "--steps", "100", "--learning-starts", "100"]) != 0
+    assert "e2e: --steps (100) must be larger than --learning-starts (100)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--suite", "warp-drive"])
     assert "expected a comma list of update-mlp" in capsys.readouterr().err
