@@ -211,6 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="update-step variants; the first is the baseline (cuda-graph needs CUDA)")
     parser.add_argument("--train-variants", type=comma_list(TRAIN_VARIANTS), default=["eager"],
                         help="e2e/cleanrl: fastdqn's cases once for each of these update variants")
+    parser.add_argument("--compile-cache", type=comma_list(("cold", "warm")), default=["cold"],
+                        help="compiled training cases: cold = an empty TorchInductor cache each run (a first run's "
+                             "compile), warm = the cache of the case's previous runs; a case for each listed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads of the in-process suites and of fastdqn's training runs; 0 = their "

@@ -98,10 +98,14 @@ def training_config(opts: Any, variant: str, **changes: Any) -> Config:
 
 
 class FastDQNRun:
-    """`python -m fastdqn.cli train --config <cfg> --quiet`: the command a user runs, in a new process."""
+    """`python -m fastdqn.cli train --config <cfg> --quiet`: the command a user runs, in a new process.
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    TorchInductor's cache (compiled code kept on disk between processes) is a fresh, empty dir per run unless
+    `cache` names a dir that this case's runs share (warm: `measure_cases` fills it with one untimed run first).
+    """
+
+    def __init__(self, cfg: Config, cache: Path | None = None):
+        self.cfg, self.cache = cfg, cache
 
     def command(self, scratch: Path) -> list[str]:
         return [sys.executable, "-m", "fastdqn.cli", "train", "--config", str(scratch / "config.yaml"),
@@ -109,7 +113,7 @@ class FastDQNRun:
 
     def prepare(self, scratch: Path) -> dict[str, str]:
         (scratch / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor-cache")}
+        return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(self.cache or scratch / "inductor-cache")}
 
     def measure(self, case: TrainingCase, done: Finished) -> dict[str, float]:
         result = next((json.loads(line) for _, line in reversed(done.lines) if line.startswith("{")), None)
@@ -195,7 +199,12 @@ def run_once(case: TrainingCase, runner: Any) -> dict[str, float]:
 
 
 def measure_cases(cases: list[tuple[TrainingCase, Any]], repeats: int) -> list[TrainingCase]:
-    """Run every case `repeats` times, taking turns (A B C A B C ...)."""
+    """Run every case `repeats` times, taking turns (A B C A B C ...); a case with a warm compile cache first
+    runs once untimed to fill it."""
+    for case, runner in cases:
+        if getattr(runner, "cache", None) is not None:
+            console.print(f"  filling the compile cache of {case.name} (untimed run)")
+            run_once(case, runner)
     for r in range(repeats):
         for case, runner in cases:
             run = run_once(case, runner)
@@ -205,20 +214,29 @@ def measure_cases(cases: list[tuple[TrainingCase, Any]], repeats: int) -> list[T
     return [case for case, _ in cases]
 
 
-def fastdqn_case(suite: str, name: str, cfg: Config) -> tuple[TrainingCase, FastDQNRun]:
-    runner = FastDQNRun(cfg)
-    command = runner.command(Path("<scratch>"))
-    return TrainingCase(suite, name, command, {"config": cfg.to_dict()}, baseline=""), runner
+def fastdqn_cases(suite: str, name: str, cfg: Config, opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
+    """The case of `cfg`; a compiled config gives one per --compile-cache mode (cold: an empty cache each run;
+    warm: a cache under `caches` kept from the case's previous runs)."""
+    modes = opts.compile_cache if cfg.compile else [None]
+    out: list[tuple[TrainingCase, Any]] = []
+    for mode in modes:
+        label = f"{name}, {mode} compile cache" if mode else name
+        cache = caches / re.sub(r"[^A-Za-z0-9]+", "-", f"{suite}-{label}") if mode == "warm" else None
+        runner = FastDQNRun(cfg, cache)
+        info = {"config": cfg.to_dict(), "inductor_cache": "kept between runs, filled by one untimed run"
+                if cache else "fresh per run"}
+        out.append((TrainingCase(suite, label, runner.command(Path("<scratch>")), info), runner))
+    return out
 
 
-def e2e_cases(opts: Any) -> list[tuple[TrainingCase, Any]]:
+def e2e_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     """fastdqn on CartPole with each env count of --envs at replay ratio 1/4 (one update every 4 env steps)."""
-    return [fastdqn_case("e2e", f"{n} envs, {v}", training_config(opts, v, num_envs=n, train_every=4,
-                                                                    gradient_steps=1))
-            for v in opts.train_variants for n in opts.envs]
+    return [case for v in opts.train_variants for n in opts.envs
+            for case in fastdqn_cases("e2e", f"{n} envs, {v}", training_config(opts, v, num_envs=n, train_every=4,
+                                                                             gradient_steps=1), opts, caches)]
 
 
-def cleanrl_cases(opts: Any) -> list[tuple[TrainingCase, Any]]:
+def cleanrl_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     """CleanRL's dqn.py (1 env) and fastdqn at its settings: 1 env; 16 envs with its schedule of one update
     every 10 env steps; 16 envs with the same replay ratio in phases of 64 updates every 640 env steps."""
     check_cleanrl(opts)
@@ -234,15 +252,18 @@ def cleanrl_cases(opts: Any) -> list[tuple[TrainingCase, Any]]:
         cases.append((TrainingCase("cleanrl", name, runner.command(Path("<scratch>")), info), runner))
     for v in opts.train_variants:
         same = training_config(opts, v, **CLEANRL_DQN)
-        cases += [fastdqn_case("cleanrl", f"fastdqn 1 env, 1 update / 10 steps, {v}", same.updated(num_envs=1)),
-                  fastdqn_case("cleanrl", f"fastdqn 16 envs, 1 update / 10 steps, {v}", same.updated(num_envs=16)),
-                  fastdqn_case("cleanrl", f"fastdqn 16 envs, 64 updates / 640 steps, {v}",
-                               same.updated(num_envs=16, train_every=640, gradient_steps=64))]
+        for name, cfg in ((f"fastdqn 1 env, 1 update / 10 steps, {v}", same.updated(num_envs=1)),
+                          (f"fastdqn 16 envs, 1 update / 10 steps, {v}", same.updated(num_envs=16)),
+                          (f"fastdqn 16 envs, 64 updates / 640 steps, {v}",
+                           same.updated(num_envs=16, train_every=640, gradient_steps=64))):
+            cases += fastdqn_cases("cleanrl", name, cfg, opts, caches)
     return cases
 
 
 def bench_training(suite: str, opts: Any) -> list[TrainingCase]:
-    cases = e2e_cases(opts) if suite == "e2e" else cleanrl_cases(opts)
-    for case, _ in cases:
-        case.baseline = cases[0][0].name
-    return measure_cases(cases, opts.repeats)
+    """The e2e or cleanrl suite; speed-ups are against its first case."""
+    with tempfile.TemporaryDirectory(prefix="fastdqn-bench-caches-") as caches:
+        cases = (e2e_cases if suite == "e2e" else cleanrl_cases)(opts, Path(caches))
+        for case, _ in cases:
+            case.baseline = cases[0][0].name
+        return measure_cases(cases, opts.repeats)

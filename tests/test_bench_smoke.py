@@ -17,10 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from fastdqn import cli
 from fastdqn.bench_cases import TrainingCase
-from fastdqn.bench_training import measure_cases
+from fastdqn.bench_training import FastDQNRun, measure_cases, training_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CLEANRL = (os.environ.get("FASTDQN_CLEANRL_SCRIPT"), os.environ.get("FASTDQN_CLEANRL_PYTHON"))
@@ -111,8 +112,8 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
 class Echo:
     """A runner whose process prints its working dir; measures it as the bench's runners do."""
 
-    def __init__(self, order: list[str], label: str):
-        self.order, self.label = order, label
+    def __init__(self, order: list[str], label: str, cache: Path | None = None):
+        self.order, self.label, self.cache = order, label, cache
 
     def command(self, scratch: Path) -> list[str]:
         return [sys.executable, "-c", "import os, time; print(os.getcwd(), flush=True); time.sleep(0.2)"]
@@ -126,14 +127,24 @@ class Echo:
         return {"first_update_s": arrival, "steady_sps": 1.0, "reported_sps": 1.0, "cwd": cwd}
 
 
-def test_training_cases_take_turns_each_run_a_process_in_its_own_scratch_dir():
+def test_training_cases_take_turns_each_run_a_process_in_its_own_scratch_dir(tmp_path):
     order: list[str] = []
-    cases = [(TrainingCase("t", label, []), Echo(order, label)) for label in ("A", "B")]
+    cases = [(TrainingCase("t", "A", []), Echo(order, "A")), (TrainingCase("t", "B", []), Echo(order, "B", tmp_path))]
     measured = measure_cases(cases, repeats=2)
-    assert order == ["A", "B", "A", "B"]
+    assert order == ["B", "A", "B", "A", "B"]  # B keeps a warm cache: one untimed run fills it first
     runs = [run for case in measured for run in case.runs]
-    assert len({run["cwd"] for run in runs}) == 4 and not any(Path(run["cwd"]).exists() for run in runs)
+    assert [len(case.runs) for case in measured] == [2, 2] and len({run["cwd"] for run in runs}) == 4 and not any(Path(run["cwd"]).exists() for run in runs)
     assert all(0 < run["first_update_s"] < 0.2 + run["first_update_s"] <= run["whole_s"] for run in runs)
+
+
+def test_a_fastdqn_run_gets_an_empty_compile_cache_unless_its_case_keeps_one_warm(tmp_path):
+    opts = SimpleNamespace(steps=300, learning_starts=100, device="cpu", threads=0)
+    cfg = training_config(opts, "compiled", num_envs=2)
+    cold = FastDQNRun(cfg).prepare(tmp_path)
+    assert cold["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor-cache")
+    assert FastDQNRun(cfg, tmp_path / "kept").prepare(tmp_path)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kept")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written == cfg.to_dict() and written["compile"] is True and written["torch_threads"] == 1
 
 
 def test_a_run_reports_its_first_update_from_process_start(tmp_path):
