@@ -106,10 +106,15 @@ def write_results(micro: list[Case], training: list[TrainingCase], record: dict[
               "cases": [{**asdict(c), "median": c.median} for c in micro],
               "training": [{**asdict(c), "medians": {k: c.median(k) for k in RUN_FIELDS}} for c in training]}
     path.write_text(json.dumps(record, indent=2))
+    path.with_suffix(".md").write_text(markdown_tables(micro, training))
+    return path
+
+
+def markdown_tables(micro: list[Case], training: list[TrainingCase]) -> str:
+    """The tables of a bench run in Markdown, as the README quotes them."""
     tables = [markdown_table(*rows(cases)) for rows, cases in ((micro_rows, micro), (training_rows, training))
               if cases]
-    path.with_suffix(".md").write_text("\n".join(tables))
-    return path
+    return "\n".join(tables)
 
 
 def schedule(suite: str, opts: argparse.Namespace) -> argparse.Namespace:

@@ -1,15 +1,17 @@
 """Whole training runs for `fastdqn bench`, each in a process of its own: fastdqn's command and CleanRL's dqn.py.
 
-Every run is a new process started from a clean slate: its own interpreter, imports, torch threads, RNG and a
-fresh, empty TorchInductor cache directory (so a compiled run pays its compile, as a user's first run does).
-Nothing one case sets can reach the next. The cases of a suite take turns (A B C A B C ...), so load from
+Every run is a new process started from a clean slate: its own interpreter, imports, torch threads, RNG and,
+for fastdqn, a fresh, empty TorchInductor cache directory (a compiled run pays its whole compile, as a user's
+first run does), unless --compile-cache warm asks for a case whose runs keep theirs. Nothing one case sets can
+reach the next. The cases of a suite take turns (A B C A B C ...), so load from
 other processes falls on all of them alike. Per run (`RUN_FIELDS`):
 
 - whole_s: wall-clock seconds from starting the process to its exit, measured here;
 - cpu_s: CPU seconds of the process and its children (resource.getrusage of waited-for children);
 - first_update_s: fastdqn reports it (`TrainResult.first_update_time`, from the OS's process start time);
-  for CleanRL it is when its first `SPS:` line reaches us (it prints one every 100 env steps from its 10th
-  update on, so this is 90 env steps after its first update; PYTHONUNBUFFERED=1 makes lines arrive as printed);
+  for CleanRL it is when its first `SPS:` line reaches us (it prints one in each update at a multiple of 100
+  env steps, so this is at most 100 env steps after its first update: 90 with learning_starts 10,000;
+  PYTHONUNBUFFERED=1 makes its lines arrive as printed);
 - steady_sps: fastdqn reports it (`TrainResult.steady_sps`); for CleanRL it comes from its own SPS lines: line
   k is printed at env step s_k with SPS_k = int(s_k / t_k), t_k seconds since its loop began, so the rate
   between its first and last line is (s_last - s_first) / (t_last - t_first) on its own clock;

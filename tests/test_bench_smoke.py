@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,8 @@ import pytest
 import yaml
 
 from fastdqn import cli
-from fastdqn.bench_cases import TrainingCase
+from fastdqn.bench import markdown_tables
+from fastdqn.bench_cases import Case, TrainingCase
 from fastdqn.bench_training import FastDQNRun, measure_cases, training_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +197,18 @@ def test_pytest_benchmark_files_run_once_each():
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "3 passed" in done.stdout
+
+
+def test_readme_training_tables_are_what_their_committed_bench_runs_give():
+    """Each README table between `<!-- bench-table: NAME.json -->` markers is the Markdown that the bench wrote
+    for that committed run, and rebuilding it from the JSON's samples gives the same table."""
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"<!-- bench-table: (\S+\.json) -->\n(.*?)<!-- /bench-table -->", readme, re.S)
+    assert quoted, "README.md lost its bench-table markers"
+    for name, table in quoted:
+        path = ROOT / "benchmarks" / "results" / name
+        assert table.strip() == path.with_suffix(".md").read_text().strip(), f"README's table differs from {name}"
+        record = json.loads(path.read_text())
+        micro = [Case(**{k: v for k, v in c.items() if k != "median"}) for c in record["cases"]]
+        training = [TrainingCase(**{k: v for k, v in c.items() if k != "medians"}) for c in record["training"]]
+        assert markdown_tables(micro, training).strip() == table.strip()
