@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--cleanrl-script and --cleanrl-python)")
     parser.add_argument("--variants", type=comma_list(tuple(VARIANTS)), default=list(VARIANTS),
                         help="update-step variants; the first is the baseline (cuda-graph needs CUDA)")
-    parser.add_argument("--train-variants", type=comma_list(TRAIN_VARIANTS), default=["eager"],
+    parser.add_argument("--train-variants", type=comma_list(tuple(TRAIN_VARIANTS)), default=["eager"],
                         help="e2e/cleanrl: fastdqn's cases once for each of these update variants")
     parser.add_argument("--compile-cache", type=comma_list(("cold", "warm")), default=["cold"],
                         help="compiled training cases: cold = an empty TorchInductor cache each run (a first run's "

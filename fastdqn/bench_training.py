@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from fastdqn.bench_cases import VARIANTS, TrainingCase
+from fastdqn.bench_cases import TRAIN_VARIANTS, TrainingCase
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError, FastDQNError
 from fastdqn.logs import console
@@ -93,14 +93,14 @@ def training_config(opts: Any, variant: str, **changes: Any) -> Config:
     at the end, one log line; torch threads from --threads where given, else the config's."""
     base = dict(device=opts.device, total_steps=opts.steps, learning_starts=opts.learning_starts,
                 epsilon_decay_steps=opts.steps // 2, eval_every=0, eval_episodes=1, checkpoint_every=0,
-                log_every=opts.steps, **VARIANTS[variant])
+                log_every=opts.steps, **TRAIN_VARIANTS[variant])
     if opts.threads > 0:
         base["torch_threads"] = opts.threads
     return Config(**{**base, **changes}).validate()
 
 
 class FastDQNRun:
-    """`python -m fastdqn.cli train --config <cfg> --quiet`: the command a user runs, in a new process.
+    """`python -m fastdqn train --config <cfg> --quiet`: the command a user runs, in a new process.
 
     TorchInductor's cache (compiled code kept on disk between processes) is a fresh, empty dir per run unless
     `cache` names a dir that this case's runs share (warm: `measure_cases` fills it with one untimed run first).
@@ -110,7 +110,7 @@ class FastDQNRun:
         self.cfg, self.cache = cfg, cache
 
     def command(self, scratch: Path) -> list[str]:
-        return [sys.executable, "-m", "fastdqn.cli", "train", "--config", str(scratch / "config.yaml"),
+        return [sys.executable, "-m", "fastdqn", "train", "--config", str(scratch / "config.yaml"),
                 "--run-dir", str(scratch / "run"), "--quiet"]
 
     def prepare(self, scratch: Path) -> dict[str, str]:

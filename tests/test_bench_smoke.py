@@ -68,7 +68,7 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
     seen = tmp_path / "seen.jsonl"
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fastdqn.cli", "bench", "--device", "cpu", "--suite", "cleanrl,e2e", "--envs", "2",
+        [sys.executable, "-m", "fastdqn", "bench", "--device", "cpu", "--suite", "cleanrl,e2e", "--envs", "2",
          "--steps", "800", "--learning-starts", "100", "--repeats", "1", "--cleanrl-threads", "1,0",
          "--out", str(out), *cleanrl_flags(tmp_path)],
         cwd=tmp_path, env={**os.environ, "STAND_IN_SEEN": str(seen)}, capture_output=True, text=True, timeout=600)

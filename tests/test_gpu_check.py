@@ -142,5 +142,5 @@ def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
     assert cuda["tests"] == cuda["skipped"] > 10 and cuda["failures"] == cuda["errors"] == 0  # no CUDA here
     assert stages["cartpole-default"]["results"]["result"]["env_steps"] >= 600
     assert stages["cartpole-default"]["results"]["eval_curve"]
-    assert stages["bench-update"]["results"]["cases"] and stages["bench-e2e"]["results"]["cases"]
+    assert stages["bench-update"]["results"]["cases"] and stages["bench-e2e"]["results"]["training"]
     assert stages["pong"]["results"]["result"]["interrupted"]
