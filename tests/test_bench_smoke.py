@@ -8,6 +8,7 @@ reading of those lines is checked against numbers known in advance.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -50,6 +51,17 @@ STAND_IN = textwrap.dedent(f"""
         elif step % 97 == 0:
             print(f"global_step={{step}}, episodic_return=[9.]")
 """)
+
+
+def dqn_py_settings(script: Path) -> tuple[dict, list[int]]:
+    """The defaults of dqn.py's Args and the hidden widths of its QNetwork, read from its source."""
+    tree = ast.parse(script.read_text())
+    args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
+    defaults = {a.target.id: a.value.value for a in args.body
+                if isinstance(a, ast.AnnAssign) and isinstance(a.value, ast.Constant)}
+    linear_outputs = [call.args[1].value for call in ast.walk(tree) if isinstance(call, ast.Call)
+                      and getattr(call.func, "attr", "") == "Linear" and isinstance(call.args[1], ast.Constant)]
+    return defaults, linear_outputs
 
 
 def cleanrl_flags(tmp_path: Path) -> list[str]:
@@ -95,7 +107,14 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
         {k: v for k, v in same.items() if k not in ("train_every", "gradient_steps")}
     assert (same["total_steps"], same["learning_starts"], same["torch_threads"]) == (800, 100, 1)
     assert "| cleanrl | fastdqn 16 envs, 64 updates / 640 steps, eager |" in path.with_suffix(".md").read_text()
-    if REAL_CLEANRL[0]:
+    if REAL_CLEANRL[0]:  # fastdqn's side has the real dqn.py's own defaults and network widths
+        defaults, widths = dqn_py_settings(Path(REAL_CLEANRL[0]))
+        assert [same[k] for k in ("learning_rate", "buffer_size", "gamma", "target_update_interval", "batch_size",
+                                  "epsilon_start", "epsilon_end", "seed", "hidden_sizes")] == \
+            [defaults[k] for k in ("learning_rate", "buffer_size", "gamma", "target_network_frequency",
+                                   "batch_size", "start_e", "end_e", "seed")] + [widths]
+        assert same["gradient_steps"] / same["train_every"] == 1 / defaults["train_frequency"]
+        assert same["epsilon_decay_steps"] == defaults["exploration_fraction"] * same["total_steps"]
         return
     # The stand-in: dqn.py's flags, its own scratch dir per run, OMP_NUM_THREADS only where asked for, its
     # checkout root on PYTHONPATH; the figures follow from its pace.
