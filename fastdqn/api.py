@@ -16,6 +16,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,19 +31,26 @@ from fastdqn.logs import console
 from fastdqn.rundir import LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
 from fastdqn.trainer import Trainer, TrainResult
 
+if TYPE_CHECKING:
+    from fastdqn.tracking import Tracking
+
 __all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
 
 EVAL_FILE = "eval.json"
 
 
 def train(config: Config | None = None, run_dir: str | Path | None = None, resume: bool = False, *,
-          overwrite: bool = False, runs_root: str | Path = "runs", show_progress: bool = True) -> TrainResult:
+          overwrite: bool = False, runs_root: str | Path = "runs", show_progress: bool = True,
+          on_eval: Callable[[int, float], bool] | None = None, track: Tracking | None = None) -> TrainResult:
     """Train a DQN agent and return how the run went (its run dir holds checkpoints, logs and metrics).
 
     A new run writes to `run_dir` (default `runs_root/<env>-s<seed>-<time>`), which must be empty unless
     `overwrite`. `resume=True` continues the stopped run in `run_dir` from its newest checkpoint; `config` is
     then None (go on as saved) or the run's config with changes a resume may make (e.g. a larger total_steps).
     The run dir is locked while this trains: a second process training into it gets RunDirLocked.
+    `on_eval(env_step, mean_return)` is called after each periodic evaluation; returning True stops the run as
+    Ctrl-C does (checkpoint saved, resumable; `stopped_early` in the result): a search prunes runs this way.
+    `track` also sends the run's scalars, config and result to Weights & Biases (`fastdqn.tracking`).
     """
     if resume:
         if run_dir is None:
@@ -55,7 +63,7 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
         with RunDirLock(run_dir):
             trainer = _resumed_trainer(run_dir, config, show_progress)
             try:
-                return trainer.run()
+                return _run(trainer, on_eval, track)
             finally:
                 trainer.close()
     cfg = (config if config is not None else Config()).validate()
@@ -71,9 +79,25 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
             for path in _contents(run_dir):  # read under the lock: what --overwrite replaces
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             write_config(cfg, run_dir)
-            return trainer.run()
+            return _run(trainer, on_eval, track)
     finally:
         trainer.close()
+
+
+def _run(trainer: Trainer, on_eval: Callable[[int, float], bool] | None, track: Tracking | None) -> TrainResult:
+    """Train to the end; with `track`, inside a W&B run that gets every scalar and, at the end, the result."""
+    if track is None:
+        return trainer.run(on_eval)
+    from fastdqn.tracking import WandbRun
+
+    wandb_run = WandbRun(track, trainer.run_dir, trainer.cfg)
+    try:
+        result = trainer.run(on_eval, sinks=[wandb_run])
+    except BaseException:
+        wandb_run.finish(None)
+        raise
+    wandb_run.finish(result.summary())
+    return result
 
 
 def _contents(run_dir: Path) -> list[Path]:

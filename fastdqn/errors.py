@@ -5,7 +5,9 @@ The CLI prints each as one line and exits non-zero; experiments record the same 
 
 from __future__ import annotations
 
+import importlib
 import sys
+from types import ModuleType
 
 
 class FastDQNError(Exception):
@@ -32,6 +34,19 @@ class DeviceError(FastDQNError):
 
 class RunDirLocked(FastDQNError):
     """Another process is training in the run dir."""
+
+
+class MissingExtra(FastDQNError):
+    """A feature needs an optional dependency (an extra of fastdqn) that is not installed."""
+
+
+def import_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """`module`, or a MissingExtra naming the extra to install for `feature`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{feature} needs {module.split('.')[0]}, which is not installed: "
+                           f"pip install 'fastdqn[{extra}]'") from None
 
 
 class TrainingDiverged(FastDQNError):

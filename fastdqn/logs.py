@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,13 +20,20 @@ if TYPE_CHECKING:
 console = Console(stderr=True, soft_wrap=True)  # long lines (paths, resume commands) stay whole for copy-paste
 
 
-class RunLogger:
-    """Writes scalars to TensorBoard and metrics.jsonl, and drives the console progress bar."""
+class ScalarSink(Protocol):
+    """Somewhere else a run's scalars go, e.g. a Weights & Biases run (`fastdqn.tracking`)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True):
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard, metrics.jsonl and any sinks, and drives the console progress bar."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True,
+                 sinks: Sequence[ScalarSink] = ()):
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
-        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.run_dir, self.cfg, self.sinks = Path(run_dir), cfg, list(sinks)
         # A resumed run writes the steps after its checkpoint again: TensorBoard purges them, and so do we.
         self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step)
         keep_records_up_to(self.run_dir / "metrics.jsonl", start_step)
@@ -46,6 +53,8 @@ class RunLogger:
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+        for sink in self.sinks:
+            sink.scalars(values, step)
 
     def record(self, kind: str, step: int, **values: Any) -> None:
         """One line of metrics.jsonl: what `fastdqn report` and the ablation plots read back."""

@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from fastdqn.evaluation import Evaluator
 from fastdqn.faults import EnvFailure, compile_or_eager
 from fastdqn.frame_replay import FrameReplay
 from fastdqn.learner import DQNLearner
-from fastdqn.logs import RunLogger, console, summary_table
+from fastdqn.logs import RunLogger, ScalarSink, console, summary_table
 from fastdqn.memory import check_replay_fits
 from fastdqn.networks import is_pixel_shape
 from fastdqn.prioritized import PrioritizedReplayBuffer
@@ -85,6 +85,7 @@ class TrainResult:
     best_eval: tuple[int, float, float] | None = None  # (env step, mean, std) of the evaluation best.pt holds
     first_update_time: float | None = None  # seconds from process start to the end of this run's first update
     steady_sps: float | None = None  # env steps/s from the end of the first update to the end of training
+    stopped_early: bool = False  # on_eval asked the run to stop (e.g. a search pruned it); interrupted too
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
@@ -92,7 +93,7 @@ class TrainResult:
         return {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "final_eval_mean": self.final_eval_mean,
                 "best_eval_mean": best_mean, "best_eval_step": best_step, "steps_to_solve": self.steps_to_solve,
                 "wall_time": round(self.wall_time, 2), "first_update_time": self.first_update_time,
-                "steady_sps": self.steady_sps, "interrupted": self.interrupted}
+                "steady_sps": self.steady_sps, "interrupted": self.interrupted, "stopped_early": self.stopped_early}
 
     def table(self, cfg: Config) -> Table:
         """The console summary printed at the end of a run."""
@@ -163,14 +164,16 @@ class Trainer:
         self.checkpoints.restore(state)
 
     # --- the loop -------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, on_eval: Callable[[int, float], bool] | None = None,
+            sinks: Sequence[ScalarSink] = ()) -> TrainResult:
         """Train to total_steps (or to a SIGINT/SIGTERM), evaluating and checkpointing on the way; then the final
-        evaluation and checkpoint."""
+        evaluation and checkpoint. `on_eval(env_step, mean_return)` runs after each periodic evaluation; when it
+        returns True the run stops as on SIGINT (checkpoint saved, resumable). `sinks` get every scalar too."""
         cfg, c = self.cfg, self.counters
-        logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress)
+        logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress, sinks)
         logger.message(self.replay_report)
         start_time, start_step = time.perf_counter(), c.env_step
-        interrupted = False
+        interrupted = stopped_early = False
         try:
             with StopRequest() as stop, profiled(self):
                 while c.env_step < cfg.total_steps:
@@ -183,6 +186,8 @@ class Trainer:
                         self.log(logger, sps)
                     if crossed(before, c.env_step, cfg.eval_every) and c.env_step < cfg.total_steps:
                         self.evaluate(logger)
+                        if on_eval is not None and on_eval(c.env_step, self.evaluator.evals[-1][1]):
+                            stop.requested = stopped_early = True
                     if crossed(before, c.env_step, cfg.checkpoint_every) and c.env_step < cfg.total_steps:
                         self.checkpoints.save()
                     if stop.requested:
@@ -209,7 +214,8 @@ class Trainer:
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))
         result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
                              (c.env_step - start_step) / max(wall, 1e-9), final_mean, final_std,
-                             self.evaluator.steps_to_solve(), interrupted, list(evals), self.evaluator.best)
+                             self.evaluator.steps_to_solve(), interrupted, list(evals), self.evaluator.best,
+                             stopped_early=stopped_early)
         if self.first_update is not None:
             first_clock, first_step, result.first_update_time = self.first_update
             result.steady_sps = (c.env_step - first_step) / max(end_time - first_clock, 1e-9)
