@@ -60,18 +60,28 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     return C.from_dict(values, where=getattr(args, "config", None) or "config")
 
 
+def tracking_from_args(args: argparse.Namespace) -> Any:
+    """--track and its --wandb-* flags -> a `fastdqn.tracking.Tracking`, or None."""
+    if not args.track:
+        return None
+    from fastdqn.tracking import Tracking
+
+    return Tracking(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group).check()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fastdqn import api  # torch and gymnasium only now: a typo in the command line is reported at once
 
+    track = tracking_from_args(args)
     if args.resume:
         if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             raise ConfigError(f"--resume continues '{args.resume}' in place: drop --run-dir {args.run_dir}")
         cfg = config_from_args(args, base=api.saved_config(args.resume))
-        result = api.train(cfg, args.resume, resume=True, show_progress=not args.quiet)
+        result = api.train(cfg, args.resume, resume=True, show_progress=not args.quiet, track=track)
     else:
         cfg = config_from_args(args)
         result = api.train(cfg, args.run_dir, overwrite=args.overwrite, runs_root=args.runs_root,
-                           show_progress=not args.quiet)
+                           show_progress=not args.quiet, track=track)
     if args.quiet:
         print(json.dumps(result.summary()))
     return 0
@@ -93,50 +103,99 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def experiment_plan(args: argparse.Namespace, make: Any) -> tuple[Any, Path]:
     """`--resume DIR` -> that dir's plan; else make(config) and a new (or the given --out) dir."""
     from fastdqn import experiments as X
+    from fastdqn.plans import load_plan
 
     if args.resume:
-        return X.load_plan(Path(args.resume)), Path(args.resume)
+        return load_plan(Path(args.resume)), Path(args.resume)
     plan = make(config_from_args(args))
     return plan, Path(args.out) if args.out else X.default_out(plan.kind, Path(args.runs_root))
 
 
-def cmd_ablate(args: argparse.Namespace) -> int:
+def run_experiment(args: argparse.Namespace, make: Any) -> int:
+    """Plan (or load) the experiment and run it on the backend the flags name."""
     from fastdqn import experiments as X
+    from fastdqn.backends import BackendSpec
+
+    track = tracking_from_args(args)
+    plan, out = experiment_plan(args, make)
+    backend = BackendSpec(args.backend, args.workers, args.address, args.cpus_per_run, args.gpus_per_run)
+    return X.execute(plan, out, backend, track)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from fastdqn.plans import ablation_plan
 
     ids = args.variants.split(",") if args.variants else None
-    plan, out = experiment_plan(args, lambda cfg: X.ablation_plan(cfg, args.seeds, ids))
-    return X.execute(plan, out, args.workers)
+    return run_experiment(args, lambda cfg: ablation_plan(cfg, 5 if args.seeds is None else args.seeds, ids))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fastdqn import experiments as X
+    from fastdqn.plans import parse_grid, sweep_plan
 
     if not args.resume and not args.grid:
         raise ConfigError("sweep needs --grid key=v1,v2 ... (or --resume DIR)")
-    plan, out = experiment_plan(args, lambda cfg: X.sweep_plan(cfg, X.parse_grid(args.grid or []), args.seeds,
-                                                               args.samples, args.sample_seed, args.metric))
-    return X.execute(plan, out, args.workers)
+    if args.search is None:
+        if args.trials is not None:
+            raise ConfigError("--trials counts the runs of a search: add --search tpe (or random, grid)")
+        return run_experiment(args, lambda cfg: sweep_plan(cfg, parse_grid(args.grid or []), 3 if args.seeds is None else args.seeds,
+                                                           args.metric))
+    if args.seeds not in (None, 1):
+        raise ConfigError(f"--search trains one run (the config's seed) per trial, each pruned on its own "
+                          f"evaluations: drop --seeds {args.seeds}, then train the best point over seeds with "
+                          "`fastdqn sweep --grid ... --seeds N`")
+    from fastdqn.search import search_plan
+
+    return run_experiment(args, lambda cfg: search_plan(cfg, parse_grid(args.grid or []), args.search, args.trials,
+                                                        args.pruner, args.startup_trials, args.search_seed,
+                                                        args.metric))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fastdqn import experiments as X
     from fastdqn.logs import console
+    from fastdqn.reports import report
 
-    result = X.report(Path(args.dir))
+    result = report(Path(args.dir))
     console.print(result.table)
     console.print(result.note)
     return 0
 
 
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tracking (Weights & Biases, pip install 'fastdqn[wandb]')")
+    group.add_argument("--track", action="store_true",
+                       help="also send each run's scalars, config and result to W&B (WANDB_MODE=offline keeps them "
+                            "on disk)")
+    group.add_argument("--wandb-project", default="fastdqn", help="W&B project (default: fastdqn)")
+    group.add_argument("--wandb-entity", default=None, help="W&B entity (team or user; default: yours)")
+    group.add_argument("--wandb-group", default=None,
+                       help="W&B group of the runs (default: the experiment dir's name for ablate and sweep)")
+
+
 def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--config", metavar="YAML", help="base config file; flags and --set override it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key of the base")
-    parser.add_argument("--seeds", type=int, default=5 if kind == "ablate" else 3,
-                        help="seeds per point: the config's seed, seed+1, ...")
-    parser.add_argument("--workers", type=int, default=2, help="runs trained at the same time, one process each")
-    parser.add_argument("--out", help=f"experiment dir (default: RUNS_ROOT/{kind}-<time>)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per point: the config's seed, seed+1, ... (default: "
+                             + ("5)" if kind == "ablate" else "3; a --search trains 1 per trial)"))
+    parser.add_argument("--out", help=f"experiment dir (default: RUNS_ROOT/{kind}-<time>); with --backend ray, on "
+                                      "storage every node sees at the same absolute path")
     parser.add_argument("--runs-root", default="runs", help="parent of new experiment dirs")
     parser.add_argument("--resume", metavar="DIR", help="continue an experiment dir: finished runs are not run again")
+    backend = parser.add_argument_group("where the runs train")
+    backend.add_argument("--backend", choices=["local", "ray"], default="local",
+                         help="local: worker processes on this machine; ray: Ray tasks on a Ray cluster "
+                              "(pip install 'fastdqn[ray]') (default: local)")
+    backend.add_argument("--workers", type=int, default=None,
+                         help="runs trained at the same time (local default: 2, one process each; ray default: as "
+                              "many as the cluster's CPUs and GPUs hold)")
+    backend.add_argument("--address", default=None,
+                         help="ray: the cluster, auto or HOST:PORT (from `ray start --head`) or ray://HOST:PORT (Ray "
+                              "client); default: RAY_ADDRESS, else the cluster `ray start` began here, else a new "
+                              "one on this machine")
+    backend.add_argument("--cpus-per-run", type=float, default=1.0, help="ray: CPUs each run reserves (default: 1)")
+    backend.add_argument("--gpus-per-run", type=float, default=0.0,
+                         help="ray: GPUs each run reserves; a fraction (0.25) lets several runs share a GPU (default: 0)")
+    add_tracking_flags(parser)
     add_config_flags(parser)
 
 
@@ -171,6 +230,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; print a JSON result line at the end")
+    add_tracking_flags(parser)
     add_config_flags(parser)
 
 
@@ -227,19 +287,30 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser("ablate", help="the DQN ablation table: variants x seeds, a Markdown table and a plot",
                         description="Train the ablation variants (full DQN, no target network, no replay buffer, "
                                     "small buffer, no exploration decay, MSE loss, Double DQN) over several seeds "
-                                    "in worker processes, then write results.md and curves.png.")
+                                    "in worker processes or on a Ray cluster, then write results.md and curves.png.")
     ab.add_argument("--variants", metavar="ID,ID", help="variant ids to run instead of the lecture's seven: full, "
                     "no-target, no-replay, small-buffer, no-decay, mse, double, dueling, nstep, per")
     add_experiment_flags(ab, "ablate")
     ab.set_defaults(func=cmd_ablate)
 
-    sw = sub.add_parser("sweep", help="grid or random search over config keys, seeds per point, resumable",
-                        description="Train every point of a grid (or --samples random points) over several seeds; "
-                                    "write results.md/results.csv sorted by --metric and best.yaml.")
-    sw.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="values per key, e.g. learning_rate=1e-3,3e-4 "
-                    "batch_size=32,64; with --samples a key may give a range lo:hi (log-uniform when lo > 0)")
-    sw.add_argument("--samples", type=int, default=0, help="random search: this many random points instead of the grid")
-    sw.add_argument("--sample-seed", type=int, default=0, help="seed of the random search")
+    sw = sub.add_parser("sweep", help="grid over config keys with seeds per point, or an Optuna search; resumable",
+                        description="Train every point of a grid over several seeds, or --trials points picked by "
+                                    "an Optuna search (TPE, random or grid) that prunes bad runs early; write "
+                                    "results.md/results.csv sorted by --metric and best.yaml.")
+    sw.add_argument("--grid", nargs="+", metavar="KEY=SPEC", help="the values or range of each key: a,b,c (listed "
+                    "values, e.g. learning_rate=1e-3,3e-4 hidden_sizes=[64],[64,64]); with --search also lo:hi "
+                    "(log-uniform when lo > 0, e.g. learning_rate=1e-4:1e-2) and int:lo:hi (uniform integers)")
+    sw.add_argument("--search", choices=["tpe", "random", "grid"], default=None,
+                    help="let Optuna pick the points (pip install 'fastdqn[optuna]'); the study lives in the sweep dir, "
+                         "so --resume (on any machine that shares it) goes on with it")
+    sw.add_argument("--trials", type=int, default=None, help="--search: runs in all (grid: every point by default)")
+    sw.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
+                    help="--search: stop a run whose evaluations fall behind (median of earlier trials at the same "
+                         "step, or successive halving); never in a run's first quarter (default: median)")
+    sw.add_argument("--startup-trials", type=int, default=5,
+                    help="--search: trials TPE samples at random, and that end before the median pruner prunes "
+                         "(default: 5)")
+    sw.add_argument("--search-seed", type=int, default=0, help="--search: seed of the sampler (default: 0)")
     sw.add_argument("--metric", default="final_return",
                     choices=["final_return", "auc", "steps_to_solve", "episodes_to_solve"],
                     help="what ranks the points (median over seeds; auc = mean greedy return over all evaluations)")

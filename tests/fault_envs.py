@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import gymnasium as gym
 from gymnasium.envs.classic_control import CartPoleEnv
 
@@ -34,6 +36,18 @@ class InfRewardCartPole(CartPoleEnv):
         return obs, float("inf") if self.steps_taken > self.after else reward, terminated, truncated, info
 
 
+class SlowCartPole(CartPoleEnv):
+    """CartPole whose step takes `delay` seconds more, so that a test can stop or kill a run mid-way."""
+
+    def __init__(self, delay: float = 0.005, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def step(self, action):
+        time.sleep(self.delay)
+        return super().step(action)
+
+
 class BrokenInit(CartPoleEnv):
     """An env whose constructor fails the way a misconfigured user env does."""
 
@@ -42,6 +56,6 @@ class BrokenInit(CartPoleEnv):
 
 
 for name, cls, kwargs in (("FlakyCartPole-v0", FlakyCartPole, {}), ("InfRewardCartPole-v0", InfRewardCartPole, {}),
-                          ("BrokenInit-v0", BrokenInit, {})):
+                          ("SlowCartPole-v0", SlowCartPole, {}), ("BrokenInit-v0", BrokenInit, {})):
     if name not in gym.registry:
         gym.register(name, entry_point=cls, max_episode_steps=500, kwargs=kwargs)

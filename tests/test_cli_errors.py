@@ -163,7 +163,7 @@ def test_errors_from_torch_gymnasium_and_the_os_are_one_line_with_a_fix(tmp_path
     from fastdqn.cli import explain
     from fastdqn.trainer import Trainer
 
-    def out_of_memory(self):
+    def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nGPU 0 has 8 GiB")
 
     monkeypatch.setattr(Trainer, "run", out_of_memory)

@@ -10,6 +10,9 @@ import torch
 
 from fastdqn import config as C
 from fastdqn import experiments as X
+from fastdqn import plans as P
+from fastdqn import reports as R
+from fastdqn.backends import BackendSpec
 from fastdqn.cli import main
 from fastdqn.errors import ConfigError
 from fastdqn.trainer import Trainer
@@ -25,7 +28,7 @@ def tiny_base() -> C.Config:
 
 
 def test_ablation_plan_has_the_lecture_rows_as_valid_configs(tiny_base):
-    plan = X.ablation_plan(tiny_base.updated(double_dqn=True, dueling=True), seeds=3)
+    plan = P.ablation_plan(tiny_base.updated(double_dqn=True, dueling=True), seeds=3)
     assert [p.name for p in plan.points] == ["full DQN", "no target network", "no replay buffer",
                                              "small buffer (1,000)", "no exploration decay", "MSE loss (not Huber)",
                                              "Double DQN"]
@@ -44,11 +47,11 @@ def test_ablation_plan_has_the_lecture_rows_as_valid_configs(tiny_base):
 
 def test_ablation_plan_rejects_an_unknown_variant(tiny_base):
     with pytest.raises(ConfigError, match="unknown variant 'nope'.*no-replay"):
-        X.ablation_plan(tiny_base, 1, ["full", "nope"])
+        P.ablation_plan(tiny_base, 1, ["full", "nope"])
 
 
 def test_no_replay_variant_trains_once_on_each_vector_step(tiny_base, tmp_path, monkeypatch):
-    changes = X.ablation_variants(tiny_base.updated(num_envs=2))["no-replay"][1]
+    changes = P.ablation_variants(tiny_base.updated(num_envs=2))["no-replay"][1]
     cfg = tiny_base.updated(num_envs=2, total_steps=40, **changes)
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     seen = []
@@ -64,70 +67,63 @@ def test_no_replay_variant_trains_once_on_each_vector_step(tiny_base, tmp_path, 
 
 
 def test_grid_parsing_keeps_list_values_whole_and_checks_keys():
-    grid = X.parse_grid(["learning_rate=1e-3,3e-4", "hidden_sizes=[64,64],[128]"])
+    grid = P.parse_grid(["learning_rate=1e-3,3e-4", "hidden_sizes=[64,64],[128]"])
     assert grid == {"learning_rate": ["1e-3", "3e-4"], "hidden_sizes": ["[64,64]", "[128]"]}
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
-        X.parse_grid(["batch_sise=32,64"])
+        P.parse_grid(["batch_sise=32,64"])
     with pytest.raises(ConfigError, match="key=value1"):
-        X.parse_grid(["learning_rate"])
+        P.parse_grid(["learning_rate"])
 
 
-def test_sweep_plan_grid_and_random_search(tiny_base):
-    grid = X.parse_grid(["learning_rate=1e-3,3e-4,1e-4", "batch_size=16,32"])
-    plan = X.sweep_plan(tiny_base, grid, seeds=2)
+def test_sweep_plan_is_the_whole_grid_and_leaves_ranges_to_a_search(tiny_base):
+    grid = P.parse_grid(["learning_rate=1e-3,3e-4,1e-4", "batch_size=16,32"])
+    plan = P.sweep_plan(tiny_base, grid, seeds=2)
     assert len(plan.points) == 6 and plan.seeds == [1, 2]
     assert {p.changes["batch_size"] for p in plan.points} == {16, 32}
     assert plan.config(plan.points[0], 1).learning_rate == 1e-3
-    sampled = X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2", "batch_size=16,32"]), 1, samples=5)
-    assert 1 <= len(sampled.points) <= 5
-    assert all(1e-4 <= p.changes["learning_rate"] <= 1e-2 and p.changes["batch_size"] in (16, 32)
-               for p in sampled.points)
-    assert X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1, samples=5).to_json() == \
-        X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1, samples=5).to_json()  # seeded
-    with pytest.raises(ConfigError, match="--samples"):
-        X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-4:1e-2"]), 1)
+    with pytest.raises(ConfigError, match="--search tpe"):
+        P.sweep_plan(tiny_base, P.parse_grid(["learning_rate=1e-4:1e-2"]), 1)
     with pytest.raises(ConfigError, match="batch_size"):
-        X.sweep_plan(tiny_base, X.parse_grid(["batch_size=1000"]), 1)  # larger than buffer_size: invalid point
+        P.sweep_plan(tiny_base, P.parse_grid(["batch_size=1000"]), 1)  # larger than buffer_size: invalid point
+    env_with_colon = P.sweep_plan(tiny_base, P.parse_grid(["env_id=CartPole-v1,fault_envs:FlakyCartPole-v0"]), 1)
+    assert [p.changes["env_id"] for p in env_with_colon.points] == ["CartPole-v1", "fault_envs:FlakyCartPole-v0"]
 
 
 def test_a_different_plan_in_the_same_dir_is_refused(tiny_base, tmp_path):
-    X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=16"]), 1), tmp_path)
-    X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=16"]), 1), tmp_path)  # the same: fine
+    P.prepare_dir(P.sweep_plan(tiny_base, P.parse_grid(["batch_size=16"]), 1), tmp_path)
+    P.prepare_dir(P.sweep_plan(tiny_base, P.parse_grid(["batch_size=16"]), 1), tmp_path)  # the same: fine
     with pytest.raises(ConfigError, match="different experiment"):
-        X.prepare_dir(X.sweep_plan(tiny_base, X.parse_grid(["batch_size=32"]), 1), tmp_path)
+        P.prepare_dir(P.sweep_plan(tiny_base, P.parse_grid(["batch_size=32"]), 1), tmp_path)
 
 
 @pytest.mark.slow
 def test_sweep_resumes_without_rerunning_and_report_rebuilds_the_same_table(tiny_base, tmp_path):
     out = tmp_path / "sweep"
-    plan = X.sweep_plan(tiny_base, X.parse_grid(["learning_rate=1e-3,1e-2"]), seeds=1, metric="auc")
-    ran: list[tuple[str, int]] = []
-    X.run_plan(plan, out, workers=2, on_done=lambda p, s, r: ran.append((p.name, s)))
-    assert sorted(ran) == sorted((p.name, 1) for p in plan.points)
-    results = {p.name: X.run_dir_of(out, p, 1) / X.RESULT_FILE for p in plan.points}
+    plan = P.sweep_plan(tiny_base, P.parse_grid(["learning_rate=1e-3,1e-2"]), seeds=1, metric="auc")
+    assert X.execute(plan, out, BackendSpec(workers=2)) == 0
+    results = {p.name: P.run_dir_of(out, p, 1) / P.RESULT_FILE for p in plan.points}
     stamps = {name: path.stat().st_mtime_ns for name, path in results.items()}
 
-    ran.clear()
-    X.run_plan(plan, out, workers=1, on_done=lambda p, s, r: ran.append((p.name, s)))
-    assert ran == [] and {n: p.stat().st_mtime_ns for n, p in results.items()} == stamps  # nothing ran again
+    assert X.execute(plan, out, BackendSpec(workers=1)) == 0
+    assert {n: p.stat().st_mtime_ns for n, p in results.items()} == stamps  # nothing ran again
 
-    first = plan.points[0]
+    first, second = plan.points
     results[first.name].unlink()  # as if that run had been stopped: only it runs again
-    X.run_plan(plan, out, workers=1, on_done=lambda p, s, r: ran.append((p.name, s)))
-    assert ran == [(first.name, 1)]
+    assert X.execute(plan, out, BackendSpec(workers=1)) == 0
+    assert results[first.name].is_file() and results[second.name].stat().st_mtime_ns == stamps[second.name]
 
-    markdown = X.report(out).markdown
-    csv_text = (out / X.CSV_FILE).read_text()
-    for name in (X.TABLE_FILE, X.CSV_FILE, X.BEST_FILE):
+    markdown = R.report(out).markdown
+    csv_text = (out / R.CSV_FILE).read_text()
+    for name in (R.TABLE_FILE, R.CSV_FILE, R.BEST_FILE):
         (out / name).unlink()
     assert main(["report", str(out)]) == 0
-    assert (out / X.TABLE_FILE).read_text() == markdown and (out / X.CSV_FILE).read_text() == csv_text
+    assert (out / R.TABLE_FILE).read_text() == markdown and (out / R.CSV_FILE).read_text() == csv_text
     rows = markdown.splitlines()[2:4]
     assert all(row.startswith(f"| {rank} |") for rank, row in enumerate(rows, 1))
     # the table is sorted by the metric: the first row's mean eval return is the higher median
-    summaries = {s.point.name: s for s in X.summarize(plan, out)}
-    best_name = min(summaries.values(), key=lambda s: X._sort_key(s, "auc")).point.name
-    best = C.from_dict({k: v for k, v in C.load_yaml(out / X.BEST_FILE).items()})
+    summaries = {s.point.name: s for s in R.summarize(plan, out)}
+    best_name = min(summaries.values(), key=lambda s: R._sort_key(s, "auc")).point.name
+    best = C.from_dict({k: v for k, v in C.load_yaml(out / R.BEST_FILE).items()})
     assert best == plan.config(next(p for p in plan.points if p.name == best_name), tiny_base.seed)
     assert json.dumps(best.learning_rate) in rows[0]
 
@@ -138,15 +134,15 @@ def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
     sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
     assert main(["ablate", "--variants", "full,no-replay", "--seeds", "1", "--workers", "1", "--out", str(out),
                  *sets]) == 0
-    table = (out / X.TABLE_FILE).read_text()
+    table = (out / R.TABLE_FILE).read_text()
     assert "| full DQN | " in table and "| no replay buffer | " in table and "mean return >= 12" in table
-    assert (out / X.PLOT_FILE).stat().st_size > 10_000
-    run = X.run_dir_of(out, X.Point("no replay buffer", {}), 1)
+    assert (out / R.PLOT_FILE).stat().st_size > 10_000
+    run = P.run_dir_of(out, P.Point("no replay buffer", {}), 1)
     saved = C.load_yaml(run / "config.yaml")
     assert saved["replay_buffer"] is False and saved["buffer_size"] == 1
-    assert (run / X.RESULT_FILE).is_file() and list(run.glob("events.out.tfevents*"))  # a normal run dir
+    assert (run / P.RESULT_FILE).is_file() and list(run.glob("events.out.tfevents*"))  # a normal run dir
     assert main(["ablate", "--resume", str(out)]) == 0  # all finished: nothing runs, same table
-    assert (out / X.TABLE_FILE).read_text() == table
+    assert (out / R.TABLE_FILE).read_text() == table
 
 
 def test_report_on_a_dir_without_a_plan_is_a_clear_error(tmp_path, capsys):
@@ -158,10 +154,10 @@ def test_report_on_a_dir_without_a_plan_is_a_clear_error(tmp_path, capsys):
 def test_sweep_command_writes_csv_and_a_best_config_that_trains(tmp_path):
     out = tmp_path / "sweep"
     sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
-    assert main(["sweep", "--grid", "hidden_sizes=[8],[4,4]", "--samples", "1", "--seeds", "1", "--workers", "1",
+    assert main(["sweep", "--grid", "hidden_sizes=[8],[4,4]", "--seeds", "1", "--workers", "1",
                  "--out", str(out), *sets]) == 0
-    header = (out / X.CSV_FILE).read_text().splitlines()[0]
+    header = (out / R.CSV_FILE).read_text().splitlines()[0]
     assert header.startswith("rank,hidden_sizes,solved")
-    best = out / X.BEST_FILE
+    best = out / R.BEST_FILE
     assert main(["train", "--config", str(best), "--run-dir", str(tmp_path / "again"), "--quiet",
                  "--total-steps", "50"]) == 0
