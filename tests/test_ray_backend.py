@@ -30,6 +30,7 @@ from fastdqn.cli import main
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError
 from fastdqn.experiments import make_job
+from fastdqn.jobs import run_dir_in_use
 from small_runs import PINNED
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -152,28 +153,35 @@ def test_sweep_and_ablation_on_ray_give_the_local_backends_tables(cluster, tmp_p
         assert len(table_without_wall_time(local)) == 4  # header, rule, two rows
 
 
-def test_a_killed_worker_is_retried_and_its_run_resumes_from_its_checkpoint(cluster, tmp_path):
+def test_a_stopped_or_killed_worker_is_retried_and_its_run_resumes_exactly(cluster, tmp_path):
     plan = P.sweep_plan(Config(**SLOW), P.parse_grid(["learning_rate=1e-3"]), 1)
     run_dir = P.run_dir_of(tmp_path / "ray", plan.points[0], 1)
-    killed: list[int] = []
+    signalled: list[tuple[int, int]] = []
 
-    def kill_the_worker_after_its_first_checkpoint():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not killed:
-            if run_dir.is_dir() and list_checkpoints(run_dir):
-                pid = int((run_dir / ".lock").read_text().split()[0])  # the Ray worker that trains the run
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.02)
+    def newest_step() -> int:
+        return max((int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)), default=0) if run_dir.is_dir() else 0
 
-    watcher = threading.Thread(target=kill_the_worker_after_its_first_checkpoint, daemon=True)
+    def stop_then_kill_the_worker():
+        """SIGTERM (a node drained) after the first checkpoint, SIGKILL (a crash) once the retry has checkpointed
+        past step 300; each time to the Ray worker that holds the run dir."""
+        deadline = time.monotonic() + 240
+        for sig, after_step in ((signal.SIGTERM, 100), (signal.SIGKILL, 300)):
+            while time.monotonic() < deadline:
+                if newest_step() >= after_step and run_dir_in_use(run_dir):  # (Ray may retry in the same process)
+                    holder = int((run_dir / ".lock").read_text().split()[0])
+                    os.kill(holder, sig)
+                    signalled.append((holder, sig))
+                    break
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=stop_then_kill_the_worker, daemon=True)
     watcher.start()
     assert X.execute(plan, tmp_path / "ray", BackendSpec("ray", address=cluster)) == 0
     watcher.join()
-    assert killed, "the run ended before it could be killed"
+    assert [sig for _, sig in signalled] == [signal.SIGTERM, signal.SIGKILL], "the run ended before it was stopped"
     result = json.loads((run_dir / P.RESULT_FILE).read_text())
     assert result["env_steps"] == 600 and not result["interrupted"]
-    assert len(list(run_dir.glob("events.out.tfevents*"))) == 2  # the retry resumed; a restart would leave one
+    assert len(list(run_dir.glob("events.out.tfevents*"))) == 3  # two retries resumed; a restart would leave one
     assert X.execute(plan, tmp_path / "local", BackendSpec(workers=1)) == 0  # the same run, never stopped
     assert table_without_wall_time(tmp_path / "ray") == table_without_wall_time(tmp_path / "local")
 
