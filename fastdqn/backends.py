@@ -52,17 +52,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def make_backend(spec: BackendSpec, out: Path) -> Backend:
-    """The backend the flags name, refusing flags that cannot work before anything is written."""
-    if spec.kind == "local":
-        return LocalBackend(2 if spec.workers is None else spec.workers, out)
-    if spec.kind == "ray":
-        from fastdqn.ray_backend import RayBackend
-
-        return RayBackend(spec, out)
-    raise ConfigError(f"unknown backend '{spec.kind}': choose local or ray")
-
-
 def _local_job(job: RunJob, threads: int, stop_file: str) -> dict[str, Any]:
     """A run in a pool process; none starts once the experiment is being stopped (`stop_file` exists)."""
     if Path(stop_file).exists():

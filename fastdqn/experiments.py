@@ -19,12 +19,24 @@ from typing import Any
 
 import yaml
 
-from fastdqn.backends import Backend, BackendSpec, make_backend
+from fastdqn.backends import Backend, BackendSpec, LocalBackend
+from fastdqn.errors import ConfigError
 from fastdqn.jobs import RunJob, run_dir_in_use
 from fastdqn.outcomes import read_result
 from fastdqn.plans import METRICS, Plan, Point, prepare_dir, run_dir_of
 from fastdqn.reports import BEST_FILE, CSV_FILE, PLOT_FILE, TABLE_FILE, best_point, report, summarize
 from fastdqn.tracking import Tracking
+
+
+def make_backend(spec: BackendSpec, out: Path) -> Backend:
+    """The backend the flags name, refusing flags that cannot work before anything is written."""
+    if spec.kind == "local":
+        return LocalBackend(2 if spec.workers is None else spec.workers, out)
+    if spec.kind == "ray":
+        from fastdqn.ray_backend import RayBackend
+
+        return RayBackend(spec, out)
+    raise ConfigError(f"unknown backend '{spec.kind}': choose local or ray")
 
 
 def default_out(kind: str, root: Path) -> Path:

@@ -65,18 +65,18 @@ def search_plan(base: C.Config, space: dict[str, list[str]], sampler: str, trial
     if not space:
         raise ConfigError("--search needs a space: --grid key=lo:hi key=int:lo:hi key=a,b ...")
     dists = distributions(space)
-    size = math.prod(len(v) for v in space.values())
     if sampler == "grid":
         ranged = [k for k, v in space.items() if parse_range(k, v) is not None]
         if ranged:
             raise ConfigError(f"--search grid takes listed values: {ranged[0]} gives a range; use --search tpe or random")
+        size = math.prod(len(v) for v in space.values())
         trials = size if trials is None else min(trials, size)
     if trials is None or trials < 1:
         raise ConfigError(f"--search {sampler} needs --trials N (N >= 1), got {trials}")
     if startup_trials < 0:
         raise ConfigError(f"--startup-trials must be >= 0, got {startup_trials}")
-    plan = Plan("sweep", base.to_dict(), [], [base.seed], metric, Search(sampler, space, trials, pruner, startup_trials,
-                                                                          seed))
+    search = Search(sampler, space, trials, pruner, startup_trials, seed)
+    plan = Plan("sweep", base.to_dict(), [], [base.seed], metric, search)
     for corner in ("low", "high"):  # both ends of every range (and the first listed values) make valid configs
         params = {k: d.choices[0] if hasattr(d, "choices") else getattr(d, corner) for k, d in dists.items()}
         plan.config(Point(f"{corner} end of the space", changes_of(params)), base.seed)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from fastdqn import experiments as X
 from fastdqn import plans as P
@@ -34,7 +35,6 @@ from fastdqn.jobs import run_dir_in_use
 from small_runs import PINNED
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-ray = pytest.importorskip("ray")  # a dev install has it; `pip install -e .` alone does not
 
 HOST = "127.0.0.2"
 TESTS = Path(__file__).resolve().parent
