@@ -22,7 +22,7 @@ from fastdqn.plans import METRICS, Plan, Point, Search, check_metric, parse_rang
 
 STUDY_FILE, STUDY_NAME = "study.journal", "fastdqn"
 SAMPLERS, PRUNERS = ("tpe", "random", "grid"), ("median", "halving", "none")
-IMPORTANCE_MIN_TRIALS = 8  # fewer finished trials say little about which parameter matters
+IMPORTANCE_MIN_TRIALS = 5  # fewer finished trials say little about which parameter matters
 
 
 def _optuna():
