@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,7 @@ def cluster():
                     node.wait(60)
                 except subprocess.TimeoutExpired:
                     node.kill()
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for(ready, timeout: float, logs: Path) -> None:
