@@ -58,7 +58,7 @@ def main() -> None:
         for seed in args.seeds:
             rows.append(run_seed(values, seed, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows, from_dict(values).solved_return)
+    table = markdown(rows, from_dict(values).solve_line)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

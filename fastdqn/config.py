@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from fastdqn.errors import ConfigError
-from fastdqn.presets import preset_for
+from fastdqn.presets import preset_for, solve_line_of
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -126,7 +126,9 @@ class Config:
     eval_every: int = _f(2_500, "env steps between greedy evaluations; 0 = only at the end")
     eval_episodes: int = _f(10, "episodes per evaluation, each on its own seeded env")
     eval_epsilon: float = _f(0.0, "epsilon during evaluation (0 = greedy)")
-    solved_return: float = _f(475.0, "evaluation mean return that counts as solved (for reports)")
+    solved_return: float | None = _f(None, "evaluation mean return that counts as solved (for reports); null = the "
+                                     "env's own solve line (CartPole-v1 475, Acrobot-v1 -100, MountainCar-v0 -110, "
+                                     "LunarLander-v3 200), none for other envs: their reports show scores only")
 
     # --- logging and checkpoints -------------------------------------------------------------------------
     log_every: int = _f(1_000, "env steps between reading device counters into logs and console")
@@ -152,6 +154,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def solve_line(self) -> float | None:
+        """The eval mean return that counts as solved: `solved_return` if set, else the env's own (or None)."""
+        return self.solved_return if self.solved_return is not None else solve_line_of(self.env_id)
 
     def updated(self, **changes: Any) -> Config:
         """A validated copy with some keys changed (values are coerced like `--set`)."""
@@ -229,8 +236,18 @@ def field_help(name: str) -> str:
     return FIELDS[name].metadata["help"]
 
 
+def _optional(hint: Any) -> Any:
+    """X for a hint `X | None`, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def field_type_name(name: str) -> str:
     hint = _HINTS[name]
+    if _optional(hint) is not None:
+        return f"{_optional(hint).__name__} or null"
     if typing.get_origin(hint) is Literal:
         return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
     return getattr(hint, "__name__", str(hint)) if not isinstance(hint, types.GenericAlias) else str(hint)
@@ -261,6 +278,10 @@ def coerce(name: str, value: Any) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             raise bad from None
+    if _optional(hint) is not None:
+        if value is None:
+            return None
+        hint = _optional(hint)
     if typing.get_origin(hint) is Literal:
         if value not in typing.get_args(hint):
             raise bad

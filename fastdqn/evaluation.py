@@ -86,8 +86,9 @@ class Evaluator:
         return True
 
     def steps_to_solve(self) -> int | None:
-        """The first evaluated step whose mean reached cfg.solved_return."""
-        return next((step for step, mean, _ in self.evals if mean >= self.cfg.solved_return), None)
+        """The first evaluated step whose mean reached the env's solve line (None: never, or it has none)."""
+        line = self.cfg.solve_line
+        return None if line is None else next((step for step, mean, _ in self.evals if mean >= line), None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"evals": [list(e) for e in self.evals], "best_eval": list(self.best) if self.best else None}

@@ -38,7 +38,7 @@ class RunSummary:
     pruned: bool = False  # a search stopped it early; its numbers cover only the steps it ran
 
 
-def read_run(run_dir: Path, solved_return: float) -> RunSummary | None:
+def read_run(run_dir: Path, solve_line: float | None) -> RunSummary | None:
     """Summary of a finished run from its metrics.jsonl and result.json; None if it has not finished."""
     result = read_result(run_dir)
     if result is None:
@@ -48,7 +48,7 @@ def read_run(run_dir: Path, solved_return: float) -> RunSummary | None:
         rec = json.loads(line)
         if rec["kind"] == "eval":
             evals.append((rec["step"], rec["mean"]))
-            if solved is None and rec["mean"] >= solved_return:
+            if solved is None and solve_line is not None and rec["mean"] >= solve_line:
                 solved = (rec["step"], rec.get("episodes", math.inf))
         elif rec["kind"] == "train" and rec.get("recent_return") is not None:
             train.append((rec["step"], rec["recent_return"]))

@@ -23,6 +23,7 @@ PLAN_FILE, RESULT_FILE = "plan.json", "result.json"
 # Metric name -> (column title, higher is better).
 METRICS = {"final_return": ("final greedy return", True), "auc": ("mean eval return", True),
            "steps_to_solve": ("env steps to solve", False), "episodes_to_solve": ("episodes to solve", False)}
+SOLVE_METRICS = ("steps_to_solve", "episodes_to_solve")  # meaningless for an env without a solve line
 
 # Each variant changes "full DQN": the config with Double DQN and every extension off.
 CLASSIC = {"double_dqn": False, "dueling": False, "n_step": 1, "prioritized": False, "replay_buffer": True}
@@ -40,7 +41,8 @@ def ablation_variants(base: C.Config) -> dict[str, tuple[str, dict[str, Any]]]:
         "no-target": ("no target network", {"target_update": "none"}),  # TD targets from the online net
         # A buffer of one vector step: each transition trains exactly one update, in the order it came.
         "no-replay": ("no replay buffer", {"replay_buffer": False, "buffer_size": n, "batch_size": n,
-                                           "train_every": n, "gradient_steps": 1, "learning_starts": 0}),
+                                           "train_every": n, "gradient_steps": 1, "learning_starts": 0,
+                                           "n_step": 1}),
         "small-buffer": ("small buffer (1,000)", {"buffer_size": max(1_000, base.batch_size)}),
         "no-decay": ("no exploration decay", {"epsilon_schedule": "constant"}),  # epsilon stays at its start
         "mse": ("MSE loss (not Huber)", {"loss": "mse"}),
@@ -101,6 +103,11 @@ class Plan:
     def config(self, point: Point, seed: int) -> C.Config:
         return C.from_dict({**self.base, **point.changes, "seed": seed}, where=f"point '{point.name}'")
 
+    @property
+    def solve_line(self) -> float | None:
+        """The eval return that counts as solved (the env's own unless the config sets one); None: scores only."""
+        return C.from_dict(self.base, where=PLAN_FILE).solve_line
+
 
 def seed_list(base: C.Config, seeds: int) -> list[int]:
     if seeds < 1:
@@ -159,6 +166,13 @@ def check_metric(metric: str) -> None:
         raise ConfigError(f"unknown metric '{metric}': choose from {', '.join(METRICS)}")
 
 
+def check_solve_metric(plan: Plan) -> None:
+    """A metric that counts steps to solve needs the env to have a solve line."""
+    if plan.metric in SOLVE_METRICS and plan.solve_line is None:
+        raise ConfigError(f"--metric {plan.metric} needs a solve line, and {plan.base['env_id']} has none: set "
+                          "solved_return or use --metric final_return")
+
+
 def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, metric: str = "final_return") -> Plan:
     """Every grid point over `seeds` seeds each."""
     check_metric(metric)
@@ -174,6 +188,7 @@ def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, metric: s
             seen.add(name)
             points.append(Point(name, changes))
     plan = Plan("sweep", base.to_dict(), points, seed_list(base, seeds), metric)
+    check_solve_metric(plan)
     for point in points:
         plan.config(point, base.seed)
     return plan

@@ -20,6 +20,17 @@ ATARI: dict[str, Any] = {
 }
 
 
+# The mean evaluation return at which an env counts as solved (gymnasium's reward_threshold for these ids). Envs
+# not listed (Atari, MinAtar, any other) have no solve line: their reports and summaries show scores only.
+SOLVE_LINES: dict[str, float] = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "MountainCar-v0": -110.0,
+                                 "LunarLander-v3": 200.0}
+
+
+def solve_line_of(env_id: str) -> float | None:
+    """The env's own solve line, or None where it has none."""
+    return SOLVE_LINES.get(env_id)
+
+
 def is_atari_id(env_id: str) -> bool:
     return env_id.startswith("ALE/")
 

@@ -56,10 +56,9 @@ def points_of(plan: Plan, out: Path) -> list[tuple[Point, str | None]]:
 
 
 def summarize(plan: Plan, out: Path) -> list[PointSummary]:
-    solved_return = float(plan.base["solved_return"])
     summaries = []
     for point, state in points_of(plan, out):
-        runs = [read_run(run_dir_of(out, point, s), solved_return) for s in plan.seeds]
+        runs = [read_run(run_dir_of(out, point, s), plan.solve_line) for s in plan.seeds]
         summaries.append(PointSummary(point, [r for r in runs if r is not None], len(plan.seeds), state))
     return summaries
 
@@ -93,11 +92,14 @@ def _status(s: PointSummary) -> str:
 
 
 def solved_definition(plan: Plan) -> str:
-    b = plan.base
-    return (f"Solved: a greedy evaluation ({b['eval_episodes']} episodes, every {b['eval_every']:,} env steps and at "
-            f"the end of {b['total_steps']:,}) with mean return >= {b['solved_return']:g}. Episodes to solve: "
-            f"training episodes finished by that evaluation, median (min-max) over seeds. Final greedy return: "
-            f"mean +- std over seeds of each run's last evaluation. Wall time: mean per run.")
+    b, line = plan.base, plan.solve_line
+    evals = f"greedy evaluation ({b['eval_episodes']} episodes, every {b['eval_every']:,} env steps and at the end of " \
+            f"{b['total_steps']:,})"
+    rest = "Final greedy return: mean +- std over seeds of each run's last evaluation. Wall time: mean per run."
+    if line is None:
+        return f"{b['env_id']} has no solve line: scores only. Each {evals} is the mean return. {rest}"
+    return (f"Solved: a {evals} with mean return >= {line:g}. Episodes to solve: training episodes finished by that "
+            f"evaluation, median (min-max) over seeds. {rest}")
 
 
 def search_note(plan: Plan, summaries: list[PointSummary]) -> str:
@@ -114,22 +116,25 @@ def search_note(plan: Plan, summaries: list[PointSummary]) -> str:
 def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the ablation table, or of the sweep table sorted by the plan's metric."""
     searched = plan.search is not None
+    has_line = plan.solve_line is not None
+    solve_cols = ["solved", "episodes to solve", "env steps to solve"] if has_line else ["runs"]
     if plan.kind == "ablate":
-        header = ["variant", "solved", "episodes to solve", "env steps to solve", "final greedy return",
-                  "wall time (s)"]
+        header = ["variant", *solve_cols, "final greedy return", "wall time (s)"]
         ordered = summaries
     else:
         keys = list(plan.search.space) if searched else list(dict.fromkeys(k for p in plan.points for k in p.changes))
-        header = ["rank", *(["trial"] if searched else []), *keys, *(["status"] if searched else []), "solved",
-                  "episodes to solve", "env steps to solve", "final greedy return", "mean eval return",
-                  "wall time (s)"]
+        header = ["rank", *(["trial"] if searched else []), *keys, *(["status"] if searched else []), *solve_cols,
+                  "final greedy return", "mean eval return", "wall time (s)"]
         ordered = sorted(summaries, key=lambda s: _sort_key(s, plan.metric))
     rows = []
     for rank, s in enumerate(ordered, 1):
-        cells = [f"{s.solved}/{len(s.runs)}" + (f" ({len(s.runs)} of {s.seeds} runs done)" if len(s.runs) < s.seeds
-                                                 else ""),
-                 _median_range(s.values("episodes_to_solve")), _median_range(s.values("steps_to_solve")),
-                 _mean_std(s.values("final_return"))]
+        done = f" ({len(s.runs)} of {s.seeds} runs done)" if len(s.runs) < s.seeds else ""
+        if has_line:
+            cells = [f"{s.solved}/{len(s.runs)}{done}", _median_range(s.values("episodes_to_solve")),
+                     _median_range(s.values("steps_to_solve"))]
+        else:
+            cells = [f"{len(s.runs)}{done}"]
+        cells.append(_mean_std(s.values("final_return")))
         if plan.kind == "ablate":
             rows.append([s.point.name, *cells, _wall(s)])
         else:
@@ -205,7 +210,8 @@ def plot_curves(plan: Plan, summaries: list[PointSummary], path: Path) -> None:
             stack = np.array(curves)
             line, = ax.plot(grid, stack.mean(0), label=f"{s.point.name} ({len(curves)} seeds)")
             ax.fill_between(grid, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
-        ax.axhline(float(plan.base["solved_return"]), color="grey", linestyle="--", linewidth=0.8)
+        if plan.solve_line is not None:
+            ax.axhline(plan.solve_line, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ from typing import Any
 from fastdqn import config as C
 from fastdqn.errors import ConfigError, import_extra
 from fastdqn.outcomes import read_run
-from fastdqn.plans import METRICS, Plan, Point, Search, check_metric, parse_range, run_dir_of
+from fastdqn.plans import METRICS, Plan, Point, Search, check_metric, check_solve_metric, parse_range, run_dir_of
 
 STUDY_FILE, STUDY_NAME = "study.journal", "fastdqn"
 SAMPLERS, PRUNERS = ("tpe", "random", "grid"), ("median", "halving", "none")
@@ -77,6 +77,7 @@ def search_plan(base: C.Config, space: dict[str, list[str]], sampler: str, trial
         raise ConfigError(f"--startup-trials must be >= 0, got {startup_trials}")
     search = Search(sampler, space, trials, pruner, startup_trials, seed)
     plan = Plan("sweep", base.to_dict(), [], [base.seed], metric, search)
+    check_solve_metric(plan)
     for corner in ("low", "high"):  # both ends of every range (and the first listed values) make valid configs
         params = {k: d.choices[0] if hasattr(d, "choices") else getattr(d, corner) for k, d in dists.items()}
         plan.config(Point(f"{corner} end of the space", changes_of(params)), base.seed)
@@ -226,7 +227,7 @@ class StudyDriver:
 
     def value(self, point: Point) -> float:
         """The objective of a finished trial: its run's metric, negated where lower is better."""
-        run = read_run(run_dir_of(self.out, point, self.plan.seeds[0]), float(self.plan.base["solved_return"]))
+        run = read_run(run_dir_of(self.out, point, self.plan.seeds[0]), self.plan.solve_line)
         if run is None:
             return math.nan
         value = getattr(run, self.plan.metric)

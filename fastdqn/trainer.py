@@ -79,7 +79,7 @@ class TrainResult:
     sps: float
     final_eval_mean: float
     final_eval_std: float
-    steps_to_solve: int | None  # first evaluation step whose mean reached cfg.solved_return
+    steps_to_solve: int | None  # first evaluation step whose mean reached cfg.solve_line (None: never, or no line)
     interrupted: bool = False
     evals: list[tuple[int, float, float]] = field(default_factory=list)
     best_eval: tuple[int, float, float] | None = None  # (env step, mean, std) of the evaluation best.pt holds
@@ -97,14 +97,15 @@ class TrainResult:
 
     def table(self, cfg: Config) -> Table:
         """The console summary printed at the end of a run."""
-        return summary_table(f"fastdqn: {cfg.env_id}", {
+        rows = {
             "env steps": self.env_steps, "gradient updates": self.updates, "episodes": self.episodes,
             "wall time (s)": round(self.wall_time, 1), "env steps / s": round(self.sps),
             "final eval mean": self.final_eval_mean, "final eval std": self.final_eval_std,
             "best eval mean (best.pt)": (f"{self.best_eval[1]:g} at env step {self.best_eval[0]}" if self.best_eval
-                                         else "no evaluation"),
-            f"steps to eval >= {cfg.solved_return:g}": self.steps_to_solve or "not reached",
-            "run dir": str(self.run_dir)})
+                                         else "no evaluation")}
+        if cfg.solve_line is not None:  # envs without a solve line (Atari, MinAtar) show scores only
+            rows[f"steps to eval >= {cfg.solve_line:g}"] = self.steps_to_solve or "not reached"
+        return summary_table(f"fastdqn: {cfg.env_id}", {**rows, "run dir": str(self.run_dir)})
 
 
 class StopRequest:

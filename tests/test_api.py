@@ -77,3 +77,15 @@ def test_python_and_the_command_line_build_the_same_config(argv):
     given = {"env_id": argv[1], **({"batch_size": 64} if "--batch-size" in argv else {}),
              **({"learning_rate": 3e-4} if "--learning-rate" in argv else {})}
     assert from_cli == fastdqn.Config(**given)
+
+
+@pytest.mark.parametrize("env_id, line", [("CartPole-v1", "steps to eval >= 475"), ("CartPole-v0", None)])
+def test_the_summary_names_the_envs_solve_line_and_shows_scores_only_without_one(tmp_path, capsys, env_id, line):
+    cfg = small(env_id=env_id, total_steps=300, learning_starts=100, checkpoint_every=0, solved_return=None)
+    result = fastdqn.train(cfg, tmp_path / "run", show_progress=True)
+    printed = capsys.readouterr().err  # the console writes to stderr
+    assert "final eval mean" in printed
+    if line is None:  # CartPole-v0 has no entry in presets.SOLVE_LINES: no solve line, no steps-to-solve row
+        assert "steps to eval" not in printed and result.steps_to_solve is None
+    else:
+        assert line in printed

@@ -78,6 +78,8 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     ("loss", "mse", "mse"),
     ("env_id", "Acrobot-v1", "Acrobot-v1"),
     ("env_id", "123", "123"),  # a string field keeps the text as typed
+    ("solved_return", "-100", -100.0),
+    ("solved_return", "null", None),  # null: the env's own solve line
 ])
 def test_set_values_are_coerced_to_the_field_type(name, text, value):
     coerced = coerce(name, text)
@@ -97,6 +99,7 @@ def test_set_values_are_coerced_to_the_field_type(name, text, value):
     ("hidden_sizes", "[1.5]"),
     ("loss", "l1"),
     ("target_update", "sometimes"),
+    ("solved_return", "high"),
 ])
 def test_wrong_types_name_the_key_and_expected_type(name, text):
     with pytest.raises(ConfigError, match=f"config key '{name}' expects") as info:
@@ -181,3 +184,10 @@ def test_a_bad_flag_value_is_a_config_error():
         train_config("--batch-size", "big")
     with pytest.raises(ConfigError, match="gamma must be in"):
         train_config("--gamma", "2")
+
+
+@pytest.mark.parametrize("env_id, line", [("CartPole-v1", 475.0), ("Acrobot-v1", -100.0), ("MountainCar-v0", -110.0),
+                                          ("LunarLander-v3", 200.0), ("ALE/Breakout-v5", None), ("CartPole-v0", None)])
+def test_the_solve_line_is_the_envs_unless_the_config_sets_one(env_id, line):
+    assert Config(env_id=env_id).solve_line == line  # Atari and unlisted envs have none: scores only
+    assert Config(env_id=env_id, solved_return=12.5).solve_line == 12.5
