@@ -1,0 +1,143 @@
+"""Why do CartPole runs end worse than they peaked? Variants of the default config over seeds, every eval curve kept.
+
+    python benchmarks/cartpole_stability.py --variants default,lr-linear --seeds 1 2 3 4 5
+    python benchmarks/cartpole_stability.py --report          # rebuild the JSON and table from runs on disk
+
+Each variant is the default config (`fastdqn.Config()`, i.e. configs/cartpole.yaml) with a few keys changed, run
+as an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`), one per seed in
+`--out/<variant>/s<seed>/`, so finished runs are kept, a stopped batch goes on where it stopped, and seeds can be
+added to a variant later. Runs go one at a time; start two of these with different variants to use two cores. The JSON (benchmarks/results/cartpole_stability.json)
+holds, for every variant and seed, the whole greedy-eval curve, the final and best eval, the wall time and the
+update count; the summary counts the seeds whose *final* evaluation is solved and how well the late evaluations
+(the last 20% of the run) hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdqn.config import Config
+from fastdqn.experiments import Plan, Point, load_plan, read_run, run_dir_of, run_plan
+
+# Variant name -> changes to the default config. Each tests one suspected cause of the late collapse (or a cost).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lr-linear": {"lr_schedule": "linear"},  # the constant 2.3e-3 keeps moving a solved policy: decay to lr_end 1e-4
+    "eps-0.01": {"epsilon_end": 0.01},  # fewer random actions late: does the floor push the data off-policy?
+    "polyak": {"target_update": "soft", "tau": 0.005},  # Polyak averaging each update instead of hard copies
+    "target-1024": {"target_update_interval": 1024},  # hard copies 4x rarer
+    "nstep-3": {"n_step": 3},
+    "no-double": {"double_dqn": False},
+    "huber-10": {"huber_delta": 10.0},
+    "batch-256": {"batch_size": 256},
+    "net-64": {"hidden_sizes": [64, 64]},
+    "ratio-0.25": {"gradient_steps": 64},  # half the updates: replay ratio 0.25
+    "ratio-0.25-lr-linear": {"gradient_steps": 64, "lr_schedule": "linear"},
+}
+
+OUT_JSON = Path("benchmarks/results/cartpole_stability.json")
+LATE = 0.8  # evaluations at or after this fraction of total_steps count as "late"
+
+
+def variant_plan(name: str, changes: dict[str, Any], seeds: list[int], base: dict[str, Any]) -> Plan:
+    return Plan("sweep", base, [Point(name, changes)], seeds)
+
+
+def updates(cfg: Config) -> int:
+    """Gradient updates a whole run makes (the trainer's schedule: a phase per train_every after warm-up)."""
+    last = -(-cfg.total_steps // cfg.num_envs) * cfg.num_envs  # a run stops at the first vector step >= total
+    return max(0, last - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps
+
+
+def run_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """One row per finished seed: final and best eval, the eval curve, wall time and updates."""
+    point, solved = plan.points[0], float(plan.base["solved_return"])
+    rows = []
+    for seed in plan.seeds:
+        rdir = run_dir_of(out, point, seed)
+        run = read_run(rdir, solved)
+        if run is None:
+            continue
+        cfg = plan.config(point, seed)
+        total = cfg.total_steps
+        late = [m for s, m in run.evals if s >= LATE * total]
+        rows.append({"seed": seed, "final_eval": run.final_return, "best_eval": max(m for _, m in run.evals),
+                     "steps_to_solve": run.steps_to_solve if run.steps_to_solve != float("inf") else None,
+                     "late_mean": statistics.fmean(late), "late_solved": sum(m >= solved for m in late),
+                     "late_evals": len(late), "wall_time": run.wall_time,
+                     "updates": updates(cfg),
+                     "evals": [[s, m] for s, m in run.evals]})
+    return rows
+
+
+def summarize(name: str, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    solved = float(plan.base["solved_return"])
+    finals = [r["final_eval"] for r in rows]
+    return {"variant": name, "changes": plan.points[0].changes, "seeds": [r["seed"] for r in rows],
+            "ended_solved": sum(f >= solved for f in finals), "ever_solved": sum(r["steps_to_solve"] is not None
+                                                                                for r in rows),
+            "final_median": statistics.median(finals) if finals else None,
+            "final_mean": statistics.fmean(finals) if finals else None,
+            "late_mean": statistics.fmean(r["late_mean"] for r in rows) if rows else None,
+            "late_solved_fraction": (sum(r["late_solved"] for r in rows) / sum(r["late_evals"] for r in rows)
+                                     if rows else None),
+            "wall_time_median": statistics.median(r["wall_time"] for r in rows) if rows else None,
+            "runs": rows}
+
+
+def markdown(summaries: list[dict[str, Any]]) -> str:
+    lines = ["| variant | changes | seeds | final eval >= 475 | final evals | late evals >= 475 | late mean | "
+             "wall time (s, median) |", "|---|---|---|---:|---|---:|---:|---:|"]
+    for s in summaries:
+        if not s["runs"]:
+            continue
+        finals = ", ".join(f"{r['final_eval']:.0f}" for r in s["runs"])
+        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or "-"
+        lines.append(f"| {s['variant']} | {changes} | {len(s['runs'])} | {s['ended_solved']}/{len(s['runs'])} | "
+                     f"{finals} | {100 * s['late_solved_fraction']:.0f}% | {s['late_mean']:.0f} | "
+                     f"{s['wall_time_median']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="default", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--out", type=Path, default=Path("runs/cartpole-stability"))
+    parser.add_argument("--json", type=Path, default=OUT_JSON)
+    parser.add_argument("--report", action="store_true", help="only rebuild the JSON from the runs in --out")
+    args = parser.parse_args()
+    base = Config(device="cpu", torch_threads=1).to_dict()
+    if not args.report:
+        for name in args.variants.split(","):
+            if name not in VARIANTS:
+                raise SystemExit(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
+            for seed in args.seeds:  # one experiment per seed, so seeds can be added to a variant later
+                run_plan(variant_plan(name, VARIANTS[name], [seed], base), args.out / name / f"s{seed}", 1,
+                         lambda p, seed, r: print(f"{p.name} seed {seed}: {json.dumps(r)}", flush=True))
+    summaries = []
+    for name in VARIANTS:
+        plans = [(load_plan(path.parent), path.parent) for path in sorted((args.out / name).rglob("plan.json"))]
+        if plans:
+            rows = sorted((row for plan, out in plans for row in run_rows(plan, out)), key=lambda r: r["seed"])
+            summaries.append(summarize(name, plans[0][0], rows))
+    table = markdown(summaries)
+    print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "late_from": LATE,
+        "base": base, "variants": summaries, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Classic-control learning results: each env's config over seeds, beside rl-zoo's published DQN score and SB3.
+
+    python benchmarks/learning.py --envs acrobot --seeds 1 2 3 4 5 [--workers 1]
+    python benchmarks/learning.py --envs acrobot --seeds 1 2 --sb3-python /path/to/sb3-venv/bin/python --sb3-only
+    python benchmarks/learning.py --report        # rebuild docs/results/ from the runs on disk
+
+Each env's runs are an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`: `fastdqn.train`
+in worker processes, finished runs kept, a stopped batch goes on) over `configs/<env>.yaml` with one torch
+thread on the CPU, in `--out/<env>/`. With `--sb3-python`, the same seeds also run Stable-Baselines3's DQN
+(benchmarks/sb3_dqn.py, in that interpreter's venv) with the config's hyperparameters translated to SB3's
+names; keys SB3's DQN has no equivalent for are listed in the output. Writes
+benchmarks/results/learning-<env>.json (every run's eval curve, final and best eval, env steps, wall time,
+the machine's load), docs/results/<env>.md (the table) and docs/results/<env>.png (the curves), and
+docs/results/README.md (one line per env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdqn.config import Config, from_dict, load_yaml
+from fastdqn.experiments import Plan, Point, load_plan, read_run, run_dir_of, run_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Short name -> config, and rl-zoo's published DQN result for the env (benchmark.md of rl-baselines3-zoo:
+# mean greedy return of the trained agent, and the env steps it trained for). LunarLander's is for v2, the
+# version gymnasium 1.x replaced by v3 (the same task with bug fixes).
+ENVS: dict[str, dict[str, Any]] = {
+    "cartpole": {"config": "configs/cartpole.yaml", "zoo": 500.0, "zoo_steps": 50_000, "zoo_env": "CartPole-v1"},
+    "acrobot": {"config": "configs/acrobot.yaml", "zoo": -76.6, "zoo_steps": 100_000, "zoo_env": "Acrobot-v1"},
+    "mountaincar": {"config": "configs/mountaincar.yaml", "zoo": -100.8, "zoo_steps": 120_000,
+                    "zoo_env": "MountainCar-v0"},
+    "lunarlander": {"config": "configs/lunarlander.yaml", "zoo": 154.4, "zoo_steps": 100_000,
+                    "zoo_env": "LunarLander-v2"},
+}
+
+
+def env_config(name: str) -> Config:
+    """The env's shipped config, on the CPU with one torch thread (how every figure here is measured)."""
+    return from_dict({**load_yaml(ROOT / ENVS[name]["config"]), "device": "cpu", "torch_threads": 1})
+
+
+def sb3_hyperparams(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """SB3 DQN keyword arguments for the same run (one env), and the config keys SB3's DQN cannot match."""
+    params = {"learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size, "buffer_size": cfg.buffer_size,
+              "learning_starts": cfg.learning_starts, "gamma": cfg.gamma, "train_freq": cfg.train_every,
+              "gradient_steps": cfg.gradient_steps, "target_update_interval": cfg.target_update_interval,
+              "exploration_initial_eps": cfg.epsilon_start, "exploration_final_eps": cfg.epsilon_end,
+              "exploration_fraction": min(1.0, cfg.epsilon_decay_steps / cfg.total_steps),
+              "max_grad_norm": cfg.max_grad_norm or 1e9, "net_arch": cfg.hidden_sizes}
+    if cfg.lr_schedule == "linear":
+        params["learning_rate_end"] = cfg.lr_end  # sb3_dqn.py turns the pair into SB3's linear schedule
+    unmatched = [f"{k}={v}" for k, v, same in (
+        ("double_dqn", cfg.double_dqn, not cfg.double_dqn), ("n_step", cfg.n_step, cfg.n_step == 1),
+        ("dueling", cfg.dueling, not cfg.dueling), ("prioritized", cfg.prioritized, not cfg.prioritized),
+        ("target_update", cfg.target_update, cfg.target_update == "hard"),
+        ("loss", cfg.loss, cfg.loss == "huber" and cfg.huber_delta == 1.0),
+        ("epsilon_schedule", cfg.epsilon_schedule, cfg.epsilon_schedule == "linear"),
+        ("normalize_obs", cfg.normalize_obs, not cfg.normalize_obs),
+        ("clip_rewards", cfg.clip_rewards, not cfg.clip_rewards)) if not same]
+    if cfg.num_envs != 1:
+        unmatched.append(f"num_envs={cfg.num_envs} (SB3 runs 1 env; every count is in env steps in both)")
+    return params, unmatched
+
+
+def env_plan(name: str, seeds: list[int]) -> Plan:
+    return Plan("sweep", env_config(name).to_dict(), [Point("config", {})], seeds)
+
+
+def stamp_load(out: Path, point: Point, seed: int, result: dict[str, Any]) -> None:
+    """Add the machine's load when a run finished to its result.json, next to its wall time."""
+    print(f"{out.name} seed {seed}: {json.dumps(result)}", flush=True)
+    path = run_dir_of(out, point, seed) / "result.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["load_after"] = round(os.getloadavg()[0], 2)
+        path.write_text(json.dumps(data))
+
+
+def run_sb3(name: str, seed: int, python: str, out: Path) -> None:
+    """One SB3 run into out/sb3-seed-<seed>.json (kept: a finished run is not run again)."""
+    path = out / f"sb3-seed-{seed}.json"
+    if path.is_file():
+        return
+    cfg = env_config(name)
+    params, _ = sb3_hyperparams(cfg)
+    tmp = path.with_suffix(".tmp")
+    subprocess.run([python, str(ROOT / "benchmarks" / "sb3_dqn.py"), "--env", cfg.env_id, "--seed", str(seed),
+                    "--hyperparams", json.dumps(params), "--total-steps", str(cfg.total_steps),
+                    "--eval-every", str(cfg.eval_every), "--eval-episodes", str(cfg.eval_episodes),
+                    "--out", str(tmp)], check=True)
+    loads = os.getloadavg()
+    data = json.loads(tmp.read_text())
+    data["load_after"] = round(loads[0], 2)
+    path.write_text(json.dumps(data))
+    tmp.unlink()
+
+
+def fastdqn_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for seed in plan.seeds:
+        rdir = run_dir_of(out, plan.points[0], seed)
+        run = read_run(rdir, plan.solve_line)
+        if run is None:
+            continue
+        result = json.loads((rdir / "result.json").read_text())
+        rows.append({"seed": seed, "final_eval": run.final_return, "best_eval": max(m for _, m in run.evals),
+                     "env_steps": result["env_steps"], "wall_time": run.wall_time,
+                     "load_after": result.get("load_after"), "evals": [[s, m] for s, m in run.evals]})
+    return rows
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def build_report(name: str, out: Path) -> dict[str, Any] | None:
+    """The env's JSON record from the runs on disk, or None if nothing ran."""
+    if not (out / "plan.json").is_file():
+        return None
+    plan = load_plan(out)
+    cfg = from_dict(plan.base)
+    rows = fastdqn_rows(plan, out)
+    sb3 = [json.loads(p.read_text()) for p in sorted(out.glob("sb3-seed-*.json"))]
+    params, unmatched = sb3_hyperparams(cfg)
+    spec = ENVS[name]
+    record = {
+        "env": name, "env_id": cfg.env_id, "config": spec["config"], "solve_line": cfg.solve_line,
+        "rl_zoo": {"env_id": spec["zoo_env"], "mean_return": spec["zoo"], "env_steps": spec["zoo_steps"]},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "fastdqn": {"runs": rows, "final_median": median([r["final_eval"] for r in rows]),
+                    "wall_time_median": median([r["wall_time"] for r in rows])},
+        "sb3": {"hyperparams": params, "unmatched": unmatched, "runs": sb3,
+                "final_median": median([r["final_eval"] for r in sb3]),
+                "wall_time_median": median([r["wall_time"] for r in sb3])},
+    }
+    return record
+
+
+def markdown(record: dict[str, Any]) -> str:
+    zoo, fd, sb3 = record["rl_zoo"], record["fastdqn"], record["sb3"]
+    lines = [f"# {record['env_id']}", "",
+             f"`python benchmarks/learning.py --envs {record['env']}` ({record['config']}, on the CPU with one torch "
+             f"thread; {record['machine']}; {record['date']}). Final eval: the greedy evaluation at the end of the "
+             "run (10 episodes on separately seeded envs); best eval: the best of the evaluations along the way. "
+             "Raw numbers and every eval curve: "
+             f"`benchmarks/results/learning-{record['env']}.json`.", "",
+             "| trainer | seed | final eval | best eval | env steps | wall time (s) | load after |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for who, runs in (("fastdqn", fd["runs"]), ("SB3 DQN", sb3["runs"])):
+        for r in runs:
+            load = "-" if r.get("load_after") is None else f"{r['load_after']:.1f}"
+            lines.append(f"| {who} | {r['seed']} | {r['final_eval']:.1f} | {r['best_eval']:.1f} | {r['env_steps']:,} | "
+                         f"{r['wall_time']:.0f} | {load} |")
+    lines += ["", f"- rl-zoo's published DQN ({zoo['env_id']}, {zoo['env_steps']:,} env steps): {zoo['mean_return']:g}."]
+    if fd["runs"]:
+        verdict = ("at or above" if fd["final_median"] >= zoo["mean_return"] else "below")
+        lines.append(f"- fastdqn: median final eval {fd['final_median']:.1f} over {len(fd['runs'])} seeds ({verdict} "
+                     f"rl-zoo's score); median wall time {fd['wall_time_median']:.0f} s.")
+    if sb3["runs"]:
+        ratio = (f"; fastdqn's median wall time is {fd['wall_time_median'] / sb3['wall_time_median']:.2f}x SB3's"
+                 if fd["runs"] else "")
+        lines.append(f"- SB3 DQN, the same hyperparameters: median final eval {sb3['final_median']:.1f} over "
+                     f"{len(sb3['runs'])} seeds, median wall time {sb3['wall_time_median']:.0f} s{ratio}.")
+        if sb3["unmatched"]:
+            lines.append(f"- Not in SB3's DQN, so its runs differ in: {', '.join(sb3['unmatched'])}.")
+    if record["solve_line"] is not None:
+        lines.append(f"- Solve line of {record['env_id']}: {record['solve_line']:g}.")
+    lines += ["", "Load after: the machine's 1-minute load average when the run ended (2 cores; other jobs shared "
+              "them). Wall times are comparable only at similar load.", "",
+              f"![{record['env_id']}: greedy eval return against env steps]({record['env']}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for who, runs, color in (("fastdqn", record["fastdqn"]["runs"], "tab:blue"),
+                             ("SB3 DQN", record["sb3"]["runs"], "tab:orange")):
+        for i, r in enumerate(runs):
+            steps, means = zip(*r["evals"])
+            ax.plot(steps, means, color=color, alpha=0.7, linewidth=1,
+                    label=f"{who} ({len(runs)} seeds)" if i == 0 else None)
+    zoo = record["rl_zoo"]
+    ax.axhline(zoo["mean_return"], color="black", linestyle=":", linewidth=1, label=f"rl-zoo DQN {zoo['mean_return']:g}")
+    if record["solve_line"] is not None:
+        ax.axhline(record["solve_line"], color="grey", linestyle="--", linewidth=0.8, label="solve line")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("greedy eval return (10 episodes)")
+    ax.set_title(f"{record['env_id']}: one line per seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def index(records: list[dict[str, Any]]) -> str:
+    lines = ["# Learning results", "", "Written by `python benchmarks/learning.py` (one page per env). Median over "
+             "seeds of the final greedy evaluation; wall time on this project's 2-core CPU (see each page for load).",
+             "", "| env | fastdqn final (median) | seeds | rl-zoo DQN | SB3 DQN final (median) | wall time fastdqn / SB3 (s) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in records:
+        fd, sb3 = r["fastdqn"], r["sb3"]
+        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        lines.append(f"| [{r['env_id']}]({r['env']}.md) | {fmt(fd['final_median'])} | {len(fd['runs'])} | "
+                     f"{r['rl_zoo']['mean_return']:g} at {r['rl_zoo']['env_steps'] // 1000}k | {fmt(sb3['final_median'])} | "
+                     f"{fmt(fd['wall_time_median'])} / {fmt(sb3['wall_time_median'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", default="acrobot", help=f"comma-separated, from: {', '.join(ENVS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/learning"))
+    parser.add_argument("--sb3-python", help="a Python whose venv has stable-baselines3: also run SB3's DQN")
+    parser.add_argument("--sb3-only", action="store_true", help="run only the SB3 side (fastdqn runs kept as they are)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the JSON and docs from --out")
+    args = parser.parse_args()
+    names = args.envs.split(",")
+    for name in names:
+        if name not in ENVS:
+            raise SystemExit(f"unknown env '{name}': choose from {', '.join(ENVS)}")
+    if not args.report:
+        for name in names:
+            out = args.out / name
+            if not args.sb3_only:
+                run_plan(env_plan(name, args.seeds), out, args.workers,
+                         lambda p, seed, r, out=out: stamp_load(out, p, seed, r))
+            if args.sb3_python:
+                for seed in args.seeds:
+                    run_sb3(name, seed, args.sb3_python, out)
+                    print(f"{name} SB3 seed {seed} done", flush=True)
+    docs = ROOT / "docs" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in ENVS:
+        record = build_report(name, args.out / name)
+        if record is None:
+            continue
+        records.append(record)
+        (ROOT / "benchmarks" / "results" / f"learning-{name}.json").write_text(json.dumps(record, indent=1))
+        (docs / f"{name}.md").write_text(markdown(record))
+        plot(record, docs / f"{name}.png")
+        print(markdown(record))
+    (docs / "README.md").write_text(index(records))
+
+
+if __name__ == "__main__":
+    main()
