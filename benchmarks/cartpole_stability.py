@@ -3,13 +3,13 @@
     python benchmarks/cartpole_stability.py --variants default,lr-linear --seeds 1 2 3 4 5
     python benchmarks/cartpole_stability.py --report          # rebuild the JSON and table from runs on disk
 
-Each variant is the default config (`fastdqn.Config()`, i.e. configs/cartpole.yaml) with a few keys changed, run
-as an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`), one per seed in
-`--out/<variant>/s<seed>/`, so finished runs are kept, a stopped batch goes on where it stopped, and seeds can be
-added to a variant later. Runs go one at a time; start two of these with different variants to use two cores. The JSON (benchmarks/results/cartpole_stability.json)
-holds, for every variant and seed, the whole greedy-eval curve, the final and best eval, the wall time and the
-update count; the summary counts the seeds whose *final* evaluation is solved and how well the late evaluations
-(the last 20% of the run) hold.
+Each variant is the default config as it was before this investigation (`BEFORE` below) with a few keys
+changed, run as an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`), one per seed in
+`--out/<variant>/s<seed>/`: finished runs are kept, a stopped batch goes on where it stopped, and seeds can be
+added to a variant later. Runs go one at a time (start two of these with different variants to use two cores).
+The JSON (benchmarks/results/cartpole_stability.json) holds, for every variant and seed, the whole greedy-eval
+curve, the final and best eval, the update count and the run's wall and CPU time; the summary counts the seeds
+whose *final* evaluation is solved and how well the late evaluations (the last 20% of the run) hold.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +29,11 @@ import torch
 from fastdqn.config import Config
 from fastdqn.experiments import Plan, Point, load_plan, read_run, run_dir_of, run_plan
 
-# Variant name -> changes to the default config. Each tests one suspected cause of the late collapse (or a cost).
+# The default config before this investigation (fastdqn.Config() with these keys changed back): every variant is
+# named for its changes to it. "r25-lr-nstep-3" is today's default.
+BEFORE = {"gradient_steps": 128, "lr_schedule": "constant", "n_step": 1}
+
+# Variant name -> changes to the default config before the investigation. Each tests one suspected cause of the late collapse (or a cost).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "lr-linear": {"lr_schedule": "linear"},  # the constant 2.3e-3 keeps moving a solved policy: decay to lr_end 1e-4
@@ -42,14 +47,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "net-64": {"hidden_sizes": [64, 64]},
     "ratio-0.25": {"gradient_steps": 64},  # half the updates: replay ratio 0.25
     "ratio-0.25-lr-linear": {"gradient_steps": 64, "lr_schedule": "linear"},
+    # On the cheaper base (half the updates, LR decay), one more change each:
+    "r25-lr-polyak": {"gradient_steps": 64, "lr_schedule": "linear", "target_update": "soft", "tau": 0.005},
+    "r25-lr-nstep-3": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3},
+    "r25-lr-eps-0.01": {"gradient_steps": 64, "lr_schedule": "linear", "epsilon_end": 0.01},
+    "r25-lr-batch-128": {"gradient_steps": 64, "lr_schedule": "linear", "batch_size": 128},
+    "r25-nstep-3": {"gradient_steps": 64, "n_step": 3},  # n-step without the LR decay
+    # The flagship command (`fastdqn train --envs 16 --compile`) on the candidate config:
+    "r25-lr-nstep-3-envs16-compile": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "num_envs": 16,
+                                      "compile": True},
 }
 
 OUT_JSON = Path("benchmarks/results/cartpole_stability.json")
+CPU_FILE = "cpu_time.json"  # CPU seconds of a run, measured around it (absent for runs resumed or made elsewhere)
 LATE = 0.8  # evaluations at or after this fraction of total_steps count as "late"
 
 
 def variant_plan(name: str, changes: dict[str, Any], seeds: list[int], base: dict[str, Any]) -> Plan:
     return Plan("sweep", base, [Point(name, changes)], seeds)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far: on a shared machine, closer to an idle run's wall time than wall time is."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def updates(cfg: Config) -> int:
@@ -60,7 +81,7 @@ def updates(cfg: Config) -> int:
 
 def run_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """One row per finished seed: final and best eval, the eval curve, wall time and updates."""
-    point, solved = plan.points[0], float(plan.base["solved_return"])
+    point, solved = plan.points[0], plan.solve_line
     rows = []
     for seed in plan.seeds:
         rdir = run_dir_of(out, point, seed)
@@ -75,12 +96,17 @@ def run_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
                      "late_mean": statistics.fmean(late), "late_solved": sum(m >= solved for m in late),
                      "late_evals": len(late), "wall_time": run.wall_time,
                      "updates": updates(cfg),
+                     "cpu_time": json.loads((out / CPU_FILE).read_text()) if (out / CPU_FILE).is_file() else None,
                      "evals": [[s, m] for s, m in run.evals]})
     return rows
 
 
+def median_of(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def summarize(name: str, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    solved = float(plan.base["solved_return"])
+    solved = plan.solve_line
     finals = [r["final_eval"] for r in rows]
     return {"variant": name, "changes": plan.points[0].changes, "seeds": [r["seed"] for r in rows],
             "ended_solved": sum(f >= solved for f in finals), "ever_solved": sum(r["steps_to_solve"] is not None
@@ -91,12 +117,14 @@ def summarize(name: str, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, An
             "late_solved_fraction": (sum(r["late_solved"] for r in rows) / sum(r["late_evals"] for r in rows)
                                      if rows else None),
             "wall_time_median": statistics.median(r["wall_time"] for r in rows) if rows else None,
+            "cpu_time_median": median_of([r["cpu_time"] for r in rows if r["cpu_time"] is not None]),
+            "updates": rows[0]["updates"] if rows else None,
             "runs": rows}
 
 
 def markdown(summaries: list[dict[str, Any]]) -> str:
     lines = ["| variant | changes | seeds | final eval >= 475 | final evals | late evals >= 475 | late mean | "
-             "wall time (s, median) |", "|---|---|---|---:|---|---:|---:|---:|"]
+             "updates | CPU time (s, median) |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for s in summaries:
         if not s["runs"]:
             continue
@@ -104,7 +132,7 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
         changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or "-"
         lines.append(f"| {s['variant']} | {changes} | {len(s['runs'])} | {s['ended_solved']}/{len(s['runs'])} | "
                      f"{finals} | {100 * s['late_solved_fraction']:.0f}% | {s['late_mean']:.0f} | "
-                     f"{s['wall_time_median']:.0f} |")
+                     f"{s['updates']:,} | {'-' if s['cpu_time_median'] is None else round(s['cpu_time_median'])} |")
     return "\n".join(lines)
 
 
@@ -116,14 +144,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=OUT_JSON)
     parser.add_argument("--report", action="store_true", help="only rebuild the JSON from the runs in --out")
     args = parser.parse_args()
-    base = Config(device="cpu", torch_threads=1).to_dict()
+    base = Config(device="cpu", torch_threads=1, **BEFORE).to_dict()
     if not args.report:
         for name in args.variants.split(","):
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
             for seed in args.seeds:  # one experiment per seed, so seeds can be added to a variant later
-                run_plan(variant_plan(name, VARIANTS[name], [seed], base), args.out / name / f"s{seed}", 1,
+                out, before = args.out / name / f"s{seed}", cpu_seconds()
+                run_plan(variant_plan(name, VARIANTS[name], [seed], base), out, 1,
                          lambda p, seed, r: print(f"{p.name} seed {seed}: {json.dumps(r)}", flush=True))
+                if not (out / CPU_FILE).is_file():  # runs in this process: its CPU time is the run's
+                    (out / CPU_FILE).write_text(json.dumps(round(cpu_seconds() - before, 1)))
     summaries = []
     for name in VARIANTS:
         plans = [(load_plan(path.parent), path.parent) for path in sorted((args.out / name).rglob("plan.json"))]

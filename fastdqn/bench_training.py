@@ -44,7 +44,8 @@ from fastdqn.logs import console
 # CleanRL dqn.py's defaults (its Args), which fastdqn's side of the comparison copies.
 CLEANRL_DQN = {"hidden_sizes": [120, 84], "batch_size": 128, "train_every": 10, "gradient_steps": 1, "loss": "mse",
                "double_dqn": False, "max_grad_norm": 0.0, "learning_rate": 2.5e-4, "buffer_size": 10_000,
-               "target_update_interval": 500, "gamma": 0.99, "epsilon_start": 1.0, "epsilon_end": 0.05, "seed": 1}
+               "target_update_interval": 500, "gamma": 0.99, "epsilon_start": 1.0, "epsilon_end": 0.05, "seed": 1,
+               "n_step": 1, "lr_schedule": "constant"}
 CLEANRL_SPS_EVERY = 100  # dqn.py prints "SPS: <int>" in each update at an env step that is a multiple of this
 SPS_LINE = re.compile(r"^SPS: (\d+)\s*$")
 PROBE = ("import json, sys, numpy, torch, gymnasium; print(json.dumps({'python': sys.version.split()[0], "

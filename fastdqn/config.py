@@ -52,14 +52,14 @@ class Config:
     learning_starts: int = _f(1_000, "env steps collected before the first gradient update (warm-up)")
     batch_size: int = _f(64, "transitions per gradient update")
     train_every: int = _f(256, "env steps between training phases; with N envs a vector step is N env steps")
-    gradient_steps: int = _f(128, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
+    gradient_steps: int = _f(64, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
     replay_buffer: bool = _f(True, "false = the no-replay ablation: each update trains once on the newest vector step "
                              "(needs buffer_size = batch_size = train_every = num_envs, gradient_steps = 1)")
 
     # --- learning ----------------------------------------------------------------------------------------
     gamma: float = _f(0.99, "discount factor, in [0, 1]")
     learning_rate: float = _f(2.3e-3, "Adam learning rate (start value of the LR schedule)")
-    lr_schedule: Literal["constant", "linear"] = _f("constant", "learning rate over training: constant or linear decay")
+    lr_schedule: Literal["constant", "linear"] = _f("linear", "learning rate over training: constant or linear decay")
     lr_end: float = _f(1e-4, "final learning rate of the linear LR schedule, reached at total_steps")
     adam_eps: float = _f(1e-8, "Adam epsilon")
     loss: Literal["huber", "mse"] = _f("huber", "TD loss: Huber (smooth L1) or mean squared error")
@@ -74,7 +74,7 @@ class Config:
 
     # --- extensions (all off = the classic DQN) -----------------------------------------------------------
     dueling: bool = _f(False, "dueling head: Q = V(s) + A(s, a) - mean_a A(s, a)")
-    n_step: int = _f(1, "n-step returns: sum n discounted rewards, then bootstrap gamma^n * V (cut at episode ends)")
+    n_step: int = _f(3, "n-step returns: sum n discounted rewards, then bootstrap gamma^n * V (cut at episode ends)")
     prioritized: bool = _f(False, "proportional prioritized replay: sample with probability p^per_alpha, p = |TD error| + per_eps")
     per_alpha: float = _f(0.6, "prioritized replay: how strongly priorities shape sampling (0 = uniform)")
     per_beta_start: float = _f(0.4, "prioritized replay: importance-weight exponent at step 0")

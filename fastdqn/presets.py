@@ -15,7 +15,7 @@ ATARI: dict[str, Any] = {
     "buffer_size": 1_000_000, "learning_starts": 80_000, "target_update_interval": 1_000, "learning_rate": 1e-4,
     "batch_size": 32, "train_every": 4, "gradient_steps": 1, "epsilon_start": 1.0, "epsilon_end": 0.01,
     "epsilon_decay_steps": 1_000_000, "total_steps": 10_000_000, "clip_rewards": True, "max_grad_norm": 10.0,
-    "gamma": 0.99, "loss": "huber", "eval_every": 250_000, "eval_episodes": 10, "log_every": 10_000,
+    "gamma": 0.99, "loss": "huber", "lr_schedule": "constant", "n_step": 1, "eval_every": 250_000, "eval_episodes": 10, "log_every": 10_000,
     "checkpoint_every": 500_000,
 }
 

@@ -29,7 +29,7 @@ def test_each_env_has_a_shipped_config_with_the_envs_solve_line(name):
 
 def test_sb3_hyperparams_translate_the_config_and_name_what_sb3_lacks():
     cfg = Config(env_id="Acrobot-v1", num_envs=1, total_steps=100_000, epsilon_decay_steps=12_000,
-                 train_every=4, gradient_steps=4, double_dqn=False, lr_schedule="linear", lr_end=1e-5)
+                 train_every=4, gradient_steps=4, double_dqn=False, n_step=1, lr_schedule="linear", lr_end=1e-5)
     params, unmatched = learning.sb3_hyperparams(cfg)
     assert params["train_freq"] == 4 and params["gradient_steps"] == 4
     assert params["exploration_fraction"] == pytest.approx(0.12) and params["learning_rate_end"] == 1e-5
