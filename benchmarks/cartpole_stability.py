@@ -136,12 +136,41 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(summaries: list[dict[str, Any]], path: Path) -> None:
+    """One panel per variant: every seed's greedy-eval curve, and the solve line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in summaries if s["runs"]]
+    cols = min(3, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, s in zip(axes.flat, shown):
+        for r in s["runs"]:
+            steps, means = zip(*r["evals"])
+            ax.plot(steps, means, linewidth=1, alpha=0.8, label=f"seed {r['seed']}")
+        ax.axhline(475, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{s['variant']}: {s['ended_solved']}/{len(s['runs'])} end >= 475", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("env steps")
+    fig.supylabel("greedy eval return (10 episodes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="default", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--out", type=Path, default=Path("runs/cartpole-stability"))
     parser.add_argument("--json", type=Path, default=OUT_JSON)
+    parser.add_argument("--plot", type=Path, default=Path("docs/cartpole-stability.png"))
     parser.add_argument("--report", action="store_true", help="only rebuild the JSON from the runs in --out")
     args = parser.parse_args()
     base = Config(device="cpu", torch_threads=1, **BEFORE).to_dict()
@@ -163,6 +192,7 @@ def main() -> None:
             summaries.append(summarize(name, plans[0][0], rows))
     table = markdown(summaries)
     print(table)
+    plot(summaries, args.plot)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",

@@ -62,7 +62,7 @@ if FRAME_ID_ENV not in gym.registry:
 
 def frame_id_cfg(**kw) -> Config:
     values = dict(env_id=FRAME_ID_ENV, num_envs=3, buffer_size=3 * 12, learning_starts=10**9, batch_size=8,
-                  eval_every=0, checkpoint_every=0, device="cpu", clip_rewards=False)
+                  eval_every=0, checkpoint_every=0, device="cpu", clip_rewards=False, n_step=1)  # frame replay: 1-step
     return Config(**{**values, **kw})
 
 
