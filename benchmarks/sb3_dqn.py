@@ -6,8 +6,8 @@ stable-baselines3 (fastdqn does not depend on it), and imports nothing from fast
 
 `--hyperparams` are SB3 DQN keyword arguments as rl-zoo writes them (net_arch is given as a list). Greedy
 evaluations run every `--eval-every` env steps and at the end, episode i on an env reset with seed
-`seed + 1_000_003 + i`, as fastdqn evaluates; the wall time covers training and those evaluations, as
-fastdqn's does. One torch thread, as fastdqn's benchmark runs use.
+`seed + 1_000_003 + i`, as fastdqn evaluates; the wall and CPU times cover training and those evaluations,
+as fastdqn's do. One torch thread, as fastdqn's benchmark runs use.
 """
 
 from __future__ import annotations
@@ -72,22 +72,23 @@ def main() -> None:
     if "learning_rate_end" in kwargs:  # fastdqn's linear LR schedule: SB3 passes progress_remaining, 1 -> 0
         lr0, lr1 = kwargs["learning_rate"], kwargs.pop("learning_rate_end")
         kwargs["learning_rate"] = lambda remaining: lr1 + (lr0 - lr1) * remaining
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model = DQN("MlpPolicy", gym.make(args.env), seed=args.seed, device="cpu", verbose=0,
                 policy_kwargs={"net_arch": net_arch} if net_arch else None, **kwargs)
     callback = Evaluate(args.env, args.eval_every, args.eval_episodes, args.seed)
     model.learn(total_timesteps=args.total_steps, callback=callback)
     final = greedy_returns(model, args.env, args.eval_episodes, args.seed)
-    if not callback.evals or callback.evals[-1][0] != model.num_timesteps:
-        callback.evals.append([model.num_timesteps, float(np.mean(final))])
-    wall = time.perf_counter() - start
+    if callback.evals and callback.evals[-1][0] == model.num_timesteps:
+        callback.evals.pop()  # taken before the last update of the run: the final evaluation replaces it
+    callback.evals.append([model.num_timesteps, float(np.mean(final))])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     import stable_baselines3
 
     with open(args.out, "w") as f:
         json.dump({"env_id": args.env, "seed": args.seed, "hyperparams": json.loads(args.hyperparams),
                    "env_steps": int(model.num_timesteps), "final_eval": float(np.mean(final)),
                    "best_eval": max(m for _, m in callback.evals), "evals": callback.evals,
-                   "wall_time": round(wall, 2), "sb3": stable_baselines3.__version__, "torch": torch.__version__},
+                   "wall_time": round(wall, 2), "cpu_time": round(cpu, 1), "sb3": stable_baselines3.__version__, "torch": torch.__version__},
                   f)
 
 
