@@ -152,6 +152,10 @@ def build_report(name: str, out: Path) -> dict[str, Any] | None:
     return record
 
 
+def seeds(runs: list[dict[str, Any]]) -> str:
+    return f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
+
+
 def markdown(record: dict[str, Any]) -> str:
     zoo, fd, sb3 = record["rl_zoo"], record["fastdqn"], record["sb3"]
     lines = [f"# {record['env_id']}", "",
@@ -170,13 +174,13 @@ def markdown(record: dict[str, Any]) -> str:
     lines += ["", f"- rl-zoo's published DQN ({zoo['env_id']}, {zoo['env_steps']:,} env steps): {zoo['mean_return']:g}."]
     if fd["runs"]:
         verdict = ("at or above" if fd["final_median"] >= zoo["mean_return"] else "below")
-        lines.append(f"- fastdqn: median final eval {fd['final_median']:.1f} over {len(fd['runs'])} seeds ({verdict} "
+        lines.append(f"- fastdqn: median final eval {fd['final_median']:.1f} over {seeds(fd['runs'])} ({verdict} "
                      f"rl-zoo's score); median wall time {fd['wall_time_median']:.0f} s.")
     if sb3["runs"]:
         ratio = (f"; fastdqn's median wall time is {fd['wall_time_median'] / sb3['wall_time_median']:.2f}x SB3's"
                  if fd["runs"] else "")
         lines.append(f"- SB3 DQN, the same hyperparameters: median final eval {sb3['final_median']:.1f} over "
-                     f"{len(sb3['runs'])} seeds, median wall time {sb3['wall_time_median']:.0f} s{ratio}.")
+                     f"{seeds(sb3['runs'])}, median wall time {sb3['wall_time_median']:.0f} s{ratio}.")
         if sb3["unmatched"]:
             lines.append(f"- Not in SB3's DQN, so its runs differ in: {', '.join(sb3['unmatched'])}.")
     if record["solve_line"] is not None:
