@@ -27,7 +27,10 @@ from typing import Any
 import torch
 
 from fastdqn.config import Config
-from fastdqn.experiments import Plan, Point, load_plan, read_run, run_dir_of, run_plan
+from fastdqn.backends import BackendSpec
+from fastdqn.experiments import execute
+from fastdqn.outcomes import read_run
+from fastdqn.plans import Plan, Point, load_plan, run_dir_of
 
 # The default config before this investigation (fastdqn.Config() with these keys changed back): every variant is
 # named for its changes to it. "r25-lr-nstep-3" is today's default.
@@ -180,8 +183,8 @@ def main() -> None:
                 raise SystemExit(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
             for seed in args.seeds:  # one experiment per seed, so seeds can be added to a variant later
                 out, before = args.out / name / f"s{seed}", cpu_seconds()
-                run_plan(variant_plan(name, VARIANTS[name], [seed], base), out, 1,
-                         lambda p, seed, r: print(f"{p.name} seed {seed}: {json.dumps(r)}", flush=True))
+                if execute(variant_plan(name, VARIANTS[name], [seed], base), out, BackendSpec(workers=1)) == 130:
+                    raise SystemExit(130)
                 if not (out / CPU_FILE).is_file():  # runs in this process: its CPU time is the run's
                     (out / CPU_FILE).write_text(json.dumps(round(cpu_seconds() - before, 1)))
     summaries = []

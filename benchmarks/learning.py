@@ -29,7 +29,10 @@ from typing import Any
 import torch
 
 from fastdqn.config import Config, from_dict, load_yaml
-from fastdqn.experiments import Plan, Point, load_plan, read_run, run_dir_of, run_plan
+from fastdqn.backends import BackendSpec
+from fastdqn.experiments import execute
+from fastdqn.outcomes import read_run
+from fastdqn.plans import Plan, Point, load_plan, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +82,14 @@ def env_plan(name: str, seeds: list[int]) -> Plan:
     return Plan("sweep", env_config(name).to_dict(), [Point("config", {})], seeds)
 
 
-def stamp_load(out: Path, point: Point, seed: int, result: dict[str, Any]) -> None:
-    """Add the machine's load when a run finished to its result.json, next to its wall time."""
-    print(f"{out.name} seed {seed}: {json.dumps(result)}", flush=True)
-    path = run_dir_of(out, point, seed) / "result.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data["load_after"] = round(os.getloadavg()[0], 2)
-        path.write_text(json.dumps(data))
+def stamp_load(out: Path, plan: Plan) -> None:
+    """Add the machine's load now, when the env's runs have ended, to each result.json that has none yet."""
+    for seed in plan.seeds:
+        path = run_dir_of(out, plan.points[0], seed) / "result.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.setdefault("load_after", round(os.getloadavg()[0], 2))
+            path.write_text(json.dumps(data))
 
 
 def run_sb3(name: str, seed: int, python: str, out: Path) -> None:
@@ -254,8 +257,10 @@ def main() -> None:
         for name in names:
             out = args.out / name
             if not args.sb3_only:
-                run_plan(env_plan(name, args.seeds), out, args.workers,
-                         lambda p, seed, r, out=out: stamp_load(out, p, seed, r))
+                plan = env_plan(name, args.seeds)
+                if execute(plan, out, BackendSpec(workers=args.workers)) == 130:
+                    raise SystemExit(130)
+                stamp_load(out, plan)
             if args.sb3_python:
                 for seed in args.seeds:
                     run_sb3(name, seed, args.sb3_python, out)

@@ -91,14 +91,14 @@ def test_sweep_plan_is_the_whole_grid_and_leaves_ranges_to_a_search(tiny_base):
 
 def test_an_env_without_a_solve_line_gets_a_table_of_scores_only(tiny_base, tmp_path):
     scores_only = tiny_base.updated(env_id="CartPole-v0", solved_return=None)  # v0 is not in presets.SOLVE_LINES
-    assert X.ablation_plan(tiny_base, 1).solve_line == 12.0
-    plan = X.ablation_plan(scores_only, 1, ["full"])
+    assert P.ablation_plan(tiny_base, 1).solve_line == 12.0
+    plan = P.ablation_plan(scores_only, 1, ["full"])
     assert plan.solve_line is None
-    header, rows = X.table_rows(plan, X.summarize(plan, tmp_path))
+    header, rows = R.table_rows(plan, R.summarize(plan, tmp_path))
     assert "solved" not in header and "env steps to solve" not in header and "final greedy return" in header
-    assert "no solve line: scores only" in X.solved_definition(plan) and ">=" not in X.solved_definition(plan)
+    assert "no solve line: scores only" in R.solved_definition(plan) and ">=" not in R.solved_definition(plan)
     with pytest.raises(ConfigError, match="steps_to_solve needs a solve line"):
-        X.sweep_plan(scores_only, X.parse_grid(["batch_size=16"]), 1, metric="steps_to_solve")
+        P.sweep_plan(scores_only, P.parse_grid(["batch_size=16"]), 1, metric="steps_to_solve")
 
 
 def test_a_different_plan_in_the_same_dir_is_refused(tiny_base, tmp_path):
