@@ -17,6 +17,7 @@ import yaml
 
 from fastdqn import config as C
 from fastdqn.errors import ConfigError, FastDQNError, explain, one_line
+from fastdqn.plans import METRICS
 
 # Short names for the flags people type most; every config key also has its own --long-flag.
 ALIASES = {"env_id": ["--env"], "num_envs": ["--envs"]}
@@ -312,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 5)")
     sw.add_argument("--search-seed", type=int, default=0, help="--search: seed of the sampler (default: 0)")
     sw.add_argument("--metric", default="final_return",
-                    choices=["final_return", "auc", "steps_to_solve", "episodes_to_solve"],
-                    help="what ranks the points (median over seeds; auc = mean greedy return over all evaluations)")
+                    choices=list(METRICS), help="what ranks the points (median over seeds; best_return = the best "
+                    "evaluation's, auc = mean greedy return over all evaluations)")
     add_experiment_flags(sw, "sweep")
     sw.set_defaults(func=cmd_sweep)
 

@@ -29,6 +29,7 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
 @dataclass
 class RunSummary:
     final_return: float  # the last evaluation's mean return (a pruned run's last one before it stopped)
+    best_return: float  # the best evaluation's mean return: the score of the run's best.pt
     auc: float  # mean greedy return over all evaluations: how early and how well it learned
     steps_to_solve: float  # inf when never solved
     episodes_to_solve: float
@@ -52,6 +53,6 @@ def read_run(run_dir: Path, solve_line: float | None) -> RunSummary | None:
                 solved = (rec["step"], rec.get("episodes", math.inf))
         elif rec["kind"] == "train" and rec.get("recent_return") is not None:
             train.append((rec["step"], rec["recent_return"]))
-    return RunSummary(evals[-1][1], statistics.fmean(m for _, m in evals), solved[0] if solved else math.inf,
+    return RunSummary(evals[-1][1], max(m for _, m in evals), statistics.fmean(m for _, m in evals), solved[0] if solved else math.inf,
                       solved[1] if solved else math.inf, result["wall_time"], evals, train,
                       bool(result.get("pruned")))

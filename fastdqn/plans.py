@@ -21,7 +21,8 @@ from fastdqn.errors import ConfigError
 PLAN_FILE, RESULT_FILE = "plan.json", "result.json"
 
 # Metric name -> (column title, higher is better).
-METRICS = {"final_return": ("final greedy return", True), "auc": ("mean eval return", True),
+METRICS = {"final_return": ("final greedy return", True), "best_return": ("best greedy return", True),
+           "auc": ("mean eval return", True),
            "steps_to_solve": ("env steps to solve", False), "episodes_to_solve": ("episodes to solve", False)}
 SOLVE_METRICS = ("steps_to_solve", "episodes_to_solve")  # meaningless for an env without a solve line
 

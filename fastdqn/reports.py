@@ -95,7 +95,8 @@ def solved_definition(plan: Plan) -> str:
     b, line = plan.base, plan.solve_line
     evals = f"greedy evaluation ({b['eval_episodes']} episodes, every {b['eval_every']:,} env steps and at the end of " \
             f"{b['total_steps']:,})"
-    rest = "Final greedy return: mean +- std over seeds of each run's last evaluation. Wall time: mean per run."
+    rest = ("Final greedy return: mean +- std over seeds of each run's last evaluation; best greedy return: of each "
+            "run's best evaluation (the policy its best.pt keeps). Wall time: mean per run.")
     if line is None:
         return f"{b['env_id']} has no solve line: scores only. Each {evals} is the mean return. {rest}"
     return (f"Solved: a {evals} with mean return >= {line:g}. Episodes to solve: training episodes finished by that "
@@ -119,7 +120,7 @@ def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], li
     has_line = plan.solve_line is not None
     solve_cols = ["solved", "episodes to solve", "env steps to solve"] if has_line else ["runs"]
     if plan.kind == "ablate":
-        header = ["variant", *solve_cols, "final greedy return", "wall time (s)"]
+        header = ["variant", *solve_cols, "final greedy return", "best greedy return", "wall time (s)"]
         ordered = summaries
     else:
         keys = list(plan.search.space) if searched else list(dict.fromkeys(k for p in plan.points for k in p.changes))
@@ -134,7 +135,7 @@ def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], li
                      _median_range(s.values("steps_to_solve"))]
         else:
             cells = [f"{len(s.runs)}{done}"]
-        cells.append(_mean_std(s.values("final_return")))
+        cells += [_mean_std(s.values("final_return")), _mean_std(s.values("best_return"))]
         if plan.kind == "ablate":
             rows.append([s.point.name, *cells, _wall(s)])
         else:

@@ -13,6 +13,7 @@ from fastdqn import experiments as X
 from fastdqn import plans as P
 from fastdqn import reports as R
 from fastdqn.backends import BackendSpec
+from fastdqn.checkpointer import read_best
 from fastdqn.cli import main
 from fastdqn.errors import ConfigError
 from fastdqn.trainer import Trainer
@@ -153,6 +154,12 @@ def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
     saved = C.load_yaml(run / "config.yaml")
     assert saved["replay_buffer"] is False and saved["buffer_size"] == 1
     assert (run / P.RESULT_FILE).is_file() and list(run.glob("events.out.tfevents*"))  # a normal run dir
+    header = table.splitlines()[0].split(" | ")
+    row = next(line for line in table.splitlines() if line.startswith("| no replay buffer | ")).split(" | ")
+    evals = [r["mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert row[header.index("final greedy return")].startswith(f"{evals[-1]:.1f}")
+    assert row[header.index("best greedy return")].startswith(f"{max(evals):.1f}")
+    assert read_best(run)[1] == max(evals), "the best column is the score of the run's best.pt"
     assert main(["ablate", "--resume", str(out)]) == 0  # all finished: nothing runs, same table
     assert (out / R.TABLE_FILE).read_text() == table
 
