@@ -65,8 +65,8 @@ class RingStorage:
     """Named per-slot columns preallocated on the device, written a vector step (N slots) at a time; the oldest
     are overwritten once it is full.
 
-    Subclasses allocate their columns and name them in `columns`. `filled` is `size` on the device, refreshed by
-    every write (a kernel launch, no host sync), for samplers that a CUDA graph captures.
+    Subclasses allocate their columns and name them in `columns`. `filled` and `head` are `size` and `pos` on the
+    device, refreshed by every write (kernel launches, no host sync), for samplers that a CUDA graph captures.
     """
 
     def __init__(self, capacity: int, num_envs: int, device: torch.device):
@@ -76,6 +76,7 @@ class RingStorage:
         self.pos = 0  # next slot to write (always a row start)
         self.size = 0  # filled slots
         self.filled = torch.zeros((), dtype=torch.int64, device=device)
+        self.head = torch.zeros((), dtype=torch.int64, device=device)
 
     def columns(self) -> dict[str, torch.Tensor]:
         """The storage's tensors by name, each with one entry per slot first."""
@@ -101,8 +102,9 @@ class RingStorage:
         self._refresh_fill()
 
     def _refresh_fill(self) -> None:
-        """Copy the fill level to the device-side tensors that samplers read."""
+        """Copy the fill level and the write position to the device-side tensors that samplers read."""
         self.filled.fill_(self.size)
+        self.head.fill_(self.pos)
 
     def state_dict(self) -> dict:
         """Filled part of the storage plus its position, for checkpoints (tensors and ints only)."""
@@ -154,7 +156,7 @@ class TransitionStorage(RingStorage):
         if self.n_step == 1:
             return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx],
                          self.terminated[idx])
-        returns, last, discounts = nstep_returns(self.rewards, self.terminated, self.truncated, idx, self.pos,
+        returns, last, discounts = nstep_returns(self.rewards, self.terminated, self.truncated, idx, self.head,
                                                  self.num_envs, self.n_step, self.gamma)
         return Batch(self.obs[idx], self.actions[idx], returns, self.next_obs[last], self.terminated[last],
                      discounts)
@@ -172,10 +174,7 @@ class ReplayBuffer(TransitionStorage):
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.gather(idx)
 
-    @property
-    def graph_sampling(self) -> bool:
-        """n-step returns read the write position on the host, so only one-step sampling can be captured."""
-        return self.n_step == 1
+    graph_sampling = True  # the fill level and, for n-step returns, the write position are read on the device
 
     def graph_sample(self, batch_size: int) -> Batch:
         """A uniform sample like `sample`, drawn from the device-side fill level `filled` only."""

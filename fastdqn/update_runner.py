@@ -68,7 +68,7 @@ def graph_wanted(cfg: Config, device: torch.device, replay: object | None) -> bo
     if device.type != "cuda":
         why_not, error = f"needs a CUDA device, this run is on {device}", DeviceError
     elif replay is None or not cfg.replay_buffer or not getattr(replay, "graph_sampling", False):
-        why_not = "covers uniform one-step replay only (not prioritized, n_step > 1 or no replay)"
+        why_not = "covers uniform replay only (not prioritized replay or replay_buffer: false)"
     elif cfg.compile and compile_mode(cfg) in INDUCTOR_GRAPH_MODES:
         why_not = f"cannot hold compile_mode={cfg.compile_mode}, whose own CUDA graphs would nest in fastdqn's capture"
         fix = "use compile_mode default or max-autotune-no-cudagraphs, or set cuda_graph to auto or never"

@@ -113,6 +113,20 @@ def test_captured_update_equals_the_uncaptured_one_over_many_steps(device, repla
     assert graphed.read_metrics() == pytest.approx(reference.read_metrics(), rel=1e-5)
 
 
+def test_captured_nstep_update_equals_the_uncaptured_one(device):
+    """n-step returns stop at the replay's write head, which moves after capture: the graph reads it on the device."""
+    replay = ReplayBuffer(4096, NUM_ENVS, (4,), torch.float32, device, n_step=3, gamma=CFG.gamma)
+    add_random_steps(replay, 256, seed=1)
+    graphed = make_update_runner(make_learner(device, cuda_graph="always", n_step=3), replay)
+    reference = UpdateRunner(make_learner(device, cuda_graph="never", n_step=3), replay)
+    assert graphed.kind == "graphed"
+    for stats, td, ref_stats, ref_td in in_lockstep(graphed, reference, replay, 30):
+        torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(td, ref_td, rtol=1e-5, atol=1e-6)
+    assert graphed.captures == 1 and not graphed.failed
+    assert_same_learners(graphed.learner, reference.learner, atol=1e-6)
+
+
 def test_compiled_update_matches_eager_on_cuda(device, replay):
     compiled = UpdateRunner(make_learner(device, compile=True, cuda_graph="never"), replay, compiled=True)
     eager = UpdateRunner(make_learner(device, cuda_graph="never"), replay)

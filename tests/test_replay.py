@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core_helpers import COUNTER_ENV, COUNTER_ENV_U8, classic, drive, trainer_without_run
+from fastdqn.nstep import nstep_returns
 from fastdqn.replay import ReplayBuffer
 
 CPU = torch.device("cpu")
@@ -190,4 +191,23 @@ def test_graph_sample_reads_the_fill_level_from_the_device_and_covers_the_filled
     restored = ReplayBuffer(100, 1, (1,), torch.float32, CPU)
     restored.load_state_dict(buf.state_dict())  # a resume restores the device-side fill level too
     assert restored.filled.item() == 50
-    assert not ReplayBuffer(8, 1, (1,), torch.float32, CPU, n_step=3).graph_sampling  # n-step reads host values
+
+
+def test_nstep_graph_sample_reads_the_write_head_from_the_device():
+    """n-step returns stop at the write head; a captured sampler must see where it is now, not at capture."""
+    buf = ReplayBuffer(12, 2, (1,), torch.float32, CPU, n_step=3, gamma=0.5)
+    assert buf.graph_sampling
+    for step in range(9):  # wraps: 18 slots written into 12
+        buf.add(torch.full((2, 1), float(step)), torch.zeros(2, dtype=torch.int64), torch.ones(2),
+                torch.full((2, 1), step + 1.0), torch.zeros(2))
+        assert buf.head.item() == buf.pos
+        idx = torch.arange(buf.size)
+        on_device = buf.gather(idx)
+        on_host = nstep_returns(buf.rewards, buf.terminated, buf.truncated, idx, buf.pos, 2, 3, 0.5)
+        torch.testing.assert_close(on_device.rewards, on_host[0], rtol=0, atol=0)
+        torch.testing.assert_close(on_device.discounts, on_host[2], rtol=0, atol=0)
+    newest = buf.gather(torch.remainder(torch.tensor([buf.pos - 2]), buf.capacity))
+    assert newest.rewards.item() == 1.0 and newest.discounts.item() == 0.5, "the newest step has nothing after it"
+    restored = ReplayBuffer(12, 2, (1,), torch.float32, CPU, n_step=3, gamma=0.5)
+    restored.load_state_dict(buf.state_dict())
+    assert restored.head.item() == buf.pos
