@@ -12,8 +12,10 @@ run started from Python is exactly a run started from the command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -21,14 +23,15 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from fastdqn.checkpoint import (BEST_FILE, check_resume_config, latest_checkpoint, remove_partial_writes,
-                                strip_compile_prefix)
+from fastdqn.checkpoint import (BEST_FILE, check_resume_config, latest_checkpoint, list_checkpoints,
+                                remove_partial_writes, strip_compile_prefix)
 from fastdqn.checkpointer import load_run_checkpoint
 from fastdqn.config import Config, from_dict
 from fastdqn.devices import resolve_device, use_device
-from fastdqn.errors import CheckpointError, ConfigError
+from fastdqn.disk import run_write
+from fastdqn.errors import CheckpointError, ConfigError, DiskFull
 from fastdqn.logs import console
-from fastdqn.rundir import LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
+from fastdqn.rundir import CONFIG_FILE, LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
 from fastdqn.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -59,8 +62,8 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
         if not run_dir.is_dir():
             raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn "
                                   "train`")
-        _resume_config(run_dir, config)  # a config the run cannot take fails here, before anything is written
-        with RunDirLock(run_dir):
+        _, cfg = _resume_config(run_dir, config)  # a config the run cannot take fails here, before anything is written
+        with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
             trainer = _resumed_trainer(run_dir, config, show_progress)
             try:
                 return _run(trainer, on_eval, track)
@@ -75,7 +78,7 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
     trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with RunDirLock(run_dir):
+        with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
             for path in _contents(run_dir):  # read under the lock: what --overwrite replaces
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             write_config(cfg, run_dir)
@@ -98,6 +101,24 @@ def _run(trainer: Trainer, on_eval: Callable[[int, float], bool] | None, track: 
         raise
     wandb_run.finish(result.summary())
     return result
+
+
+@contextlib.contextmanager
+def disk_full_fix(run_dir: Path, cfg: Config) -> Iterator[None]:
+    """A DiskFull in the block says how to go on with this run: free space, then resume it (with fewer or smaller
+    checkpoints if those flags apply); its newest complete checkpoint is intact."""
+    try:
+        yield
+    except DiskFull as exc:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise exc.with_fix("free space there and run the command again") from exc
+        found = list_checkpoints(run_dir)
+        since = f"from {found[-1].name} " if found else ""
+        smaller = [flag for flag, applies in (("--keep-checkpoints 1", cfg.keep_checkpoints > 1),
+                                               ("--no-save-replay", cfg.save_replay)) if applies]
+        room = f" (add {' or '.join(smaller)} to keep fewer or smaller checkpoints)" if smaller else ""
+        raise exc.with_fix(f"free space there, then resume {since}with: fastdqn train --resume {run_dir}{room}") \
+            from exc
 
 
 def _contents(run_dir: Path) -> list[Path]:
@@ -241,5 +262,7 @@ def evaluate(path: str | Path, episodes: int = 10, seed: int | None = None, epsi
 
         frames, result.video_return = record_episode(lambda o: policy.act(o, epsilon), cfg, seed, policy.device)
         result.video = str(write_video(frames, run_dir / f"{policy.checkpoint.stem}-seed{seed}.mp4"))
-    (run_dir / EVAL_FILE).write_text(json.dumps(asdict(result), indent=2))
+    text = json.dumps(asdict(result), indent=2)
+    with run_write(run_dir / EVAL_FILE, "the evaluation", len(text.encode())):
+        (run_dir / EVAL_FILE).write_text(text)
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastdqn.config import FIELDS
+from fastdqn.disk import check_space, run_write, storage_sizes
 from fastdqn.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 _TMP_GLOB = ".ckpt-*.tmp"
 COMPILE_PREFIX = "_orig_mod."
+# What torch.save adds to the tensor bytes: the pickled rest (config, counters, env state; 5-15 KB measured) and per
+# tensor a zip entry, its alignment and its pickled reference (300-800 B measured); rounded up to stay an upper bound.
+CHECKPOINT_OVERHEAD, PER_TENSOR_OVERHEAD = 32 * 1024, 512
 
 # Config keys a resumed run may change: run length, schedules that are pure functions of the step, logging,
 # evaluation, checkpointing, device and speed, and the fault settings. Every other key (env, network, replay
@@ -105,22 +109,35 @@ def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep:
     return final
 
 
-def write_atomically(payload: dict[str, Any], final: Path) -> Path:
-    """torch.save `payload` to a temporary file beside `final`, fsync it, then rename it over `final`: a kill at
-    any moment leaves the old file or the new one, never a part of one."""
+def checkpoint_nbytes(payload: Any) -> int:
+    """About the size of `payload` saved with torch.save (at least it): its tensor storages plus what the zip
+    archive adds per tensor and the pickled rest (CHECKPOINT_OVERHEAD and PER_TENSOR_OVERHEAD, measured)."""
+    sizes = storage_sizes(payload)
+    return sum(sizes) + CHECKPOINT_OVERHEAD + PER_TENSOR_OVERHEAD * len(sizes)
+
+
+def write_atomically(payload: dict[str, Any], final: Path, what: str = "a checkpoint") -> Path:
+    """torch.save `payload` to a temporary file beside `final`, fsync it, then rename it over `final`: a kill or a
+    full disk at any moment leaves the old file or the new one, never a part of one. A payload that cannot fit in
+    the free space is refused (DiskFull) before anything is written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     import torch  # here, not at the top: path mistakes in `fastdqn train --resume` are reported without it
 
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=final.parent)
+    need = checkpoint_nbytes(payload)
+    check_space(final, what, need)
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with run_write(final, what, need):
+            fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=final.parent)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
     return final

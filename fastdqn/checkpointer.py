@@ -19,16 +19,18 @@ from typing import Any
 
 import torch
 
-from fastdqn.checkpoint import (BEST_FILE, check_resume_config, load_checkpoint, save_checkpoint, strip_compile_prefix,
-                                write_atomically)
+from fastdqn.checkpoint import (BEST_FILE, check_resume_config, checkpoint_nbytes, list_checkpoints, load_checkpoint,
+                                save_checkpoint, strip_compile_prefix, write_atomically)
 from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters
+from fastdqn.disk import free_bytes
 from fastdqn.errors import CheckpointError, TrainingDiverged
 from fastdqn.evaluation import Evaluator
 from fastdqn.faults import FiniteGuard, divergence_message
 from fastdqn.learner import DQNLearner
 from fastdqn.logs import console
+from fastdqn.memory import format_bytes
 from fastdqn.replay import Replay
 
 CHECKPOINT_FORMAT = 1
@@ -43,8 +45,9 @@ class Checkpointer:
         self.learner, self.replay, self.collector, self.evaluator = learner, replay, collector, evaluator
         self.finite = FiniteGuard(learner)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The whole run as plain data (tensors, numbers, strings), loadable with weights_only."""
+    def state_dict(self, replay: bool = True) -> dict[str, Any]:
+        """The whole run as plain data (tensors, numbers, strings), loadable with weights_only; the replay only with
+        save_replay (and `replay`)."""
         rng = {"torch": torch.get_rng_state()}
         if self.learner.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
@@ -57,9 +60,32 @@ class Checkpointer:
             **self.collector.state_dict(),
             **self.evaluator.state_dict(),
         }
-        if self.cfg.save_replay:
+        if self.cfg.save_replay and replay:
             state["replay"] = self.replay.state_dict()
         return state
+
+    def largest_nbytes(self) -> int:
+        """About the size of this run's largest checkpoint: today's state with Adam's two moments per weight once
+        they exist and, with save_replay, a full replay (counted, not copied)."""
+        extra = self.replay.nbytes if self.cfg.save_replay else 0
+        if not self.learner.optimizer.state:
+            extra += 2 * sum(p.numel() * p.element_size() for p in self.learner.q.parameters())
+        return checkpoint_nbytes(self.state_dict(replay=False)) + extra
+
+    def space_warning(self) -> str | None:
+        """A warning with the numbers when the disk cannot hold keep_checkpoints checkpoints plus the one being
+        written (a new one is complete before the oldest is deleted); None when it can."""
+        size, copies = self.largest_nbytes(), self.cfg.keep_checkpoints + 1
+        replaced = sum(p.stat().st_size for p in list_checkpoints(self.run_dir))  # what this run deletes as it goes
+        free = free_bytes(self.run_dir)
+        if copies * size <= free + replaced:
+            return None
+        have = format_bytes(free) + (f" (+{format_bytes(replaced)} in checkpoints it replaces)" if replaced else "")
+        return (f"warning: checkpoints of this run take up to {format_bytes(size)} and {copies} exist at once "
+                f"(keep_checkpoints={self.cfg.keep_checkpoints} and the one being written): "
+                f"{format_bytes(copies * size)}, but {self.run_dir} has {have} free; free space, lower keep_checkpoints"
+                + (" or set save_replay: false" if self.cfg.save_replay else "") + ", or the run will stop when the "
+                "disk is full")
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` with a compatible config."""
@@ -88,7 +114,7 @@ class Checkpointer:
         payload = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "counters": vars(self.counters).copy(),
                    "learner": {"q": strip_compile_prefix(self.learner.q.state_dict())},
                    "eval": {"env_step": step, "mean": mean, "std": std, "returns": list(returns)}}
-        return write_atomically(payload, self.run_dir / BEST_FILE)
+        return write_atomically(payload, self.run_dir / BEST_FILE, "the best checkpoint")
 
     def save(self) -> Path:
         """Checkpoint the run; never with non-finite weights (`check_finite` rolls those back first)."""

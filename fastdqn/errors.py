@@ -5,6 +5,7 @@ The CLI prints each as one line and exits non-zero; experiments record the same 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from types import ModuleType
@@ -36,6 +37,25 @@ class RunDirLocked(FastDQNError):
     """Another process is training in the run dir."""
 
 
+class DiskFull(FastDQNError):
+    """A write of a run failed for lack of disk space or quota; the newest complete checkpoint is intact.
+
+    The message names the path, what the write needed, what is free and `fix`; `with_fix` swaps the fix for one
+    that knows the run (its checkpoints, how to resume it).
+    """
+
+    exit_code = 1
+
+    def __init__(self, path: object, what: str, need: str, free: str, quota: bool = False,
+                 fix: str = "free space there and run the command again"):
+        self.path, self.what, self.need, self.free, self.quota, self.fix = path, what, need, free, quota, fix
+        problem = "disk quota exceeded" if quota else "no space left on device"
+        super().__init__(f"{problem} writing {what} '{path}' (it needs {need}, {free} free there): {fix}")
+
+    def with_fix(self, fix: str) -> DiskFull:
+        return DiskFull(self.path, self.what, self.need, self.free, self.quota, fix)
+
+
 class MissingExtra(FastDQNError):
     """A feature needs an optional dependency (an extra of fastdqn) that is not installed."""
 
@@ -53,6 +73,25 @@ class TrainingDiverged(FastDQNError):
     """The loss or Q-values became non-finite; the last finite state was checkpointed."""
 
     exit_code = 3
+
+
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def space_error(exc: BaseException) -> OSError | None:
+    """The OSError for lack of space or quota (ENOSPC, EDQUOT) behind `exc`, or None.
+
+    Libraries re-raise it as their own error: torch.save's "[enforce fail at inline_container.cc] unexpected pos"
+    RuntimeError carries it as its context, so the whole chain is searched. EFBIG (a file-size limit) is not a lack of
+    space and is not counted.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def one_line(exc: BaseException) -> str:
@@ -76,6 +115,9 @@ def explain(exc: BaseException) -> str:
         return f"torch.compile failed ({type(exc).__name__}: {text[:300]}): run without --compile"
     if isinstance(exc, gym.error.Error):
         return f"gymnasium: {text}"
+    space = space_error(exc)
+    if space is not None:
+        return f"{one_line(space)}: free space on that disk (or quota) and run the command again"
     if isinstance(exc, OSError):
         return f"{text}: check the path, its permissions and the free disk space"
     return f"unexpected {type(exc).__name__}: {text} (rerun with `fastdqn --debug ...` for the traceback and report it)"

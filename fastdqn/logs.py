@@ -1,7 +1,11 @@
-"""Where a run reports: TensorBoard events, a metrics.jsonl file, and a rich console (progress bar, summary)."""
+"""Where a run reports: TensorBoard events, a metrics.jsonl file, and a rich console (progress bar, summary).
+
+Each file write goes through `disk.run_write`, so a full disk stops the run with one line naming the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -13,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastdqn.config import Config
+from fastdqn.disk import quiet_space_errors_in_threads, run_write
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,10 +39,20 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
         self.run_dir, self.cfg, self.sinks = Path(run_dir), cfg, list(sinks)
-        # A resumed run writes the steps after its checkpoint again: TensorBoard purges them, and so do we.
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step)
-        keep_records_up_to(self.run_dir / "metrics.jsonl", start_step)
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        # TensorBoard's writer thread dies of a full disk with a traceback; its error reaches us on the next call.
+        self.quiet_threads = contextlib.ExitStack()
+        self.quiet_threads.enter_context(quiet_space_errors_in_threads())
+        try:
+            # A resumed run writes the steps after its checkpoint again: TensorBoard purges them, and so do we.
+            with self.tensorboard_write():
+                self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step)
+            keep_records_up_to(self.metrics_path, start_step)
+            with run_write(self.metrics_path, "metrics"):
+                self.metrics_file = self.metrics_path.open("a")
+        except BaseException:
+            self.quiet_threads.close()
+            raise
         self.progress: Progress | None = None
         if show_progress:
             self.progress = Progress(
@@ -50,16 +65,22 @@ class RunLogger:
                                                sps="-", ret="-", eps=cfg.epsilon_start)
             self.progress.start()
 
+    def tensorboard_write(self) -> contextlib.AbstractContextManager[None]:
+        return run_write(self.run_dir, "TensorBoard events in")
+
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
+        with self.tensorboard_write():
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
         for sink in self.sinks:
             sink.scalars(values, step)
 
     def record(self, kind: str, step: int, **values: Any) -> None:
         """One line of metrics.jsonl: what `fastdqn report` and the ablation plots read back."""
-        self.metrics_file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
-        self.metrics_file.flush()
+        line = json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n"
+        with run_write(self.metrics_path, "a metrics record to", len(line.encode())):
+            self.metrics_file.write(line)
+            self.metrics_file.flush()
 
     def advance(self, step: int, sps: float, recent_return: float | None, epsilon: float) -> None:
         if self.progress is not None:
@@ -94,13 +115,25 @@ class RunLogger:
 
     def hparams(self, final_eval_mean: float) -> None:
         flat = {k: (str(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}
-        self.writer.add_hparams(flat, {"hparams/final_eval_mean": final_eval_mean}, run_name="hparams")
+        with self.tensorboard_write():
+            self.writer.add_hparams(flat, {"hparams/final_eval_mean": final_eval_mean}, run_name="hparams")
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Stop the progress bar and close the files, each even if another fails; `quiet` drops their errors, for a
+        run that is already failing with its own."""
         if self.progress is not None:
             self.progress.stop()
-        self.writer.close()
-        self.metrics_file.close()
+        errors = []
+        for path, what, close in ((self.run_dir, "TensorBoard events in", self.writer.close),
+                                  (self.metrics_path, "metrics", self.metrics_file.close)):
+            try:
+                with run_write(path, what):
+                    close()
+            except Exception as exc:
+                errors.append(exc)
+        self.quiet_threads.close()
+        if errors and not quiet:
+            raise errors[0]
 
 
 def keep_records_up_to(path: Path, step: int) -> None:
@@ -111,9 +144,14 @@ def keep_records_up_to(path: Path, step: int) -> None:
     for line in path.read_text().splitlines(keepends=True):
         if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
             kept.append(line)
+    text = "".join(kept)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    try:
+        with run_write(path, "metrics", len(text.encode())):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:

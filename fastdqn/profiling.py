@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
+from fastdqn.disk import run_write
+from fastdqn.errors import DiskFull
 from fastdqn.logs import console
 
 RANGES = ("env.step", "replay.add", "replay.sample", "learner.update", "target.sync", "act")
@@ -78,17 +80,37 @@ def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: in
                   device: torch.device) -> profile:
     """A scheduled profiler that writes a Chrome trace, a TensorBoard trace and top_ops.txt per active window."""
     tensorboard = out_dir / "tensorboard"
-    tensorboard.mkdir(parents=True, exist_ok=True)
+    with run_write(tensorboard, "the profile's dir"):
+        tensorboard.mkdir(parents=True, exist_ok=True)
 
     def on_trace_ready(prof: profile) -> None:
         trace = out_dir / f"trace_{prof.step_num}.json"
-        prof.export_chrome_trace(str(trace))  # a trace can be saved once: the plugin gets a copy of the file
-        shutil.copyfile(trace, tensorboard / f"{socket.gethostname()}_{os.getpid()}.{prof.step_num}.pt.trace.json")
+        copy = tensorboard / f"{socket.gethostname()}_{os.getpid()}.{prof.step_num}.pt.trace.json"
+        top = out_dir / "top_ops.txt"
         table = prof.key_averages().table(sort_by=sort_key(device), row_limit=TOP_OPS)
-        (out_dir / "top_ops.txt").write_text(table)
+        try:
+            with run_write(trace, "a profiler trace", opaque=True):  # the C++ exporter does not say why it failed
+                prof.export_chrome_trace(str(trace))  # a trace can be saved once: the plugin gets a copy of the file
+                check_complete(trace)
+            with run_write(copy, "a profiler trace", trace.stat().st_size):
+                shutil.copyfile(trace, copy)
+            with run_write(top, "the profile's top operators", len(table.encode())):
+                top.write_text(table)
+        except DiskFull:
+            for partial in (trace, copy, top, *out_dir.glob(f"{trace.name}*.tmp")):  # nothing half-written stays
+                partial.unlink(missing_ok=True)
+            raise
 
     return profile(activities=activities(device), on_trace_ready=on_trace_ready,
                    schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat))
+
+
+def check_complete(trace: Path) -> None:
+    """Raise OSError if the exporter left `trace` empty or cut short (it logs a failed write and returns)."""
+    with trace.open("rb") as f:
+        f.seek(max(0, trace.stat().st_size - 64))
+        if not f.read().rstrip().endswith((b"}", b"]")):
+            raise OSError(f"the profiler wrote an incomplete trace '{trace}'")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import yaml
 
 from fastdqn.checkpoint import check_run_owns, latest_checkpoint, list_checkpoints, read_checkpoint_config
 from fastdqn.config import FIELDS, Config, load_yaml
+from fastdqn.disk import run_write
 from fastdqn.errors import RunDirLocked
 
 CONFIG_FILE = "config.yaml"
@@ -34,9 +35,14 @@ def default_run_dir(cfg: Config, root: Path) -> Path:
 def write_config(cfg: Config, run_dir: Path) -> None:
     """The run's resolved config.yaml, replaced atomically: a kill while writing leaves the previous one."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    try:
+        with run_write(run_dir / CONFIG_FILE, "the run's config", len(text.encode())):
+            tmp.write_text(text)
+            os.replace(tmp, run_dir / CONFIG_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resume_point(run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -80,8 +86,14 @@ class RunDirLock:
             raise RunDirLocked(f"run dir '{self.run_dir}' is in use by another fastdqn process (pid {pid} on host "
                                f"{host}): let it finish or stop it first (a stopped run resumes with --resume), or "
                                "train into another --run-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        holder = f"{os.getpid()} {socket.gethostname()}\n".encode()
+        try:
+            with run_write(self.path, "the run-dir lock", len(holder)):
+                os.ftruncate(fd, 0)
+                os.write(fd, holder)
+        except BaseException:
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 

@@ -173,8 +173,11 @@ class Trainer:
         cfg, c = self.cfg, self.counters
         logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress, sinks)
         logger.message(self.replay_report)
+        warning = self.checkpoints.space_warning()
+        if warning:
+            logger.message(f"[yellow]{warning}[/]")
         start_time, start_step = time.perf_counter(), c.env_step
-        interrupted = stopped_early = False
+        interrupted = stopped_early = finished = False
         try:
             with StopRequest() as stop, profiled(self):
                 while c.env_step < cfg.total_steps:
@@ -204,12 +207,13 @@ class Trainer:
                 self.evaluate(logger)
                 self.checkpoints.save()
                 logger.hparams(self.evaluator.evals[-1][1])
+            finished = True
         except EnvFailure as exc:
             path = self.checkpoints.save()
             raise EnvFailure(f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
                              f"fastdqn train --resume {self.run_dir}") from exc
         finally:
-            logger.close()
+            logger.close(quiet=not finished)  # a failing run reports its own error, not a second one from closing
             self.envs.close()
         evals = self.evaluator.evals
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))

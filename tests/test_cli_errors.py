@@ -176,5 +176,5 @@ def test_errors_from_torch_gymnasium_and_the_os_are_one_line_with_a_fix(tmp_path
     assert "run without --compile" in explain(compile_failure("inductor raised CppCompileError"))
     assert explain(gym.error.DependencyNotInstalled("box2d is not installed, run `pip install box2d`")) \
         .startswith("gymnasium: box2d is not installed")
-    assert "free disk space" in explain(OSError(28, "No space left on device"))
+    assert "free space on that disk" in explain(OSError(28, "No space left on device"))
     assert "--debug" in explain(ValueError("something else"))
