@@ -25,6 +25,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from fastdqn.config import Config
+from fastdqn.env_workers import WatchedAsyncVectorEnv
 from fastdqn.errors import EnvError
 from fastdqn.presets import is_atari_id
 
@@ -102,9 +103,10 @@ def make_pixel_vector_env(cfg: Config, num_envs: int, *, asynchronous: bool | No
     if is_atari_id(cfg.env_id) and cfg.atari_backend == "ale_vector":
         return make_ale_vector_env(cfg, num_envs)
     use_async = cfg.vector_mode == "async" if asynchronous is None else asynchronous
-    vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
     fns: list[Callable[[], gym.Env]] = [lambda: make_pixel_env(cfg) for _ in range(num_envs)]
-    return vector_cls(fns, autoreset_mode=AutoresetMode.NEXT_STEP)
+    if use_async:
+        return WatchedAsyncVectorEnv(fns, cfg, autoreset_mode=AutoresetMode.NEXT_STEP)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.NEXT_STEP)
 
 
 # --- episodes of NEXT_STEP pixel envs ----------------------------------------------------------------------

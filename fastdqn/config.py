@@ -137,8 +137,12 @@ class Config:
     save_replay: bool = _f(False, "put the replay buffer in checkpoints (exact resume, larger files)")
 
     # --- faults ------------------------------------------------------------------------------------------
-    env_restarts: int = _f(0, "an env that raises in step is rebuilt (its episode cut) up to this many times a run; "
-                           "0 = stop with a checkpoint at the first failure")
+    env_restarts: int = _f(0, "an env that raises in step, or whose async worker process dies or hangs, is rebuilt "
+                           "(its episode cut) up to this many times a run, per env; 0 = stop with a checkpoint at the "
+                           "first failure")
+    env_step_timeout: float = _f(60.0, "vector_mode async: seconds a worker may take to answer a step or reset; one "
+                                 "that takes longer hangs and is treated as dead (restarted or reported, like a "
+                                 "worker that was killed)")
     nonfinite_skips: int = _f(0, "a non-finite loss, Q-value or weight rolls training back to the last finite state "
                               "and goes on, up to this many times; 0 = stop with a checkpoint of that state")
 
@@ -199,6 +203,7 @@ class Config:
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.env_restarts >= 0, f"env_restarts must be >= 0, got {self.env_restarts}"),
+            (self.env_step_timeout > 0, f"env_step_timeout must be > 0 seconds, got {self.env_step_timeout}"),
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,

@@ -22,7 +22,8 @@ from gymnasium.vector import AutoresetMode
 from fastdqn.atari import is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
-from fastdqn.faults import guarded
+from fastdqn.env_workers import WatchedAsyncVectorEnv
+from fastdqn.faults import EnvRestarts, guarded
 from fastdqn.logs import console
 from fastdqn.networks import is_pixel_shape
 
@@ -154,15 +155,16 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
         console.print("[yellow]warning: env_restarts guards sync and async envs; the native vector env steps all "
                       "envs as one array and is not guarded (use vector_mode sync to guard each env)[/]")
     use_async = mode == "async"
-    vector_cls = gym.vector.AsyncVectorEnv if use_async else gym.vector.SyncVectorEnv
     try:
         if mode == "native":
             envs = make_native_vector_env(cfg, num_envs)
         elif is_atari_id(cfg.env_id):
             envs = make_pixel_vector_env(cfg, num_envs, asynchronous=use_async)
         else:
-            fns = [guarded(_env_factory(cfg, i), i, cfg) for i in range(num_envs)]
-            envs = vector_cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+            restarts = [EnvRestarts(i, cfg) for i in range(num_envs)]
+            fns = [guarded(_env_factory(cfg, i), restarts[i]) for i in range(num_envs)]
+            envs = (WatchedAsyncVectorEnv(fns, cfg, restarts, autoreset_mode=AutoresetMode.SAME_STEP) if use_async
+                    else gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP))
             if is_image_space(envs.single_observation_space):
                 envs.close()
                 envs = make_pixel_vector_env(cfg, num_envs, asynchronous=use_async)

@@ -1,7 +1,8 @@
 """Faults a long run must survive: envs that raise, non-finite training state, and a missing compiler.
 
 `GuardedEnv` turns an exception inside one env into an `EnvFailure` that names the env index, or rebuilds the
-env and cuts its episode when `cfg.env_restarts` allows. `FiniteGuard` keeps a device copy of the learner's last
+env and cuts its episode when `cfg.env_restarts` allows (`EnvRestarts`; async workers that die or hang are
+watched by env_workers.py, which restarts them under the same budget). `FiniteGuard` keeps a device copy of the learner's last
 state that was verified finite, so a divergence can be rolled back or checkpointed without the NaNs.
 `compile_unavailable` says why `torch.compile` cannot run here (no C++ compiler, no Triton), before it is tried, and
 `compile_or_eager` falls back to the eager update with a warning (or refuses, with compile_strict).
@@ -31,39 +32,68 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class GuardedEnv(gym.Wrapper):
-    """Reports an exception in the wrapped env with its index, or rebuilds the env (`restarts_left` times).
+class EnvRestarts:
+    """One env's restart budget (cfg.env_restarts a run) and the seeds of the envs that replace a failed one.
 
-    After a rebuild the failed step is returned as a truncation back to the env's last observation with reward 0,
-    so the vector env's autoreset starts a new episode in the new env (one such transition per restart).
+    Plain data: the copy inside an async worker (`GuardedEnv`) and the trainer's own (`WatchedAsyncVectorEnv`,
+    which starts a dead worker again) count the same restarts and draw the same seeds.
     """
 
-    def __init__(self, make: Callable[[], gym.Env], index: int, cfg: Config):
+    def __init__(self, index: int, cfg: Config):
+        self.index, self.env_id, self.allowed, self.used = index, cfg.env_id, cfg.env_restarts, 0
+        self.first_seed = cfg.seed + 7919 * (index + 1)
+
+    @property
+    def left(self) -> int:
+        return self.allowed - self.used
+
+    def take(self) -> int:
+        """Use one restart; returns the seed of the env that replaces the failed one."""
+        self.used += 1
+        return self.first_seed + self.used
+
+    def failure(self, what: str) -> EnvFailure:
+        """The error for a failure (`what` happened) that is not restarted: the env index and the fix."""
+        if self.allowed == 0:
+            hint = "fix the env, or set env_restarts > 0 to rebuild crashed envs"
+        else:
+            hint = f"fix the env (all env_restarts={self.allowed} were used)"
+        return EnvFailure(f"env {self.index} ({self.env_id}) {what}: {hint}")
+
+    def warn(self, what: str, done: str) -> None:
+        console.print(f"[yellow]warning: env {self.index} ({self.env_id}) {what}; {done} and cut its episode "
+                      f"({self.left} of env_restarts left)[/]")
+
+
+def cut_episode(last_obs: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+    """The step result of an env restarted in that step: a truncation back to its last observation with reward 0,
+    so the vector env's autoreset starts a new episode (one such transition per restart)."""
+    return last_obs, 0.0, False, True, {"env_restarted": True}
+
+
+class GuardedEnv(gym.Wrapper):
+    """Reports an exception in the wrapped env with its index, or rebuilds the env while `restarts` allows.
+
+    After a rebuild the failed step is returned as `cut_episode`.
+    """
+
+    def __init__(self, make: Callable[[], gym.Env], restarts: EnvRestarts):
         try:
             env = make()
         except gym.error.Error:
             raise  # gymnasium's own message (unknown id, missing dependency) is already the clearest
         except Exception as exc:
-            raise EnvFailure(f"env {index} ({cfg.env_id}) raised {_describe(exc)} while being created: fix the "
-                             "env or its arguments") from exc
+            raise EnvFailure(f"env {restarts.index} ({restarts.env_id}) raised {_describe(exc)} while being "
+                             "created: fix the env or its arguments") from exc
         super().__init__(env)
-        self.make, self.index, self.env_id = make, index, cfg.env_id
-        self.restarts_left = self.restarts_allowed = cfg.env_restarts
-        self.restart_seed = cfg.seed + 7919 * (index + 1)
+        self.make, self.restarts = make, restarts
         self.last_obs: Any = None
-
-    def _failure(self, where: str, exc: BaseException) -> EnvFailure:
-        if self.restarts_allowed == 0:
-            hint = "fix the env, or set env_restarts > 0 to rebuild crashed envs"
-        else:
-            hint = f"fix the env (all env_restarts={self.restarts_allowed} were used)"
-        return EnvFailure(f"env {self.index} ({self.env_id}) raised {_describe(exc)} in {where}: {hint}")
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict]:
         try:
             obs, info = self.env.reset(**kwargs)
         except Exception as exc:
-            raise self._failure("reset", exc) from exc
+            raise self.restarts.failure(f"raised {_describe(exc)} in reset") from exc
         self.last_obs = obs
         return obs, info
 
@@ -71,30 +101,27 @@ class GuardedEnv(gym.Wrapper):
         try:
             obs, reward, terminated, truncated, info = self.env.step(action)
         except Exception as exc:
-            if self.restarts_left <= 0 or self.last_obs is None:
-                raise self._failure("step", exc) from exc
-            self._rebuild()
-            console.print(f"[yellow]warning: env {self.index} ({self.env_id}) raised {_describe(exc)} in step; "
-                          f"rebuilt it and cut its episode ({self.restarts_left} of env_restarts left)[/]")
-            return self.last_obs, 0.0, False, True, {"env_restarted": True}
+            if self.restarts.left <= 0 or self.last_obs is None:
+                raise self.restarts.failure(f"raised {_describe(exc)} in step") from exc
+            self._rebuild(self.restarts.take())
+            self.restarts.warn(f"raised {_describe(exc)} in step", "rebuilt it")
+            return cut_episode(self.last_obs)
         self.last_obs = obs
         return obs, reward, terminated, truncated, info
 
-    def _rebuild(self) -> None:
-        """Replace the crashed env by a fresh, deterministically seeded one."""
-        self.restarts_left -= 1
+    def _rebuild(self, seed: int) -> None:
+        """Replace the crashed env by a fresh one reset with `seed`."""
         try:
             self.env.close()
         except Exception:  # the crashed env may not close cleanly; it is dropped either way
             pass
         self.env = self.make()
-        self.restart_seed += 1
-        self.env.reset(seed=self.restart_seed)
+        self.env.reset(seed=seed)
 
 
-def guarded(make: Callable[[], gym.Env], index: int, cfg: Config) -> Callable[[], gym.Env]:
+def guarded(make: Callable[[], gym.Env], restarts: EnvRestarts) -> Callable[[], gym.Env]:
     """Factory of `make`'s env inside a `GuardedEnv` (what the vector env calls, also in a subprocess)."""
-    return lambda: GuardedEnv(make, index, cfg)
+    return lambda: GuardedEnv(make, restarts)
 
 
 class FiniteGuard:

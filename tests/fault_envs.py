@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import gymnasium as gym
@@ -59,3 +61,28 @@ for name, cls, kwargs in (("FlakyCartPole-v0", FlakyCartPole, {}), ("InfRewardCa
                           ("SlowCartPole-v0", SlowCartPole, {}), ("BrokenInit-v0", BrokenInit, {})):
     if name not in gym.registry:
         gym.register(name, entry_point=cls, max_episode_steps=500, kwargs=kwargs)
+
+
+class DyingCartPole(CartPoleEnv):
+    """CartPole whose process dies the way native code or the kernel kills it (`how`: segv, exit, hang) once it has
+    been stepped `fail_at` times, if it was seeded with seed 2 (env 1 of a vector env reset with seed 1; an env
+    started again gets another seed, so it dies once)."""
+
+    def __init__(self, how: str = "segv", fail_at: int = 30, **kwargs):
+        super().__init__(**kwargs)
+        self.how, self.fail_at, self.steps_taken = how, fail_at, 0
+
+    def step(self, action):
+        self.steps_taken += 1
+        if self.steps_taken >= self.fail_at and self.np_random_seed == 2:
+            if self.how == "segv":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            elif self.how == "exit":
+                os._exit(3)
+            time.sleep(3600)
+        return super().step(action)
+
+
+for how in ("segv", "exit", "hang"):
+    if f"DyingCartPole-{how}-v0" not in gym.registry:
+        gym.register(f"DyingCartPole-{how}-v0", entry_point=DyingCartPole, max_episode_steps=500, kwargs={"how": how})

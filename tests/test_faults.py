@@ -141,7 +141,7 @@ def test_env_that_raises_is_rebuilt_when_configured(tmp_path):
     trainer = Trainer(flaky_cfg(env_restarts=2), tmp_path, show_progress=False)
     result = trainer.run()
     assert result.env_steps == 400 and not result.interrupted
-    assert [env.restarts_left for env in trainer.envs.envs] == [2, 1]  # env 1 crashed once and was rebuilt
+    assert [env.restarts.left for env in trainer.envs.envs] == [2, 1]  # env 1 crashed once and was rebuilt
 
 
 def diverging_cfg(**changes) -> Config:
