@@ -199,14 +199,15 @@ class Trainer:
                         break
             end_time = time.perf_counter()
             wall = end_time - start_time
-            if interrupted:
-                self.checkpoints.save()
-                logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
-                               f"Resume with: fastdqn train --resume {self.run_dir}[/]")
-            else:
-                self.evaluate(logger)
-                self.checkpoints.save()
-                logger.hparams(self.evaluator.evals[-1][1])
+            with StopRequest():  # a stop asked for from here on waits for the last checkpoint
+                if interrupted:
+                    self.checkpoints.save()
+                    logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
+                                   f"Resume with: fastdqn train --resume {self.run_dir}[/]")
+                else:
+                    self.evaluate(logger)
+                    self.checkpoints.save()
+                    logger.hparams(self.evaluator.evals[-1][1])
             finished = True
         except EnvFailure as exc:
             path = self.checkpoints.save()

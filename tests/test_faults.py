@@ -122,6 +122,27 @@ def test_sigint_and_sigterm_checkpoint_exit_0_and_resume_exactly(tmp_path, refer
     assert_finished_like_reference(run_dir, reference)
 
 
+def test_sigterm_during_the_final_evaluation_lets_it_and_the_final_checkpoint_finish(tmp_path, monkeypatch):
+    trainer = Trainer(small_cfg(total_steps=200), tmp_path, show_progress=False)
+    evaluate = trainer.evaluator.evaluate
+
+    def terminated_meanwhile(step: int):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(step)
+
+    def default_handler(*_):
+        raise AssertionError("SIGTERM reached the handler outside the trainer, which would end the process")
+
+    monkeypatch.setattr(trainer.evaluator, "evaluate", terminated_meanwhile)
+    previous = signal.signal(signal.SIGTERM, default_handler)
+    try:
+        result = trainer.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not result.interrupted and result.env_steps == 200
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["counters"]["env_step"] == 200
+
+
 def flaky_cfg(**changes) -> Config:
     import fault_envs  # noqa: F401  (registers the envs in this process)
 
