@@ -66,6 +66,7 @@ class RunLogger:
             self.progress.start()
 
     def tensorboard_write(self) -> contextlib.AbstractContextManager[None]:
+        """The block writes TensorBoard events (into files the writer names itself, in the run dir)."""
         return run_write(self.run_dir, "TensorBoard events in")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
