@@ -25,3 +25,15 @@ def test_chaos_short_run_survives_every_fault(tmp_path):
     for fault in record["faults"]:  # nothing lost beyond the work since the checkpoint it went on from
         assert 0 <= fault["lost"] <= 2 * 100, fault  # a truncation goes back one checkpoint more
     assert "| all | 4 | 4 |" in proc.stdout
+
+
+def test_readme_chaos_table_is_the_committed_run():
+    """The README's chaos table quotes benchmarks/results/chaos.json row for row."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "chaos.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for kind, row in record["summary"].items():
+        line = f"| `{kind}` | {row['injected']} | {row['survived']} | {row['lost_mean']:.0f} ({row['lost_max']}) |"
+        assert line in readme, line
+    injected = sum(row["injected"] for row in record["summary"].values())
+    survived = sum(row["survived"] for row in record["summary"].values())
+    assert f"{survived} of {injected} faults survived" in readme
