@@ -25,12 +25,11 @@ from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters
 from fastdqn.disk import free_bytes
-from fastdqn.errors import CheckpointError, TrainingDiverged
+from fastdqn.errors import CheckpointError, TrainingDiverged, format_bytes
 from fastdqn.evaluation import Evaluator
 from fastdqn.faults import FiniteGuard, divergence_message
 from fastdqn.learner import DQNLearner
 from fastdqn.logs import console
-from fastdqn.memory import format_bytes
 from fastdqn.replay import Replay
 
 CHECKPOINT_FORMAT = 1

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastdqn.errors import DiskFull, space_error
-from fastdqn.memory import format_bytes
+from fastdqn.errors import DiskFull, format_bytes, space_error
 
 
 def existing(path: Path) -> Path:

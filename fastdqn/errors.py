@@ -121,3 +121,14 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"{text}: check the path, its permissions and the free disk space"
     return f"unexpected {type(exc).__name__}: {text} (rerun with `fastdqn --debug ...` for the traceback and report it)"
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, as GPU memory is usually quoted: 7088000000 -> '7.09 GB'."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.2f} {unit}"
+    return f"{n / 1000:.2f} GB"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastdqn.errors import ConfigError
+from fastdqn.errors import ConfigError, format_bytes
 
 HEADROOM = 0.9  # a buffer may take at most this share of the free memory; the rest is for networks and batches
 
@@ -25,17 +25,6 @@ def free_bytes(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as GPU memory is usually quoted: 7088000000 -> '7.09 GB'."""
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.2f} {unit}"
-    return f"{n / 1000:.2f} GB"
 
 
 def check_replay_fits(nbytes: int, capacity: int, device: torch.device) -> str:
