@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.optim.adam import adam
 
+from fastdqn.adam import FusedAdam
 from fastdqn.config import Config
 from fastdqn.networks import build_q_network
 from fastdqn.replay import Batch
@@ -86,8 +86,13 @@ def batch_td_loss(cfg: Config, q_net: Callable[[torch.Tensor], torch.Tensor], ta
     return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
 
 
-def max_grad_norm(cfg: Config) -> float:
-    return cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+def clip_scale(cfg: Config, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(global gradient norm, the factor that clips it to cfg.max_grad_norm, or None without clipping), computed as
+    torch's clip_grad_norm_ computes them."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if cfg.max_grad_norm <= 0:
+        return norm, None
+    return norm, torch.clamp(cfg.max_grad_norm / (norm + 1e-6), max=1.0)
 
 
 @torch.no_grad()
@@ -121,8 +126,9 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
         return loss, (q_sa.detach(), y)
 
     grads, (loss, (q_sa, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    grads = torch._foreach_mul(grads, torch.clamp(max_grad_norm(cfg) / (grad_norm + 1e-6), max=1.0))
+    grad_norm, scale = clip_scale(cfg, list(grads))
+    if scale is not None:
+        grads = torch._foreach_mul(grads, scale)
     # On CUDA the step counts live on the device and must stay there: with capturable=False torch runs this Adam
     # outside the compiled graph (a graph break) and reads each step count with .item(), a host sync per tensor
     # that also makes the step impossible to capture in a CUDA graph.
@@ -145,12 +151,8 @@ class DQNLearner:
         # A tensor learning rate: the LR schedule changes it in place, so a compiled step never recompiles.
         self.lr = torch.tensor(cfg.learning_rate, dtype=torch.float32, device=device)
         # Fused on every device: one kernel for all parameters, and with the step counts and the tensor LR on the
-        # device it never syncs with the host, so a CUDA graph can capture it (the foreach path cannot take a
-        # tensor LR without capturable=True, the single-tensor path reads each step count with .item()).
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=cfg.adam_eps,
-                                          fused=True)
-        self.adam_flags = {k: v for k, v in self.optimizer.param_groups[0].items()
-                           if v is None or isinstance(v, bool)}  # fused, capturable, foreach, ...
+        # device it never syncs with the host, so a CUDA graph can capture it.
+        self.optimizer = FusedAdam(list(self.q.parameters()), self.lr, ADAM_BETAS, cfg.adam_eps)
         if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
                           "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
@@ -170,39 +172,22 @@ class DQNLearner:
         """
         loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, batch.obs, batch.actions, batch.rewards,
                                    batch.next_obs, batch.terminated, batch.discounts, batch.weights)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), max_grad_norm(self.cfg))
-        self.optimizer.step()
+        grads = [p.grad for p in self.optimizer.params]
+        grad_norm, scale = clip_scale(self.cfg, grads)
+        if scale is not None:
+            torch._foreach_mul_(grads, scale)
+        self.optimizer.step(grads)
         if self.cfg.target_update == "soft":
             soft_update_(self.target, self.q, self.cfg.tau)
-        return torch.stack([loss.detach(), q.detach().mean(), grad_norm.detach()]), (y - q).detach().abs()
+        return torch.stack([loss.detach(), q.detach().mean(), grad_norm]), (y - q).detach().abs()
 
     def functional_state(self) -> tuple:
-        """The arguments of `single_graph_step` before the batch: networks, Adam's state tensors (made up front, as
-        its first step would, if there are none yet) and the learning rate."""
-        params = list(self.q.parameters())
-        if not self.optimizer.state:
-            for p in params:
-                self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                           "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        states = [self.optimizer.state[p] for p in params]
-        return (self.cfg, self.q, self.target_net, [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], self.lr)
-
-    @contextlib.contextmanager
-    def optimizer_capturable(self) -> Iterator[None]:
-        """Adam marked capturable while a CUDA graph captures the eager step: torch refuses to capture an optimizer
-        without the flag. The fused kernels do not read it (they never sync anyway), so it is off otherwise:
-        torch warns that a capturable optimizer stepping uncaptured may be slow."""
-        for group in self.optimizer.param_groups:
-            group["capturable"] = True
-        try:
-            yield
-        finally:
-            for group in self.optimizer.param_groups:
-                group["capturable"] = self.adam_flags["capturable"]
+        """The arguments of `single_graph_step` before the batch: networks, Adam's state tensors and the learning
+        rate (lists the optimizer built once, or again after a load)."""
+        opt = self.optimizer
+        return self.cfg, self.q, self.target_net, opt.exp_avgs, opt.exp_avg_sqs, opt.steps, self.lr
 
     def set_learning_rate(self, value: float) -> None:
         self.lr.fill_(value)
@@ -245,12 +230,4 @@ class DQNLearner:
         self.q.load_state_dict(state["q"])
         if self.target is not self.q:
             self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        # load_state_dict replaces the param group with the saved one: point its lr back at our tensor, and set its
-        # flags back to this learner's own (a CUDA run's capturable=True, resumed on the CPU, fails at the first
-        # step), with the step counts where fused Adam keeps them, float32 on the parameter's device.
-        group = self.optimizer.param_groups[0]
-        self.lr.copy_(torch.as_tensor(group["lr"]))
-        group.update(self.adam_flags, lr=self.lr)
-        for p, st in self.optimizer.state.items():
-            st["step"] = st["step"].to(dtype=torch.float32, device=p.device)
+        self.optimizer.load_state_dict(state["optimizer"])  # its own flags and lr tensor, at the saved rate

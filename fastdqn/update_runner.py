@@ -169,8 +169,7 @@ class GraphedUpdate(UpdateRunner):
 
     def _capture(self) -> None:
         try:
-            with self.learner.optimizer_capturable():
-                self.graph, self.outputs = capture(self.body, self.device)
+            self.graph, self.outputs = capture(self.body, self.device)
         except CaptureError as exc:
             if self.cfg.cuda_graph == "always":
                 raise DeviceError(f"CUDA graph capture of the update failed ({exc}): set cuda_graph to auto to run "

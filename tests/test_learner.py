@@ -10,7 +10,8 @@ import torch
 
 from compile_checks import assert_compiled
 from fastdqn.config import Config
-from fastdqn.learner import METRICS, DQNLearner, td_loss, td_targets
+from fastdqn.adam import STATE_KEYS
+from fastdqn.learner import METRICS, DQNLearner, batch_td_loss, td_loss, td_targets
 from fastdqn.replay import Batch
 from fastdqn.update_runner import make_update_runner
 
@@ -259,3 +260,57 @@ def test_compiled_loss_is_finite_and_decreases_on_a_fixed_batch():
     assert_learns(losses)
     eager = make_learner(hidden_sizes=[16], learning_rate=1e-2)
     assert losses[0] == pytest.approx(losses_on_a_fixed_batch(eager, 1)[0], rel=1e-4)
+
+
+def torch_adam_step(learner: DQNLearner, optimizer: torch.optim.Adam, batch: Batch) -> torch.Tensor:
+    """The eager update as torch's own optimizer and clip_grad_norm_ do it: the reference for FusedAdam."""
+    loss, q, _ = batch_td_loss(learner.cfg, learner.q, learner.target_net, batch.obs, batch.actions, batch.rewards,
+                               batch.next_obs, batch.terminated, None, None)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = learner.cfg.max_grad_norm if learner.cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.q.parameters(), max_norm)
+    optimizer.step()
+    return torch.stack([loss.detach(), q.detach().mean(), grad_norm])
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 10.0, 1e-3])
+def test_eager_update_is_bit_for_bit_torch_adam_with_clip_grad_norm(max_grad_norm):
+    """FusedAdam and the clipping in `clip_scale` against torch.optim.Adam(fused=True) and clip_grad_norm_ over
+    several updates, the LR changed on the way: the same weights, moments and metrics, to the bit."""
+    ours, theirs = make_learner(max_grad_norm=max_grad_norm), make_learner(max_grad_norm=max_grad_norm)
+    reference = torch.optim.Adam(theirs.q.parameters(), lr=theirs.lr, eps=theirs.cfg.adam_eps, fused=True)
+    for seed in range(6):
+        if seed == 3:
+            ours.set_learning_rate(3e-4)
+            theirs.set_learning_rate(3e-4)
+        assert torch.equal(update(ours, fixed_batch(seed)), torch_adam_step(theirs, reference, fixed_batch(seed)))
+    assert all(torch.equal(a, b) for a, b in zip(params(ours.q), params(theirs.q)))
+    for p, r in zip(ours.q.parameters(), theirs.q.parameters()):
+        assert all(torch.equal(ours.optimizer.state[p][k], reference.state[r][k]) for k in STATE_KEYS)
+
+
+def test_fused_adam_state_dict_has_torch_adams_format_and_loads_both_ways():
+    """Checkpoints written with torch.optim.Adam load into FusedAdam and the other way round, and go on alike."""
+    ours, theirs = make_learner(), make_learner()
+    reference = torch.optim.Adam(theirs.q.parameters(), lr=theirs.lr, eps=theirs.cfg.adam_eps, fused=True)
+    for seed in range(2):
+        update(ours, fixed_batch(seed))
+        torch_adam_step(theirs, reference, fixed_batch(seed))
+    mine, torchs = ours.optimizer.state_dict(), reference.state_dict()
+    assert mine["param_groups"][0].keys() == torchs["param_groups"][0].keys()
+    assert {k: v for k, v in mine["param_groups"][0].items() if k != "lr"} == \
+        {k: v for k, v in torchs["param_groups"][0].items() if k != "lr"}
+    assert mine["state"].keys() == torchs["state"].keys()
+    assert all(torch.equal(mine["state"][i][k], torchs["state"][i][k]) for i in mine["state"] for k in STATE_KEYS)
+    from_torch, to_torch = make_learner(), make_learner()
+    from_torch.optimizer.load_state_dict(copy.deepcopy(torchs))
+    from_torch.q.load_state_dict(theirs.q.state_dict())
+    back = torch.optim.Adam(to_torch.q.parameters(), lr=to_torch.lr, fused=True)
+    back.load_state_dict(copy.deepcopy(mine))
+    to_torch.q.load_state_dict(ours.q.state_dict())
+    assert torch.equal(update(from_torch, fixed_batch(5)), torch_adam_step(to_torch, back, fixed_batch(5)))
+    assert all(torch.equal(a, b) for a, b in zip(params(from_torch.q), params(to_torch.q)))
+    fresh = make_learner()
+    fresh.optimizer.load_state_dict(make_learner().optimizer.state_dict() | {"state": {}})  # saved before a step
+    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() for st in fresh.optimizer.state.values())
