@@ -39,7 +39,7 @@ RESUME_CHANGEABLE = frozenset({
     "epsilon_schedule", "epsilon_start", "epsilon_end", "epsilon_decay_steps", "epsilon_step_factor",
     "eval_every", "eval_episodes", "eval_epsilon", "solved_return", "log_every", "checkpoint_every",
     "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "tf32", "torch_threads",
-    "env_restarts", "env_step_timeout", "nonfinite_skips", "env_threads",
+    "env_restarts", "env_step_timeout", "nonfinite_skips", "env_threads", "overlap",
 })
 
 

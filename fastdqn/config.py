@@ -118,6 +118,11 @@ class Config:
     cuda_graph: Literal["auto", "always", "never"] = _f(
         "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA "
         "where the replay allows it (uniform, one-step)")
+    overlap: Literal["auto", "always", "never"] = _f(
+        "auto", "step the envs while the updates of the same vector step run; those updates then sample the replay "
+        "without that step (one vector step of data delay). always: ale-py's threads, async processes, sync and "
+        "native envs in a worker thread (inline on CUDA); auto: where the envs step outside this thread or the "
+        "updates run on a GPU, not for sync and native envs on a CPU; never: the sequential loop")
     profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
     profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
     torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes share the cores; 0 = torch's default")

@@ -178,14 +178,28 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
     return envs
 
 
-def true_next_obs(next_obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
-    """The observation each env really reached: the final one where an episode just ended."""
-    if "_final_obs" not in infos:
-        return next_obs
-    real = next_obs.copy()
-    for i in np.flatnonzero(infos["_final_obs"]):
-        real[i] = infos["final_obs"][i]
-    return real
+def obs_dtype(space: gym.Space) -> torch.dtype:
+    """How observations are stored and sent to the device: uint8 ones stay uint8 (frames, grids: a byte a value),
+    all others are float32."""
+    return torch.uint8 if space.dtype == np.uint8 else torch.float32
+
+
+def true_next_obs(next_obs: np.ndarray, infos: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
+    """The observation each env really reached: the final one where an episode just ended, put back with one
+    masked assignment (no loop over the envs). Written into `out` when given; without it `next_obs` itself is
+    returned when no episode ended, else a copy."""
+    ended = infos.get("_final_obs")
+    ended = ended if ended is not None and ended.any() else None
+    if out is None:
+        if ended is None:
+            return next_obs
+        out = next_obs.copy()
+    else:
+        out[...] = next_obs
+    if ended is not None:
+        final = infos["final_obs"][ended]  # an (N, ...) array, or per-env objects (None where none ended)
+        out[ended] = np.stack(final) if final.dtype == object else final
+    return out
 
 
 def finished_episodes(infos: dict[str, Any]) -> list[tuple[float, int]]:

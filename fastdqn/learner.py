@@ -207,14 +207,17 @@ class DQNLearner:
     def act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
         """Epsilon-greedy actions for a batch of observations, decided on the device.
 
-        Always fp32, also with `amp`: bf16 keeps 8 bits of mantissa, so Q-values near 100 are rounded to steps of
-        0.5, which ties or flips the greedy action between close Q-values (and acting on N observations is cheap).
+        No forward pass at epsilon 1, when every env explores (the random draws are the same). Always fp32, also with
+        `amp`: bf16
+        keeps 8 bits of mantissa, so Q-values near 100 are rounded to steps of 0.5, which ties or flips the greedy
+        action between close Q-values (and acting on N observations is cheap).
         """
-        greedy = self.q(obs).argmax(dim=1)
         n = obs.shape[0]
         explore = torch.rand(n, device=self.device) < epsilon
         random_actions = torch.randint(0, self.n_actions, (n,), device=self.device)
-        return torch.where(explore, random_actions, greedy)
+        if epsilon >= 1.0:
+            return random_actions
+        return torch.where(explore, random_actions, self.q(obs).argmax(dim=1))
 
     def observe(self, obs: torch.Tensor) -> None:
         """Feed collected observations to the running normalizer, when there is one."""

@@ -89,9 +89,11 @@ class RunLogger:
             self.progress.update(self.task, completed=step, sps=f"{sps:.0f}", ret=ret, eps=epsilon)
 
     # --- what the training loop reports ---------------------------------------------------------------
-    def episode(self, ret: float, length: int, step: int) -> None:
-        """One finished episode's raw return (a whole game for Atari), at the env step it ended."""
-        self.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
+    def episodes(self, finished: list[tuple[int, float, int]]) -> None:
+        """Finished episodes, each (env step it ended at, raw return (a whole game for Atari), length), written in one
+        call at the loop's next sync point instead of one call each inside the loop."""
+        for step, ret, length in finished:
+            self.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
 
     def training(self, step: int, sps: float, epsilon: float, learning_rate: float, metrics: dict[str, float],
                  recent_return: float | None, episodes: int) -> None:

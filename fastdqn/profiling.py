@@ -1,10 +1,13 @@
 """torch.profiler traces of the training loop (`fastdqn train --profile`, `fastdqn profile`).
 
-While a profile runs, six methods of the run's objects are wrapped in `record_function` ranges named
-`env.step`, `replay.add`, `replay.sample`, `learner.update`, `target.sync` and `act` (with a CUDA graph,
-`learner.update` covers the sampling too, which runs inside the graph), and each loop iteration (one vector step
-and its updates) is one profiler step, counted from the first gradient update so that the schedule's windows see
-training, not warm-up. With profiling off nothing is wrapped: the loop carries no profiling code at all.
+While a profile runs, methods of the run's objects are wrapped in `record_function` ranges named `env.step`,
+`replay.add`, `replay.sample`, `learner.update`, `target.sync` and `act` (with a CUDA graph, `learner.update` covers
+the sampling too, which runs inside the graph); `env.in_flight` spans each envs' step from its start to its end,
+`env.wait` the wait for it at the end. With overlap the updates sit inside `env.in_flight` (on a CPU with sync or
+native envs, `env.step` runs in the stepping thread, which the trace shows as its own row; ale-py's and async
+envs step outside Python, where only `env.in_flight` and a short `env.wait` show them). Each loop iteration (one
+vector step and its updates) is one profiler step, counted from the first gradient update so that the schedule's
+windows see training, not warm-up. With profiling off nothing is wrapped: the loop carries no profiling code.
 Output, under `<run_dir>/profile/`: `trace_<step>.json` (Chrome / Perfetto trace), `tensorboard/` (for the
 TensorBoard profiler plugin) and `top_ops.txt` (the operators that took the most time).
 """
@@ -21,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function, schedule
+from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile, record_function, schedule
 
 from fastdqn.disk import run_write
 from fastdqn.errors import DiskFull
 from fastdqn.logs import console
 
-RANGES = ("env.step", "replay.add", "replay.sample", "learner.update", "target.sync", "act")
+RANGES = ("env.step", "env.in_flight", "env.wait", "replay.add", "replay.sample", "learner.update", "target.sync",
+          "act")
 TOP_OPS = 15
 
 
@@ -50,6 +54,30 @@ def targets(trainer: Any) -> list[tuple[object, str, str]]:
     # The runner's `update` is one update on a sampled batch; a graphed runner's `step` samples and updates.
     update = "step" if trainer.updates.kind == "graphed" else "update"
     return found + [(trainer.updates, update, "learner.update")]
+
+
+@contextlib.contextmanager
+def in_flight(stepper: Any) -> Iterator[None]:
+    """`env.in_flight` from each `stepper.start` to the end of its `finish`, `env.wait` around the finish."""
+    start, finish = stepper.start, stepper.finish
+    open_ranges: list[record_function] = []
+
+    def traced_start(actions: Any) -> None:
+        open_ranges.append(record_function("env.in_flight").__enter__())
+        start(actions)
+
+    def traced_finish() -> Any:
+        try:
+            with record_function("env.wait"):
+                return finish()
+        finally:
+            open_ranges.pop().__exit__(None, None, None)
+
+    stepper.start, stepper.finish = traced_start, traced_finish
+    try:
+        yield
+    finally:
+        del stepper.start, stepper.finish
 
 
 @contextlib.contextmanager
@@ -102,7 +130,8 @@ def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: in
             raise
 
     return profile(activities=activities(device), on_trace_ready=on_trace_ready,
-                   schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat))
+                   schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
+                   experimental_config=_ExperimentalConfig(profile_all_threads=True))  # the stepping thread too
 
 
 def check_complete(trace: Path) -> None:
@@ -116,31 +145,32 @@ def check_complete(trace: Path) -> None:
 @contextlib.contextmanager
 def profiled(trainer: Any) -> Iterator[None]:
     """Profile a Trainer's loop when `cfg.profile` is on: the profiler starts at the first gradient update and
-    every later `train()` call ends one profiler step (one loop iteration)."""
+    every later `vector_step()` call ends one profiler step (one loop iteration)."""
     cfg = trainer.cfg
     if not cfg.profile:
         yield
         return
     out_dir = Path(trainer.run_dir) / "profile"
     prof = make_profiler(out_dir, *cfg.profile_schedule, device=trainer.device)
-    train = trainer.train
+    vector_step = trainer.vector_step
     started = False
 
-    def train_and_step() -> None:
+    def step_and_count() -> Any:
         nonlocal started
-        train()
+        finished = vector_step()
         if started:
             prof.step()
         elif trainer.counters.updates > 0:  # the schedule counts from the first gradient update
             prof.start()
             started = True
+        return finished
 
-    with instrumented(targets(trainer)):
-        trainer.train = train_and_step
+    with instrumented(targets(trainer)), in_flight(trainer.collector.stepper):
+        trainer.vector_step = step_and_count
         try:
             yield
         finally:
-            del trainer.train
+            del trainer.vector_step
             if started:
                 prof.stop()
     top = out_dir / "top_ops.txt"

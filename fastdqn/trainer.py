@@ -1,10 +1,15 @@
 """The DQN training loop, top to bottom.
 
     for each vector step (N env steps):
-        collect: act epsilon-greedily on the device, step the envs, store one transition per env
+        start: act epsilon-greedily on the device, start the envs' step
         train: run the gradient updates that are due (replay ratio = gradient_steps / train_every per env step),
                then copy the target net when a target_update_interval boundary is crossed
+        finish: collect the envs' step, store one transition per env
         every log_every / eval_every / checkpoint_every env steps: read device counters, evaluate, save
+
+With `overlap` (stepping.py) the envs step while the updates run, and the updates of a vector step sample the
+replay without that step's transitions (one vector step of data delay; every count and schedule is the same).
+Without it (and until the replay holds learning_starts transitions) the step is collected before its updates.
 
 Every counter is in env steps, so changing `num_envs` changes how the work is batched, not what it means. The
 Trainer builds the loop's units from the Config, and each can be built and used alone: the collector
@@ -20,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from rich.table import Table
 
@@ -29,7 +33,7 @@ from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters
 from fastdqn.devices import resolve_device, use_device
-from fastdqn.envs import make_vector_env, resolve_vector_mode
+from fastdqn.envs import make_vector_env, obs_dtype, resolve_vector_mode
 from fastdqn.errors import ConfigError
 from fastdqn.evaluation import Evaluator
 from fastdqn.faults import EnvFailure, compile_or_eager
@@ -43,6 +47,7 @@ from fastdqn.process_clock import seconds_since_start
 from fastdqn.profiling import profiled
 from fastdqn.replay import Replay, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
+from fastdqn.stepping import overlap_wanted
 from fastdqn.update_runner import make_update_runner
 
 
@@ -145,15 +150,17 @@ class Trainer:
         obs_space = self.envs.single_observation_space
         self.obs_shape = tuple(obs_space.shape)
         self.n_actions = int(self.envs.single_action_space.n)
-        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        dtype = obs_dtype(obs_space)
         # Size the buffer on the meta device first: refuse, with the numbers, one that does not fit.
-        meta = make_replay(cfg, self.obs_shape, obs_dtype, torch.device("meta"))
+        meta = make_replay(cfg, self.obs_shape, dtype, torch.device("meta"))
         self.replay_report = check_replay_fits(meta.nbytes, meta.capacity, self.device)
-        self.replay = make_replay(cfg, self.obs_shape, obs_dtype, self.device)
+        self.replay = make_replay(cfg, self.obs_shape, dtype, self.device)
         self.learner = DQNLearner(compile_or_eager(cfg, self.device), self.obs_shape, self.n_actions, self.device)
         self.updates = make_update_runner(self.learner, self.replay)  # eager, compiled or CUDA-graphed
         self.counters = Counters()
-        self.collector = Collector(cfg, self.envs, self.replay, self.learner, self.counters, self.device)
+        self.overlap = overlap_wanted(cfg, self.envs, self.device)
+        self.collector = Collector(cfg, self.envs, self.replay, self.learner, self.counters, self.device,
+                                   self.overlap)
         self.evaluator = Evaluator(cfg, self.learner)
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.learner, self.replay, self.collector, self.evaluator,
                                         self.counters)
@@ -178,21 +185,26 @@ class Trainer:
             logger.message(f"[yellow]{warning}[/]")
         start_time, start_step = time.perf_counter(), c.env_step
         interrupted = stopped_early = finished = False
+        episodes: list[tuple[int, float, int]] = []  # (env step, raw return, length), logged at the next sync point
         try:
             with StopRequest() as stop, profiled(self):
                 while c.env_step < cfg.total_steps:
                     before = c.env_step
-                    for ret, length in self.collector.collect():
-                        logger.episode(ret, length, c.env_step)
-                    self.train()
-                    sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                    if crossed(before, c.env_step, cfg.log_every) or c.env_step >= cfg.total_steps:
+                    episodes += [(c.env_step, ret, length) for ret, length in self.vector_step()]
+                    done = c.env_step >= cfg.total_steps
+                    log, ckpt = crossed(before, c.env_step, cfg.log_every) or done, \
+                        crossed(before, c.env_step, cfg.checkpoint_every) and not done
+                    if log:
+                        sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
                         self.log(logger, sps)
-                    if crossed(before, c.env_step, cfg.eval_every) and c.env_step < cfg.total_steps:
+                    if crossed(before, c.env_step, cfg.eval_every) and not done:
                         self.evaluate(logger)
                         if on_eval is not None and on_eval(c.env_step, self.evaluator.evals[-1][1]):
                             stop.requested = stopped_early = True
-                    if crossed(before, c.env_step, cfg.checkpoint_every) and c.env_step < cfg.total_steps:
+                    if episodes and (log or ckpt or stop.requested):
+                        logger.episodes(episodes)
+                        episodes = []
+                    if ckpt:
                         self.checkpoints.save()
                     if stop.requested:
                         interrupted = True
@@ -210,12 +222,13 @@ class Trainer:
                     logger.hparams(self.evaluator.evals[-1][1])
             finished = True
         except EnvFailure as exc:
+            logger.episodes(episodes)
             path = self.checkpoints.save()
             raise EnvFailure(f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
                              f"fastdqn train --resume {self.run_dir}") from exc
         finally:
             logger.close(quiet=not finished)  # a failing run reports its own error, not a second one from closing
-            self.envs.close()
+            self.close()
         evals = self.evaluator.evals
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))
         result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
@@ -230,36 +243,55 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        """Close the envs (idempotent: `run` closes them too)."""
+        """Close the envs, after dropping a step still in flight (idempotent: `run` closes them too)."""
+        self.collector.close()
         self.envs.close()
 
-    def train(self) -> None:
-        """Run the gradient updates that are due, then any target sync that is due."""
+    def vector_step(self) -> list[tuple[float, int]]:
+        """One vector step and the updates due once it is counted; returns the episodes that ended in it.
+
+        With overlap the updates run while the envs step, on the replay as it is: only once it holds
+        learning_starts transitions without this step, so every update the sequential loop runs still runs.
+        """
+        after = self.counters.env_step + self.cfg.num_envs
+        self.collector.start()
+        if self.overlap and len(self.replay) >= self.min_replay:
+            self.train(after)
+            return self.collector.finish()
+        finished = self.collector.finish()
+        self.train(after)
+        return finished
+
+    def train(self, env_step: int | None = None) -> None:
+        """Run the gradient updates that are due at `env_step` (default: the env steps counted so far), then any
+        target sync that is due."""
         cfg, c = self.cfg, self.counters
-        due = max(0, c.env_step - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps
+        env_step = c.env_step if env_step is None else env_step
+        due = max(0, env_step - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps
         if len(self.replay) < self.min_replay:
             c.updates = due  # refilling after a resume without saved replay: skip, do not pile up updates
         if due > c.updates:
-            self.learner.set_learning_rate(learning_rate_at(cfg, c.env_step))
+            self.learner.set_learning_rate(learning_rate_at(cfg, env_step))
             if cfg.prioritized:
-                self.replay.beta = per_beta_at(cfg, c.env_step)
+                self.replay.beta = per_beta_at(cfg, env_step)
             if self.first_update is None:  # the run's first update alone, to time it
                 self.updates.run(1)
-                self.mark_first_update()
+                self.mark_first_update(env_step)
                 c.updates += 1
             if due > c.updates:
                 self.updates.run(due - c.updates)  # each on a new sample; prioritized replay gets new priorities
             c.updates = due
-        syncs_due = c.env_step // cfg.target_update_interval
+        syncs_due = env_step // cfg.target_update_interval
         if cfg.target_update == "hard" and syncs_due > c.target_syncs:
             self.learner.sync_target()
         c.target_syncs = syncs_due
 
-    def mark_first_update(self) -> None:
-        """Remember (clock, env step, seconds since process start) at the end of this run's first update."""
+    def mark_first_update(self, env_step: int) -> None:
+        """Remember (clock, env step, seconds since process start) at the end of this run's first update, due at
+        `env_step`."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once a run: until then the update is only queued
-        self.first_update = (time.perf_counter(), self.counters.env_step, seconds_since_start())
+        self.first_update = (time.perf_counter(), env_step, seconds_since_start())
 
     def log(self, logger: RunLogger, sps: float) -> None:
         """Read the device counters (the loop's only sync), check them for divergence and write them out."""

@@ -50,6 +50,21 @@ class SlowCartPole(CartPoleEnv):
         return super().step(action)
 
 
+class InterruptingCartPole(CartPoleEnv):
+    """CartPole that sends SIGINT to its own process in the middle of its `stop_at`-th step (as Ctrl-C would,
+    while the step is in flight), if it was seeded with an odd seed (env 0 of a vector env reset with seed 1)."""
+
+    def __init__(self, stop_at: int = 200, **kwargs):
+        super().__init__(**kwargs)
+        self.stop_at, self.steps_taken = stop_at, 0
+
+    def step(self, action):
+        self.steps_taken += 1
+        if self.steps_taken == self.stop_at and self.np_random_seed % 2 == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().step(action)
+
+
 class BrokenInit(CartPoleEnv):
     """An env whose constructor fails the way a misconfigured user env does."""
 
@@ -58,7 +73,8 @@ class BrokenInit(CartPoleEnv):
 
 
 for name, cls, kwargs in (("FlakyCartPole-v0", FlakyCartPole, {}), ("InfRewardCartPole-v0", InfRewardCartPole, {}),
-                          ("SlowCartPole-v0", SlowCartPole, {}), ("BrokenInit-v0", BrokenInit, {})):
+                          ("SlowCartPole-v0", SlowCartPole, {}), ("InterruptingCartPole-v0", InterruptingCartPole, {}),
+                          ("BrokenInit-v0", BrokenInit, {})):
     if name not in gym.registry:
         gym.register(name, entry_point=cls, max_episode_steps=500, kwargs=kwargs)
 

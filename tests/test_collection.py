@@ -71,3 +71,15 @@ def test_collector_state_continues_the_envs_exactly(tiny_cfg):
         for collector in collectors:
             collector.envs.close()
     assert torch.equal(stored[0][0], stored[1][0]) and torch.equal(stored[0][1], stored[1][1])
+
+
+def test_collector_at_epsilon_1_steps_without_a_forward_pass(tiny_cfg):
+    cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=3, epsilon_schedule="constant", epsilon_start=1.0)
+    collector = counter_collector(cfg)
+    collector.learner.q.forward = lambda *args: pytest.fail("a forward pass at epsilon 1")
+    try:
+        for _ in range(20):
+            collector.collect()
+    finally:
+        collector.envs.close()
+    assert collector.counters.env_step == 60 and len(collector.replay) == 60

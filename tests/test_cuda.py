@@ -224,23 +224,26 @@ def test_a_runner_whose_capture_fails_warns_once_and_runs_uncaptured(device, rep
 
 
 def test_staging_copies_arrive_intact_while_the_gpu_is_busy(device):
-    """Pinned buffers are reused every vector step: a buffer rewritten before its non_blocking copy ran would
+    """The pinned buffers take turns every vector step: a buffer rewritten before its non_blocking copy ran would
     corrupt the data. Between copies the GPU is kept busy, as with a phase of updates."""
-    staging = Staging(device)
+    fields = {"obs": ((NUM_ENVS, 4), torch.float32), "rewards": ((NUM_ENVS,), torch.float32),
+              "terminated": ((NUM_ENVS,), torch.float32)}
+    staging = Staging(device, fields)
     busy = torch.randn(2048, 2048, device=device)
     rng = np.random.default_rng(0)
     sent, stored, actions_back = [], [], []
     for step in range(100):
         obs = rng.standard_normal((NUM_ENVS, 4)).astype(np.float32)
-        obs_t = staging.to_device("obs", obs)
-        for _ in range(3):
-            busy = torch.tanh(busy @ busy * 1e-3)
-        actions_t = (obs_t[:, 0] > 0).long() + step % 3
-        actions = staging.to_host("actions", actions_t)
         rewards = rng.standard_normal(NUM_ENVS)
         terminated = rng.random(NUM_ENVS) < 0.3
-        stored.append((obs_t.clone(), staging.to_device("rewards", rewards, torch.float32).clone(),
-                       staging.to_device("terminated", terminated, torch.float32).clone()))
+        host = staging.fill()
+        host["obs"][...], host["rewards"][...], host["terminated"][...] = obs, rewards, terminated
+        dev = staging.send()
+        for _ in range(3):
+            busy = torch.tanh(busy @ busy * 1e-3)
+        actions_t = (dev["obs"][:, 0] > 0).long() + step % 3
+        actions = staging.to_host(actions_t)
+        stored.append((dev["obs"].clone(), dev["rewards"].clone(), dev["terminated"].clone()))
         sent.append((obs, rewards, terminated))
         actions_back.append((actions, (obs[:, 0] > 0).astype(np.int64) + step % 3))
     torch.cuda.synchronize(device)
@@ -249,7 +252,8 @@ def test_staging_copies_arrive_intact_while_the_gpu_is_busy(device):
         assert np.allclose(rewards_t.cpu().numpy(), rewards.astype(np.float32))
         assert np.array_equal(terminated_t.cpu().numpy(), terminated.astype(np.float32))
     assert all(np.array_equal(got, want) for got, want in actions_back)
-    assert all(buf.is_pinned() for buf in staging.buffers.values())
+    assert all(buf.is_pinned() for buf in staging.host) and staging.actions.is_pinned()
+    assert all(buf.device == device for buf in staging.dev)
 
 
 def test_frame_replay_sampling_is_captured_and_follows_the_buffer_as_it_fills(device):
@@ -374,9 +378,10 @@ def test_a_run_on_the_second_gpu_captures_and_stages_there():
     runner = make_update_runner(make_learner(second, cuda_graph="always"), replay)
     runner.run(WARMUP + 3)
     assert runner.captures == 1 and runner.read_metrics()["loss"] > 0
-    staging = Staging(second)
+    staging = Staging(second, {"obs": ((8, 4), torch.float32)})
     obs = np.arange(32, dtype=np.float32).reshape(8, 4)
-    assert np.array_equal(staging.to_host("x", staging.to_device("obs", obs) * 2), obs * 2)
+    staging.fill()["obs"][...] = obs
+    assert np.array_equal(staging.to_host(staging.send()["obs"] * 2), obs * 2)
 
 
 def test_new_learners_reuse_the_compiled_step_on_cuda(device, replay):

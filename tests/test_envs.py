@@ -89,6 +89,35 @@ def test_true_next_obs_leaves_running_envs_alone():
     assert true_next_obs(next_obs, {}) is next_obs
 
 
+def per_env_true_next_obs(next_obs: np.ndarray, infos: dict) -> np.ndarray:
+    """The obvious reference: a loop over the envs that puts each ended env's final observation back."""
+    real = next_obs.copy()
+    for i in range(len(next_obs)):
+        if infos.get("_final_obs", np.zeros(len(next_obs), bool))[i]:
+            real[i] = infos["final_obs"][i]
+    return real
+
+
+@pytest.mark.parametrize("env_id,vector_mode", [(COUNTER_ENV, "sync"), ("CartPole-v1", "native"),
+                                                (COUNTER_ENV, "async")])
+def test_batched_true_next_obs_equals_the_per_env_loop(env_id, vector_mode):
+    """Per-env final observations (sync, async: objects or stacked arrays) and one array (native CartPole)."""
+    envs = make_vector_env(Config(env_id=env_id, vector_mode=vector_mode, max_episode_steps=6), 5)
+    rng, ends = np.random.default_rng(1), 0
+    try:
+        envs.reset(seed=1)
+        out = np.full((5, *envs.single_observation_space.shape), np.nan, np.float32)
+        for _ in range(40):
+            next_obs, _, terminated, truncated, infos = envs.step(rng.integers(0, 2, 5))
+            expected = per_env_true_next_obs(next_obs, infos)
+            assert np.array_equal(true_next_obs(next_obs, infos), expected)
+            assert np.array_equal(true_next_obs(next_obs, infos, out=out), expected) and out.dtype == np.float32
+            ends += int((terminated | truncated).sum())
+    finally:
+        envs.close()
+    assert ends >= 10
+
+
 def test_unknown_env_id_suggests_close_matches():
     with pytest.raises(EnvError, match="unknown env id 'CartPol-v1': did you mean 'CartPole-v1'"):
         check_env_id("CartPol-v1")

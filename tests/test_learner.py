@@ -314,3 +314,15 @@ def test_fused_adam_state_dict_has_torch_adams_format_and_loads_both_ways():
     fresh = make_learner()
     fresh.optimizer.load_state_dict(make_learner().optimizer.state_dict() | {"state": {}})  # saved before a step
     assert all(float(st["step"]) == 0 and not st["exp_avg"].any() for st in fresh.optimizer.state.values())
+
+
+def test_acting_at_epsilon_1_never_calls_the_network_and_draws_as_before():
+    learner = make_learner()
+    obs = torch.randn(64, OBS_DIM)
+    learner.q.forward = lambda *args: pytest.fail("a forward pass while every env explores")
+    torch.manual_seed(3)
+    torch.rand(64)  # the explore draws come first, as in every act
+    expected, after = torch.randint(0, N_ACTIONS, (64,)), torch.get_rng_state()
+    torch.manual_seed(3)
+    assert torch.equal(learner.act(obs, 1.0), expected)
+    assert torch.equal(torch.get_rng_state(), after)  # the same draws, so seeded runs are unchanged

@@ -25,7 +25,6 @@ from fastdqn.learner import METRICS, DQNLearner
 from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at, learning_rate_at
-from fastdqn.staging import Staging
 from fastdqn.update_runner import WARMUP, GraphedUpdate, UpdateRunner, graph_wanted, make_update_runner
 
 CPU = torch.device("cpu")
@@ -343,17 +342,3 @@ def test_read_metrics_returns_the_mean_since_the_last_read():
     assert runner.read_metrics() == {}  # the sums were reset
     one = runner.update(data[5])
     assert runner.read_metrics()["loss"] == pytest.approx(one[0].item(), rel=1e-6)
-
-
-def test_staging_on_cpu_converts_dtypes_and_returns_actions():
-    import numpy as np
-
-    staging = Staging(CPU)
-    rewards = staging.to_device("rewards", np.array([1.5, -2.0]), torch.float32)
-    assert rewards.dtype == torch.float32 and rewards.tolist() == [1.5, -2.0]
-    flags = staging.to_device("terminated", np.array([True, False]), torch.float32)
-    assert flags.tolist() == [1.0, 0.0]
-    obs = np.arange(8, dtype=np.float32).reshape(2, 4)
-    assert torch.equal(staging.to_device("obs", obs), torch.from_numpy(obs))
-    actions = staging.to_host("actions", torch.tensor([1, 0]))
-    assert isinstance(actions, np.ndarray) and actions.tolist() == [1, 0]

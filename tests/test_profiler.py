@@ -34,7 +34,8 @@ def test_profiled_run_writes_traces_with_every_named_range(tiny_cfg, tmp_path, c
     assert "Self CPU" in (out / "top_ops.txt").read_text()
     assert "profile written to" in capsys.readouterr().err
     # the wrappers are gone again: the objects show their class methods
-    assert "act" not in vars(trainer.learner) and "train" not in vars(trainer)
+    assert "act" not in vars(trainer.learner) and "vector_step" not in vars(trainer)
+    assert "start" not in vars(trainer.collector.stepper) and "finish" not in vars(trainer.collector.stepper)
     assert "step" not in vars(trainer.envs) and "add" not in vars(trainer.replay)
 
 

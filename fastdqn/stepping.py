@@ -1,0 +1,153 @@
+"""How the envs' step of a vector step is started and collected, so that the updates can run in between.
+
+The training loop starts the step with the actions (`start`), runs the updates that are due, then collects the
+step (`finish`). With the overlap off (`InlineStep`) the envs step inside `finish`, after the updates, as in the
+sequential loop. With it on, the envs step while the updates run: ale-py's vector env through `send`/`recv` (its
+C++ threads), gymnasium's async vector env through `step_async`/`step_wait` (its worker processes), and sync or
+native envs on a CPU in a worker thread (`ThreadStep`; the torch ops of the updates release the GIL). On CUDA
+sync and native envs step inline: the updates queued before `finish` run on the GPU while the host steps the envs.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from fastdqn.config import Config
+from fastdqn.errors import ConfigError
+
+Stepped = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]  # what `envs.step` returns
+
+
+class Stepper(Protocol):
+    """Starts a vector step of `envs` and collects it; at most one is in flight."""
+
+    envs: gym.vector.VectorEnv
+
+    def start(self, actions: np.ndarray) -> None: ...
+
+    def finish(self) -> Stepped: ...
+
+    def close(self) -> None:
+        """Collect and drop a step still in flight, so the envs can close."""
+
+
+class InlineStep:
+    """The envs step in `finish`, in this thread."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        self.envs = envs
+        self.actions: np.ndarray | None = None
+
+    def start(self, actions: np.ndarray) -> None:
+        self.actions = actions
+
+    def finish(self) -> Stepped:
+        actions, self.actions = self.actions, None
+        return self.envs.step(actions)
+
+    def close(self) -> None:
+        self.actions = None  # nothing was started
+
+
+class InFlight:
+    """Shared by the steppers whose step runs elsewhere once started: drains it on close."""
+
+    pending = False
+
+    def close(self) -> None:
+        if self.pending:
+            try:
+                self.finish()
+            except Exception:  # the run is ending with an error already; the envs close next
+                pass
+
+
+class SendRecvStep(InFlight):
+    """ale-py's vector env: `send` hands the actions to its C++ threads, `recv` waits for their step."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        self.envs = envs
+
+    def start(self, actions: np.ndarray) -> None:
+        self.envs.send(actions)
+        self.pending = True
+
+    def finish(self) -> Stepped:
+        self.pending = False
+        return self.envs.recv()
+
+
+class AsyncStep(InFlight):
+    """gymnasium's async vector env: its worker processes step between `step_async` and `step_wait`."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        self.envs = envs
+
+    def start(self, actions: np.ndarray) -> None:
+        self.envs.step_async(actions)
+        self.pending = True
+
+    def finish(self) -> Stepped:
+        self.pending = False
+        return self.envs.step_wait()
+
+
+class ThreadStep(InFlight):
+    """`envs.step` in a worker thread of its own (one step at a time, in order)."""
+
+    def __init__(self, envs: gym.vector.VectorEnv):
+        self.envs = envs
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastdqn-envs")
+        self.future: Future | None = None
+
+    def start(self, actions: np.ndarray) -> None:
+        self.future = self.pool.submit(self.envs.step, actions)
+        self.pending = True
+
+    def finish(self) -> Stepped:
+        future, self.future, self.pending = self.future, None, False
+        return future.result()  # an exception in the env (EnvFailure) is raised here
+
+    def close(self) -> None:
+        super().close()
+        self.pool.shutdown(wait=True)
+
+
+def is_ale_vector_env(envs: gym.vector.VectorEnv) -> bool:
+    return type(envs).__module__.startswith("ale_py")
+
+
+def overlap_wanted(cfg: Config, envs: gym.vector.VectorEnv, device: torch.device) -> bool:
+    """Whether this run steps its envs while the updates run; overlap=always without a replay is a clear error.
+
+    auto: where the envs step outside this Python thread anyway (ale-py's threads, async processes) or the updates
+    run on a GPU; not for sync and native envs on a CPU, whose worker thread would share the interpreter (and its
+    lock) with the updates. The no-replay ablation trains on the vector step just taken, so it never overlaps.
+    """
+    if cfg.overlap == "never":
+        return False
+    if not cfg.replay_buffer:
+        if cfg.overlap == "always":
+            raise ConfigError("overlap=always runs a vector step's updates on the replay without that step, but "
+                              "replay_buffer: false trains on the step just taken: set overlap to auto or never")
+        return False
+    if cfg.overlap == "always":
+        return True
+    return device.type == "cuda" or is_ale_vector_env(envs) or isinstance(envs, gym.vector.AsyncVectorEnv)
+
+
+def make_stepper(envs: gym.vector.VectorEnv, device: torch.device, overlap: bool) -> Stepper:
+    """The stepper for `envs`: inline without overlap, else the one that lets the envs step while the updates
+    run on `device`."""
+    if not overlap:
+        return InlineStep(envs)
+    if is_ale_vector_env(envs):
+        return SendRecvStep(envs)
+    if isinstance(envs, gym.vector.AsyncVectorEnv):
+        return AsyncStep(envs)
+    return InlineStep(envs) if device.type == "cuda" else ThreadStep(envs)
