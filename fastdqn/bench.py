@@ -1,7 +1,9 @@
 """`fastdqn bench`: speed of the update-step variants, the replay buffer and whole training runs.
 
-In-process suites (update-mlp, update-cnn, replay; `fastdqn.bench_suites`) report each case's median and its
-speed-up over the suite's baseline measured in the same run. Training suites (e2e, cleanrl;
+In-process suites (update-mlp, update-cnn, replay, and loop: the training loop's own time per vector step without
+the envs' step and the updates; `fastdqn.bench_suites`) report each case's median and its speed-up over the
+suite's baseline measured in the same run. Training suites (e2e, cleanrl, and overlap: Pong with env stepping
+sequential or overlapped with the updates;
 `fastdqn.bench_training`) run every training run as a process of its own and report the whole run, the time to
 the first update and the steady-state rate separately. Results go to rich tables, to JSON under
 benchmarks/results/ (machine, load, versions, options, configs, every sample) and to a Markdown copy of the
@@ -28,12 +30,12 @@ from fastdqn.bench_cases import RUN_FIELDS, TRAIN_VARIANTS, VARIANTS, Case, Trai
 from fastdqn.errors import ConfigError
 from fastdqn.logs import console
 
-IN_PROCESS = ("update-mlp", "update-cnn", "replay")
-TRAINING = ("e2e", "cleanrl")
+IN_PROCESS = ("update-mlp", "update-cnn", "replay", "loop")
+TRAINING = ("e2e", "cleanrl", "overlap")
 SUITES = IN_PROCESS + TRAINING
 # Env steps and warm-up steps of a training run when --steps / --learning-starts are not given: the cleanrl
 # suite takes dqn.py's learning_starts and enough steps after it for a steady state.
-SCHEDULES = {"e2e": (20_000, 2_000), "cleanrl": (50_000, 10_000)}
+SCHEDULES = {"e2e": (20_000, 2_000), "cleanrl": (50_000, 10_000), "overlap": (16_000, 3_200)}
 
 
 def cpu_name() -> str:
@@ -130,6 +132,7 @@ def check(opts: argparse.Namespace) -> None:
                 (opts.threads >= 0, "--threads must be >= 0 (0 = each process's own default)"),
                 (all(n >= 0 for n in opts.cleanrl_threads), "--cleanrl-threads takes counts >= 0, e.g. 0,1"),
                 (all(n >= 1 for n in opts.envs), "--envs takes positive env counts, e.g. 1,16,64"),
+                (opts.overlap_envs >= 1, "--overlap-envs must be >= 1"),
                 (opts.clock == "wall" or (opts.threads == 1 and opts.device == "cpu"),
                  "--clock cpu measures one CPU thread: add --device cpu --threads 1, or use --clock wall")]
     for suite in set(opts.suite) & set(TRAINING):
@@ -184,8 +187,12 @@ def run_in_process(suites: list[str], opts: argparse.Namespace) -> tuple[list[Ca
     cases: list[Case] = []
     for suite in suites:
         console.print(f"[bold]bench[/] {suite} on {device} ...")
-        cases += S.bench_replay(device, opts) if suite == "replay" else S.bench_update(suite, device,
-                                                                                       opts.variants, opts)
+        if suite == "replay":
+            cases += S.bench_replay(device, opts)
+        elif suite == "loop":
+            cases += S.bench_loop(device, opts)
+        else:
+            cases += S.bench_update(suite, device, opts.variants, opts)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     return cases, {"device": name, "device_type": device.type, "torch": torch.__version__}
@@ -228,13 +235,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per update/replay case first "
                                                               "(compiles, captures)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per e2e/cleanrl case, the cases taking turns (median taken)")
+                        help="runs per training case (e2e, cleanrl, overlap), the cases taking turns (median taken)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="env steps per training run (default: e2e 20,000; cleanrl 50,000)")
+                        help="env steps per training run (default: e2e 20,000; cleanrl 50,000; overlap 16,000)")
     parser.add_argument("--learning-starts", type=int, default=None,
-                        help="warm-up env steps of those runs (default: e2e 2,000; cleanrl 10,000, dqn.py's)")
+                        help="warm-up env steps of those runs (default: e2e 2,000; cleanrl 10,000, dqn.py's; "
+                             "overlap 3,200)")
     parser.add_argument("--envs", type=int_list, default=[1, 16, 64],
                         help="env counts of the e2e suite; the first is the baseline")
+    parser.add_argument("--overlap-envs", type=int, default=64,
+                        help="Pong envs of the overlap suite, one update per vector step of them (64 balance env "
+                             "stepping and the update on a 2-core CPU; see fastdqn.bench_training.overlap_cases)")
     parser.add_argument("--cleanrl-script", help="CleanRL's dqn.py in a CleanRL checkout (cleanrl/dqn.py)")
     parser.add_argument("--cleanrl-python", help="the python of the environment CleanRL's dqn.py runs in")
     parser.add_argument("--cleanrl-threads", type=int_list, default=[0],

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,3 +121,58 @@ def bench_replay(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     fns = {"add (16 envs)": lambda: replay.add(*step), "sample (batch 128)": lambda: replay.sample(128)}
     samples = round_robin(fns, opts.iters, opts.rounds, opts.warmup, device, clock(opts))
     return [Case("replay", name, "call", samples[name]) for name in fns]
+
+
+class TimedStep:
+    """Wraps a vector env's `step`, adding the time spent in it (by `now`) to `seconds`."""
+
+    def __init__(self, step: Callable[..., Any], now: Callable[[], float]):
+        self.step, self.now, self.seconds = step, now, 0.0
+
+    def __call__(self, actions: Any) -> Any:
+        start = self.now()
+        try:
+            return self.step(actions)
+        finally:
+            self.seconds += self.now() - start
+
+
+def bench_loop(device: torch.device, opts: argparse.Namespace) -> list[Case]:
+    """The training loop's own time per vector step, for each env count of --envs: everything `vector_step`
+    does (acting with the network at epsilon 0.05, staging, the replay add, episode bookkeeping) except
+    the envs' `step`, which is timed and taken out. CartPole with no update due (learning_starts out of
+    reach), so the updates are not in it either."""
+    from fastdqn.trainer import Trainer
+
+    now = clock(opts)
+    trainers: dict[str, Trainer] = {}
+    timers: dict[str, TimedStep] = {}
+    with tempfile.TemporaryDirectory(prefix="fastdqn-bench-loop-") as scratch:
+        for n in opts.envs:
+            cfg = Config(num_envs=n, device=str(device), learning_starts=10**9, total_steps=10**9,
+                         epsilon_start=0.05, epsilon_end=0.05, eval_every=0, checkpoint_every=0,
+                         buffer_size=100_000).validate()
+            trainer = Trainer(cfg, Path(scratch) / f"{n}", show_progress=False)
+            name = f"{n} envs"
+            trainers[name] = trainer
+            timers[name] = trainer.envs.step = TimedStep(trainer.envs.step, now)  # the steppers call envs.step
+        samples: dict[str, list[float]] = {name: [] for name in trainers}
+        env_seconds: dict[str, float] = {name: 0.0 for name in trainers}
+        for trainer in trainers.values():
+            for _ in range(opts.warmup):
+                trainer.vector_step()
+        for _ in range(opts.rounds):  # the cases take turns, as in round_robin
+            for name, trainer in trainers.items():
+                timer = timers[name]
+                timer.seconds, start = 0.0, now()
+                for _ in range(opts.iters):
+                    trainer.vector_step()
+                synchronize(device)
+                samples[name].append((now() - start - timer.seconds) / opts.iters)
+                env_seconds[name] += timer.seconds
+        for trainer in trainers.values():
+            trainer.close()
+    steps = opts.rounds * opts.iters
+    return [Case("loop", name, "vector step", samples[name],
+                 info={"what": "vector_step minus envs.step, no update",
+                       "env_step_us": 1e6 * env_seconds[name] / steps}) for name in trainers]

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from fastdqn import cli
@@ -231,3 +232,32 @@ def test_readme_training_tables_are_what_their_committed_bench_runs_give():
         micro = [Case(**{k: v for k, v in c.items() if k != "median"}) for c in record["cases"]]
         training = [TrainingCase(**{k: v for k, v in c.items() if k != "medians"}) for c in record["training"]]
         assert markdown_tables(micro, training).strip() == table.strip()
+
+
+def test_loop_suite_times_each_vector_step_without_the_envs_step():
+    from fastdqn.bench_suites import bench_loop
+
+    opts = SimpleNamespace(envs=[1, 4], rounds=2, iters=5, warmup=1, clock="wall")
+    cases = bench_loop(torch.device("cpu"), opts)
+    assert [c.name for c in cases] == ["1 envs", "4 envs"]
+    for case in cases:
+        assert len(case.samples) == 2 and all(s > 0 for s in case.samples)
+        assert case.info["env_step_us"] > 0  # the steppers went through the timed envs.step, so it is taken out
+
+
+def test_overlap_suite_runs_pong_sequential_and_overlapped_with_one_update_per_vector_step(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdqn", "bench", "--device", "cpu", "--suite", "overlap", "--overlap-envs", "4",
+         "--steps", "240", "--learning-starts", "80", "--repeats", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = out.glob("bench-*.json")
+    cases = {c["name"]: c for c in json.loads(path.read_text())["training"]}
+    never, always = cases["Pong, 4 envs, overlap never"], cases["Pong, 4 envs, overlap always"]
+    a, b = never["info"]["config"], always["info"]["config"]
+    assert (a["overlap"], b["overlap"]) == ("never", "always")
+    assert {k: v for k, v in a.items() if k != "overlap"} == {k: v for k, v in b.items() if k != "overlap"}
+    assert (a["env_id"], a["train_every"], a["gradient_steps"], a["env_threads"], a["torch_threads"]) == \
+        ("ALE/Pong-v5", 4, 1, 1, 1)
+    assert always["baseline"] == "Pong, 4 envs, overlap never" and always["runs"][0]["steady_sps"] > 0
