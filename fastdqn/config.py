@@ -109,7 +109,8 @@ class Config:
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     compile: bool = _f(False, "torch.compile the update step")
     compile_strict: bool = _f(False, "with compile: fail if torch.compile cannot run here, instead of warning and running eager")
-    amp: bool = _f(False, "bf16 autocast in the update step (acting, loss and optimizer stay fp32)")
+    amp: bool = _f(False, "bf16 autocast for the CNNs' convolutions in the update step; fully connected layers "
+                   "(all of an MLP), Q-values, targets, loss, acting and optimizer stay fp32")
     tf32: bool = _f(False, "CUDA only: TF32 tensor cores for float32 matmuls and convolutions (10-bit mantissa, faster); "
                     "false = full float32 for both")
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(

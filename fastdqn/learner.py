@@ -62,8 +62,9 @@ ADAM_BETAS = (0.9, 0.999)
 
 
 def autocast(cfg: Config, device_type: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `amp` is on. No weight-cast cache: each weight is cast once per step anyway, and a
-    cache must be off inside a CUDA-graph capture."""
+    """bf16 autocast when `amp` is on, for the networks' convolutions (networks.py keeps every fully connected layer,
+    and so the Q-values, in float32). No weight-cast cache: each weight is cast once per step anyway, and a cache
+    must be off inside a CUDA-graph capture."""
     if not cfg.amp:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
@@ -75,11 +76,11 @@ def batch_td_loss(cfg: Config, q_net: Callable[[torch.Tensor], torch.Tensor], ta
                   weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """(loss, Q(s,a), TD targets) of one batch. `q_net` gives the online Q-values (the module itself, or the module
     on stand-in parameter tensors in the single-graph step); `target_net` None is the no-target-network ablation."""
-    with autocast(cfg, obs.device.type):
-        q_all = q_net(obs).float()
+    with autocast(cfg, obs.device.type):  # the networks return float32 Q-values: only convolutions run in bf16
+        q_all = q_net(obs)
         with torch.no_grad():  # s' passes need no gradient, so backward only runs over the s batch
-            next_q_online = q_net(next_obs).float() if target_net is None or cfg.double_dqn else None
-            next_q_target = next_q_online if target_net is None else target_net(next_obs).float()
+            next_q_online = q_net(next_obs) if target_net is None or cfg.double_dqn else None
+            next_q_target = next_q_online if target_net is None else target_net(next_obs)
     gamma = cfg.gamma if discounts is None else discounts
     y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
     q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -153,9 +154,11 @@ class DQNLearner:
         # Fused on every device: one kernel for all parameters, and with the step counts and the tensor LR on the
         # device it never syncs with the host, so a CUDA graph can capture it.
         self.optimizer = FusedAdam(list(self.q.parameters()), self.lr, ADAM_BETAS, cfg.adam_eps)
-        if cfg.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 autocast is several times "
-                          "slower than fp32 here; leave amp off on this machine", RuntimeWarning, stacklevel=2)
+        convolutions = any(isinstance(m, nn.Conv2d) for m in self.q.modules())  # all that amp runs in bf16
+        if cfg.amp and convolutions and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so convolutions under bf16 autocast "
+                          "are several times slower than fp32 here; leave amp off on this machine", RuntimeWarning,
+                          stacklevel=2)
 
     @property
     def target_net(self) -> nn.Module | None:

@@ -1,4 +1,11 @@
-"""Q-networks: an MLP for vector observations (optional running normalization), the Nature CNN for frame stacks."""
+"""Q-networks: an MLP for vector observations (optional running normalization), the Nature CNN for frame stacks.
+
+Under bf16 autocast (`amp`) only the convolutions run in bf16; every fully connected layer runs in float32. bf16
+keeps 8 bits of mantissa: Q-values near 100 leaving the network in bf16 are rounded to steps of 0.5, about the size
+of late TD errors, and the TD targets inherit that. An output layer in float32 after bf16 hidden layers is not
+enough: on a CartPole MLP trained to Q ~ 100 the hidden layers' rounding still moves Q by more than 0.05
+(tests/test_amp.py). So the MLP runs in float32 entirely, and the CNNs' fully connected heads do too.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +42,12 @@ class RunningNormalizer(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
 
 
+def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` in float32 even under autocast: the Q head, and what follows it (targets, loss), stay exact."""
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.float())
+
+
 class DuelingHead(nn.Module):
     """features (B, F) -> Q (B, n_actions) = V(s) + A(s, a) - mean_a A(s, a) (Wang et al., 2016).
 
@@ -58,7 +71,8 @@ class DuelingHead(nn.Module):
 
 
 class MLPQNetwork(nn.Module):
-    """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers, then a linear or dueling head."""
+    """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers, then a linear or dueling head; all of
+    it in float32, also under autocast (see the module doc)."""
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False,
                  dueling: bool = False):
@@ -76,15 +90,15 @@ class MLPQNetwork(nn.Module):
         x = obs.float()
         if self.normalizer is not None:
             x = self.normalizer(x)
-        return self.net(x)
+        return in_float32(self.net, x)
 
 
 class NatureCNN(nn.Module):
     """uint8 frame stacks (B, C, 84, 84) -> Q-values: the Nature DQN net (Mnih et al., 2015).
 
-    Three convolutions and a 512-unit layer (or a dueling head with 512-unit streams). The uint8 -> [0, 1]
-    scaling happens here, so replay and acting move 1 byte per pixel. On CUDA the input goes channels_last,
-    the layout cuDNN's fastest convolutions (and bf16 tensor cores) want.
+    Three convolutions (bf16 under autocast) and a 512-unit layer (or a dueling head with 512-unit streams) in
+    float32. The uint8 -> [0, 1] scaling happens here, so replay and acting move 1 byte per pixel. On CUDA the input
+    goes channels_last, the layout cuDNN's fastest convolutions (and bf16 tensor cores) want.
     """
 
     def __init__(self, in_channels: int, n_actions: int, dueling: bool = False):
@@ -103,7 +117,7 @@ class NatureCNN(nn.Module):
         x = obs.float() * (1.0 / 255.0)
         if self.channels_last if self.channels_last is not None else x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.torso(x))
+        return in_float32(self.head, self.torso(x))
 
 
 def is_pixel_shape(obs_shape: tuple[int, ...]) -> bool:

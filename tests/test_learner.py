@@ -159,9 +159,10 @@ def test_amp_acting_picks_the_fp32_greedy_action_between_close_large_q_values():
     with torch.no_grad():
         q = learner.q(obs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            q_bf16 = learner.q(obs)
-    assert (q_bf16.argmax(dim=1) != q.argmax(dim=1)).any()  # the hazard is real on this network
+            q_autocast = learner.q(obs)
+    assert (q.bfloat16().argmax(dim=1) != q.argmax(dim=1)).any()  # the hazard is real on this network
     assert torch.equal(learner.act(obs, 0.0), q.argmax(dim=1))
+    assert torch.equal(q_autocast.argmax(dim=1), q.argmax(dim=1))  # the update's Q-values are float32 as well
 
 
 def test_grad_norm_is_reported_before_clipping_and_the_step_uses_the_clipped_gradient():
