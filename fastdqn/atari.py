@@ -30,9 +30,16 @@ from fastdqn.errors import EnvError
 from fastdqn.presets import is_atari_id
 
 SCREEN = 84
+GRID_MAX_SIDE = 32  # uint8 (H, W, C) observations up to this size are grids (MinAtar, MiniGrid), not screens
+
+
 def is_image_space(space: gym.Space) -> bool:
-    """A uint8 Box of shape (H, W) or (H, W, C): a screen that needs grayscale, resize and stacking."""
-    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) in (2, 3)
+    """A uint8 Box of shape (H, W), or (H, W, C) larger than a grid: a screen that needs grayscale, resize and
+    stacking. Grids go to the network as they are."""
+    if not isinstance(space, gym.spaces.Box) or space.dtype != np.uint8:
+        return False
+    shape = space.shape
+    return len(shape) == 2 or len(shape) == 3 and max(shape[:2]) > GRID_MAX_SIDE
 
 
 def rom_name(env_id: str) -> str:

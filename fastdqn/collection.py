@@ -31,6 +31,7 @@ from fastdqn.envs import (finished_episodes, get_env_state, obs_dtype, resolve_v
 from fastdqn.frame_replay import FrameReplay
 from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape
+from fastdqn.presets import is_minatar_id
 from fastdqn.replay import Replay
 from fastdqn.schedules import epsilon_at
 from fastdqn.staging import Fields, Staging
@@ -130,8 +131,9 @@ class Collector:
         self.obs_t = self.stage_obs(obs)
         self.actions_t: torch.Tensor | None = None
         # Exact env state goes into checkpoints where it is plain Python data: not for envs in subprocesses
-        # (async) or in C++ (pixel envs), whose resumed runs start fresh episodes.
-        self.snapshot_envs = not pixels and resolve_vector_mode(cfg) != "async"
+        # (async), in C++ (pixel envs) or in objects the snapshot does not walk (MinAtar's games), whose resumed
+        # runs start fresh episodes.
+        self.snapshot_envs = not pixels and resolve_vector_mode(cfg) != "async" and not is_minatar_id(cfg.env_id)
         self.recent_returns: deque[float] = deque(maxlen=RECENT_EPISODES)
 
     def stage_obs(self, obs: np.ndarray) -> torch.Tensor:

@@ -19,13 +19,14 @@ import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
 from gymnasium.vector import AutoresetMode
 
-from fastdqn.atari import is_atari_id, is_image_space, make_pixel_vector_env
+from fastdqn.atari import GRID_MAX_SIDE, is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
 from fastdqn.errors import EnvError
 from fastdqn.env_workers import WatchedAsyncVectorEnv
 from fastdqn.faults import EnvRestarts, guarded
 from fastdqn.logs import console
-from fastdqn.networks import is_pixel_shape
+from fastdqn.networks import is_grid_shape, is_pixel_shape
+from fastdqn.presets import is_minatar_id
 
 
 def check_env_id(env_id: str) -> None:
@@ -49,25 +50,42 @@ def check_env_id(env_id: str) -> None:
             raise EnvError(f"env '{env_id}' needs ale-py: pip install 'fastdqn[atari]'") from None
         if env_id in gym.registry:
             return
+    if is_minatar_id(env_id):
+        try:  # minatar's ids (MinAtar/<Game>-v0 all six actions, -v1 each game's own) exist once it registers them
+            from minatar.gym import register_envs
+        except ImportError:
+            raise EnvError(f"env '{env_id}' needs minatar: pip install 'fastdqn[minatar]'") from None
+        if "MinAtar/Breakout-v0" not in gym.registry:  # registering twice would warn about every id
+            register_envs()
+        if env_id in gym.registry:
+            return
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "see gymnasium's registry for ids"
     raise EnvError(f"unknown env id '{env_id}': {hint}")
 
 
+OBSERVATIONS_TAKEN = ("fastdqn takes a flat Box (a vector, to an MLP), an (H, W, C) Box grid of at least 3x3 cells "
+                      "(bool, integer or float, to the MinAtar CNN) or a uint8 screen, (H, W) or (H, W, C) and larger "
+                      f"than {GRID_MAX_SIDE}x{GRID_MAX_SIDE} (to the Nature CNN, as 84x84 grayscale frame stacks)")
+
+
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-    """DQN needs a Discrete action space and a flat Box observation or a uint8 (C, 84, 84) frame stack."""
+    """DQN needs a Discrete action space; fastdqn's networks take a flat Box observation, an (H, W, C) grid or a
+    uint8 (C, 84, 84) frame stack (what the pixel envs make of screens)."""
     if not isinstance(action_space, gym.spaces.Discrete):
         raise EnvError(f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
                        "(use SAC/TD3 for continuous actions, or discretize the env)")
     if int(action_space.start) != 0:  # the Q-network's argmax picks actions 0..n-1
         raise EnvError(f"env '{env_id}' has action space {action_space}, whose actions start at {action_space.start}: "
                        "fastdqn's actions are 0..n-1; wrap the env to shift them (gymnasium.wrappers.TransformAction)")
-    if (isinstance(observation_space, gym.spaces.Box) and is_pixel_shape(tuple(observation_space.shape))
-            and observation_space.dtype == np.uint8):
-        return  # frame stacks from fastdqn.atari, for the CNN
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise EnvError(f"env '{env_id}' has observation space {observation_space}: fastdqn's networks take a flat "
-                       "Box (vector) observation; wrap the env (e.g. FlattenObservation)")
+    if isinstance(observation_space, gym.spaces.Box):
+        shape = tuple(observation_space.shape)
+        if is_pixel_shape(shape) and observation_space.dtype == np.uint8:
+            return  # frame stacks from fastdqn.atari, for the Nature CNN
+        if len(shape) == 1 or is_grid_shape(shape) and not is_image_space(observation_space):
+            return  # vectors for the MLP, grids for the MinAtar CNN (screens have become frame stacks)
+    raise EnvError(f"env '{env_id}' has observation space {observation_space}: {OBSERVATIONS_TAKEN}; wrap the env to "
+                   "give one of them (e.g. gymnasium.wrappers.FlattenObservation)")
 
 
 def _env_factory(cfg: Config, index: int) -> Callable[[], gym.Env]:
@@ -179,9 +197,9 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
 
 
 def obs_dtype(space: gym.Space) -> torch.dtype:
-    """How observations are stored and sent to the device: uint8 ones stay uint8 (frames, grids: a byte a value),
-    all others are float32."""
-    return torch.uint8 if space.dtype == np.uint8 else torch.float32
+    """How observations are stored and sent to the device: uint8 and bool ones as uint8 (frames, grids: a byte a
+    cell; the networks make them float), all others as float32."""
+    return torch.uint8 if space.dtype in (np.uint8, np.bool_) else torch.float32
 
 
 def true_next_obs(next_obs: np.ndarray, infos: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:

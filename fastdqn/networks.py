@@ -1,4 +1,5 @@
-"""Q-networks: an MLP for vector observations (optional running normalization), the Nature CNN for frame stacks.
+"""Q-networks, chosen by the observation's shape: an MLP for vectors (optional running normalization), the Nature
+CNN for (C, 84, 84) frame stacks, the MinAtar CNN for (H, W, C) grids.
 
 Under bf16 autocast (`amp`) only the convolutions run in bf16; every fully connected layer runs in float32. bf16
 keeps 8 bits of mantissa: Q-values near 100 leaving the network in bf16 are rounded to steps of 0.5, about the size
@@ -120,13 +121,43 @@ class NatureCNN(nn.Module):
         return in_float32(self.head, self.torso(x))
 
 
+class MinAtarCNN(nn.Module):
+    """(B, H, W, C) grids (bool or small integer cells) -> Q-values: the MinAtar paper's network (Young & Tian,
+    2019), one 3x3 convolution of 16 channels (bf16 under autocast), then a 128-unit layer and a linear or dueling
+    head in float32.
+
+    Cells are used as they are (no scaling): MinAtar's are 0/1. The channels-last grid becomes the NCHW tensor the
+    convolution takes by a permuted view, whose memory is then already in cuDNN's channels_last layout.
+    """
+
+    def __init__(self, grid_shape: tuple[int, int, int], n_actions: int, dueling: bool = False):
+        super().__init__()
+        height, width, channels = grid_shape
+        self.torso = nn.Sequential(nn.Conv2d(channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        features = 16 * (height - 2) * (width - 2)
+        self.head = (DuelingHead(features, n_actions, hidden=128) if dueling else
+                     nn.Sequential(nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, n_actions)))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return in_float32(self.head, self.torso(obs.permute(0, 3, 1, 2).float()))
+
+
 def is_pixel_shape(obs_shape: tuple[int, ...]) -> bool:
-    """(C, 84, 84) frame stacks go to the CNN; everything else to the MLP."""
+    """(C, 84, 84) frame stacks (made by fastdqn from screens) go to the Nature CNN."""
     return len(obs_shape) == 3 and tuple(obs_shape[1:]) == (84, 84)
 
 
+def is_grid_shape(obs_shape: tuple[int, ...]) -> bool:
+    """(H, W, C) grids of at least 3x3 cells, other than frame stacks, go to the MinAtar CNN."""
+    return len(obs_shape) == 3 and not is_pixel_shape(obs_shape) and min(obs_shape[:2]) >= 3
+
+
 def build_q_network(obs_shape: tuple[int, ...], n_actions: int, cfg: Config) -> nn.Module:
-    """The Q-network for an observation shape (the env module has already checked that it is supported)."""
+    """The Q-network for an observation shape (envs.check_spaces has refused the shapes none of them takes)."""
     if is_pixel_shape(obs_shape):
         return NatureCNN(int(obs_shape[0]), n_actions, cfg.dueling)
+    if is_grid_shape(obs_shape):
+        return MinAtarCNN(tuple(int(n) for n in obs_shape), n_actions, cfg.dueling)
+    if len(obs_shape) != 1:
+        raise ValueError(f"no Q-network takes observations of shape {obs_shape}")
     return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs, cfg.dueling)

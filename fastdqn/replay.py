@@ -4,7 +4,7 @@ Storage. A vector step of N envs is written in one call, one slice copy per colu
 a multiple of N, so the layout is fixed: slot `k * N + e` holds env `e`'s entry of some vector step, and the same
 env's next entry is N slots later (mod capacity). `RingStorage` keeps that layout; `TransitionStorage` (here)
 stores whole transitions and `FrameStorage` (frame_replay.py) each frame of a frame stack once. Pixel observations
-stay uint8 and become float only inside the network.
+and grid cells stay one byte each (uint8) and become float only inside the network.
 
 Replay. A replay is a storage plus the rule that samples it: `ReplayBuffer` (uniform, here), `PrioritizedReplayBuffer`
 (prioritized.py) and `FrameReplay` (frame_replay.py). All follow the one `Replay` protocol that the collection, the

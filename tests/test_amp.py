@@ -15,7 +15,7 @@ import torch
 
 from fastdqn.config import Config
 from fastdqn.learner import DQNLearner, autocast, batch_td_loss, single_graph_step
-from fastdqn.networks import NatureCNN
+from fastdqn.networks import MinAtarCNN, NatureCNN
 from fastdqn.replay import Batch
 
 CPU = torch.device("cpu")
@@ -101,7 +101,8 @@ def test_amp_targets_loss_and_update_are_fp32_on_the_cartpole_net():
         torch.testing.assert_close(p_graph, p, rtol=1e-5, atol=1e-6)
 
 
-CNNS = {"nature": (lambda dueling: NatureCNN(4, 3, dueling),
+CNNS = {"minatar": (lambda dueling: MinAtarCNN((10, 10, 4), 3, dueling), lambda: torch.rand(5, 10, 10, 4) < 0.3),
+        "nature": (lambda dueling: NatureCNN(4, 3, dueling),
                    lambda: torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8))}
 
 
@@ -120,3 +121,23 @@ def test_cnns_run_their_convolutions_in_bf16_and_their_heads_in_fp32(kind, dueli
     assert {d for n, d in dtypes.items() if n.startswith("torso")} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if n.startswith("head")} == {torch.float32}
     torch.testing.assert_close(q, net(obs), rtol=0.05, atol=0.05)  # and close to the float32 forward
+
+
+def test_minatar_cnn_update_under_amp_is_close_to_fp32_and_keeps_fp32_state():
+    """The one place amp changes numbers: bf16 convolutions. The eager update stays close to fp32's."""
+    def learner(amp: bool) -> DQNLearner:
+        torch.manual_seed(0)
+        return DQNLearner(Config(env_id="MinAtar/Breakout-v1", device="cpu", amp=amp), (10, 10, 4), 3, CPU)
+
+    g = torch.Generator().manual_seed(2)
+    obs = torch.rand(32, 10, 10, 4, generator=g) < 0.2
+    batch = Batch(obs, torch.randint(0, 3, (32,), generator=g), torch.rand(32, generator=g),
+                  torch.roll(obs, 1, dims=1), torch.zeros(32))
+    fp32, amp = learner(False), learner(True)
+    stats, _ = fp32.step_on(batch)
+    stats_amp, _ = amp.step_on(batch)
+    assert stats_amp.dtype == torch.float32
+    torch.testing.assert_close(stats_amp, stats, rtol=2e-2, atol=2e-3)
+    for p in amp.q.parameters():
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert all(v.dtype == torch.float32 for v in amp.optimizer.state[p].values())
