@@ -1,5 +1,5 @@
-"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs and
-a Pong run with a fixed wall-clock budget, each stage in its own process with its own time limit.
+"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs, the
+MinAtar suite and a Pong run with a fixed wall-clock budget, each stage in its own process with its own time limit.
 
     benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--only STAGE,...] [--dry-run]
 
@@ -12,7 +12,7 @@ and exits cleanly: the Pong stage ends that way on purpose), then SIGKILL. Stage
 second and stop starting once the budget is spent.
 
 `--dry-run` runs the same plumbing with CPU-sized stages (no GPU needed); the test suite runs it, so the script
-cannot rot unnoticed. To add a stage (a population of agents, the MinAtar suite), append a `Stage` in `stages()`.
+cannot rot unnoticed. To add a stage (a population of agents), append a `Stage` in `stages()`.
 """
 
 from __future__ import annotations
@@ -91,6 +91,20 @@ def bench_results(stage_dir: Path, log_text: str) -> dict[str, Any]:
     return {"file": files[-1].name, **json.loads(files[-1].read_text())}
 
 
+def minatar_results(path: Path) -> Callable[[Path, str], dict[str, Any]]:
+    """Each MinAtar run's frames, speed and evaluations beside the paper's 5M-frame return; the curves stay in the
+    benchmark's own JSON (`python benchmarks/minatar_curves.py --plot-only --out JSON --plot PNG` draws them)."""
+    def collect(stage_dir: Path, log_text: str) -> dict[str, Any]:
+        record = json.loads(path.read_text())
+        runs = [{k: run[k] for k in ("env_id", "seed", "env_steps", "updates", "sps", "wall_time", "stopped")}
+                | {"last_eval": run["evals"][-1] if run["evals"] else None,
+                   "best_eval": max(run["evals"], key=lambda e: e[1]) if run["evals"] else None,
+                   "published_5M": record["published_5M"][run["game"]]} for run in record["runs"]]
+        return {"file": str(path), "runs": runs}
+
+    return collect
+
+
 def train_results(run_dir: Path) -> Callable[[Path, str], dict[str, Any]]:
     """A training run's result line, its evaluation curve and its last logged speed, from its run dir."""
     def collect(stage_dir: Path, log_text: str) -> dict[str, Any]:
@@ -129,6 +143,19 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
         argv = [*fastdqn, "bench", *device, "--out", str(log_dir / name), *(dry_flags if dry else flags)]
         return Stage(name, argv, timeout_s, bench_results, doc=doc)
 
+    def minatar(out: Path, dry: bool) -> Stage:
+        argv = [*python, str(ROOT / "benchmarks" / "minatar_curves.py"), "--parallel", *device, "--out", str(out)]
+        if dry:
+            argv += ["--games", "Breakout", "Asterix", "--total-steps", "300", "--set", "learning_starts=100",
+                     "--set", "buffer_size=1000", "--set", "eval_every=0", "--set", "eval_episodes=1"]
+        else:  # each game in its own process, all on the GPU at once, stopped after 90 s (compile included)
+            argv += ["--total-steps", "5000000", "--budget-s", "90", "--set", "compile=true",
+                     "--set", "eval_every=20000", "--set", "log_every=5000"]
+        return Stage("minatar", argv, 90 if dry else 150, minatar_results(out), min_s=30 if dry else 60,
+                     doc="the five MinAtar games (configs/minatar.yaml, v1 ids, --compile) at once for 90 s each: "
+                         "frames, speed and greedy evaluations against the paper's DQN at 5M frames; needs "
+                         "pip install minatar")
+
     cartpole_dry = ["--total-steps", "600", "--learning-starts", "200", "--eval-every", "0", "--eval-episodes", "1"]
     return [
         Stage("machine", [*python, str(Path(__file__).resolve()), "--machine-info"], 60, last_json_line,
@@ -147,6 +174,7 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
         train("cartpole-16envs-compile-amp", ["--envs", "16", "--compile", "--amp", "--total-steps", "50000"],
               ["--envs", "16", "--amp", *cartpole_dry], 60 if dry else 120,
               doc="--envs 16 --compile --amp to 50k env steps (CUDA graph on): wall time, compile included"),
+        minatar(log_dir / "minatar" / "minatar-gpu.json", dry),
         bench("bench-e2e", ["--suite", "e2e", "--steps", "4000", "--learning-starts", "1000", "--repeats", "1",
                             "--envs", "1,16"],
               ["--suite", "e2e", "--envs", "1", "--steps", "300", "--learning-starts", "100", "--repeats", "1"],

@@ -83,27 +83,32 @@ def run_game(game: str, version: str, seed: int, values: dict[str, Any], budget_
     run_dir = runs / f"{game}-s{seed}"
     with Budget(budget_s) as budget:
         result = train(cfg, run_dir, overwrite=True, show_progress=False)
-    if result.interrupted and not budget.fired:  # a user's Ctrl-C stops the whole benchmark
-        raise KeyboardInterrupt
+    stopped = ("budget" if budget.fired else "interrupt") if result.interrupted else None
     return {"game": game, "env_id": cfg.env_id, "seed": seed, "env_steps": result.env_steps,
             "updates": result.updates, "episodes": result.episodes, "wall_time": round(result.wall_time, 1),
-            "sps": round(result.sps, 1), "stopped_by_budget": result.interrupted, **curves(run_dir)}
+            "sps": round(result.sps, 1), "stopped": stopped, **curves(run_dir)}
 
 
 def run_children(args: argparse.Namespace, jobs: list[tuple[str, int]], tmp: Path) -> list[dict[str, Any]]:
-    """Each (game, seed) in its own process of this script, all at once; their runs, in the order of `jobs`."""
+    """Each (game, seed) in its own process of this script, all at once; their runs, in the order of `jobs`. A
+    SIGINT here is passed on: each run saves and ends, and its curve so far is kept."""
     procs = []
     for game, seed in jobs:
         out = tmp / f"{game}-{seed}.json"
         argv = [sys.executable, str(Path(__file__).resolve()), "--games", game, "--seeds", str(seed),
                 "--config", args.config, "--version", args.version, "--total-steps", str(args.total_steps),
-                "--device", args.device, "--runs-root", str(tmp / "runs"), "--out", str(out),
+                "--device", args.device, "--runs-root", args.runs_root or str(tmp / "runs"), "--out", str(out),
                 *(["--budget-s", str(args.budget_s)] if args.budget_s else []),
                 *(item for pair in (("--set", s) for s in args.set) for item in pair)]
         procs.append((out, subprocess.Popen(argv, cwd=ROOT)))
     runs = []
     for out, proc in procs:
-        proc.wait()
+        while proc.poll() is None:
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                for _, other in procs:
+                    other.send_signal(signal.SIGINT)
         if out.is_file():
             runs += json.loads(out.read_text())["runs"]
     return runs
@@ -156,7 +161,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--games", nargs="+", default=list(GAMES), choices=GAMES)
     parser.add_argument("--version", default="v1", choices=["v0", "v1"], help="v1: each game's own actions")
@@ -171,16 +176,25 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/minatar-cpu.json")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG)")
     parser.add_argument("--plot-only", action="store_true", help="redraw --plot from --out, train nothing")
-    args = parser.parse_args()
+    return parser
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys every run of this benchmark shares: the config file, --set items, steps and device."""
+    from fastdqn.config import load_yaml, parse_set
+
+    return {**load_yaml(ROOT / args.config), **parse_set(args.set), "total_steps": args.total_steps,
+            "device": args.device}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = Path(args.out)
     if args.plot_only:
         plot(json.loads(out.read_text()), Path(args.plot))
         return
 
-    from fastdqn.config import load_yaml, parse_set
-
-    values = {**load_yaml(ROOT / args.config if not Path(args.config).is_absolute() else args.config),
-              **parse_set(args.set), "total_steps": args.total_steps, "device": args.device}
+    values = config_values(args)
     record: dict[str, Any] = {
         "what": "fastdqn DQN on MinAtar against the paper's DQN at 5M frames", "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(args.device),
@@ -191,18 +205,17 @@ def main() -> None:
     jobs = [(game, seed) for game in args.games for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="minatar-") as tmp:
         runs = Path(args.runs_root) if args.runs_root else Path(tmp)
-        try:
-            if args.parallel and len(jobs) > 1:
-                record["runs"] = run_children(args, jobs, Path(tmp))
-            else:
-                for game, seed in jobs:
-                    record["runs"].append(run_game(game, args.version, seed, values, args.budget_s, runs))
-                    record["load_average_end"] = os.getloadavg()
-                    write_json(out, record)
-                    print(json.dumps({k: v for k, v in record["runs"][-1].items()
-                                      if k not in ("evals", "train_returns")}), flush=True)
-        except KeyboardInterrupt:
-            print(f"interrupted; runs so far in {out}", flush=True)
+        if args.parallel and len(jobs) > 1:
+            record["runs"] = run_children(args, jobs, Path(tmp))
+        else:
+            for game, seed in jobs:
+                record["runs"].append(run_game(game, args.version, seed, values, args.budget_s, runs))
+                record["load_average_end"] = os.getloadavg()
+                write_json(out, record)
+                print(json.dumps({k: v for k, v in record["runs"][-1].items()
+                                  if k not in ("evals", "train_returns")}), flush=True)
+                if record["runs"][-1]["stopped"] == "interrupt":  # Ctrl-C stops the whole benchmark
+                    break
     record["load_average_end"] = os.getloadavg()
     write_json(out, record)
     if args.plot:

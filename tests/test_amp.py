@@ -141,3 +141,18 @@ def test_minatar_cnn_update_under_amp_is_close_to_fp32_and_keeps_fp32_state():
     for p in amp.q.parameters():
         assert p.dtype == p.grad.dtype == torch.float32
         assert all(v.dtype == torch.float32 for v in amp.optimizer.state[p].values())
+
+
+def test_a_cartpole_run_under_amp_learns_exactly_what_fp32_learns(tmp_path, tiny_cfg):
+    """An MLP has no convolutions, so amp leaves its training bit for bit as it is: a seeds table under --amp is the
+    float32 one."""
+    from fastdqn.trainer import Trainer
+
+    results, weights = [], []
+    for amp in (False, True):
+        trainer = Trainer(tiny_cfg.updated(amp=amp, eval_every=1_000), tmp_path / f"amp-{amp}", show_progress=False)
+        results.append(trainer.run())
+        weights.append([p.detach().clone() for p in trainer.learner.q.parameters()])
+    assert results[0].updates > 0 and len(results[0].evals) == 2
+    assert results[1].evals == results[0].evals
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

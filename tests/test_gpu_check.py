@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastdqn.cli import build_parser, config_from_args
+from fastdqn.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -22,6 +23,9 @@ spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" /
 gpu_check = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = gpu_check  # its dataclass looks itself up there
 spec.loader.exec_module(gpu_check)
+curves_spec = importlib.util.spec_from_file_location("minatar_curves", ROOT / "benchmarks" / "minatar_curves.py")
+minatar_curves = importlib.util.module_from_spec(curves_spec)
+curves_spec.loader.exec_module(minatar_curves)
 
 STOPS_CLEANLY = """
 import signal, sys, time, json
@@ -119,6 +123,13 @@ def test_every_fastdqn_command_of_the_check_is_one_the_cli_accepts(tmp_path, dry
             cfg = config_from_args(args)
             assert cfg.device == ("cpu" if dry else "cuda")
     assert fastdqn_commands == 5
+    minatar = next(stage for stage in stages if stage.name == "minatar")
+    curves = minatar_curves.build_parser().parse_args(minatar.argv[2:])
+    values = minatar_curves.config_values(curves)
+    for game in curves.games:  # every run's config is one the CLI would accept
+        cfg = from_dict({**values, "env_id": f"MinAtar/{game}-{curves.version}"})
+        assert cfg.device == ("cpu" if dry else "cuda")
+    assert dry or (set(curves.games) == set(minatar_curves.GAMES) and curves.parallel and cfg.compile)
     names = [s.name for s in stages]
     assert names[:2] == ["machine", "cuda-tests"] and names[-1] == "pong"  # by value per second, Pong last
     if not dry:
@@ -137,10 +148,12 @@ def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
     stages = {s["name"]: s for s in record["stages"]}
     assert {k: s["status"] for k, s in stages.items()} == {
         "machine": "ok", "cuda-tests": "ok", "bench-update": "ok", "cartpole-default": "ok",
-        "cartpole-16envs-compile-amp": "ok", "bench-e2e": "ok", "pong": "stopped"}
+        "cartpole-16envs-compile-amp": "ok", "minatar": "ok", "bench-e2e": "ok", "pong": "stopped"}
     cuda = stages["cuda-tests"]["results"]
     assert cuda["tests"] == cuda["skipped"] > 10 and cuda["failures"] == cuda["errors"] == 0  # no CUDA here
     assert stages["cartpole-default"]["results"]["result"]["env_steps"] >= 600
     assert stages["cartpole-default"]["results"]["eval_curve"]
     assert stages["bench-update"]["results"]["cases"] and stages["bench-e2e"]["results"]["training"]
     assert stages["pong"]["results"]["result"]["interrupted"]
+    assert [(r["env_id"], r["env_steps"] >= 300) for r in stages["minatar"]["results"]["runs"]] == [
+        ("MinAtar/Breakout-v1", True), ("MinAtar/Asterix-v1", True)]
