@@ -25,7 +25,7 @@ GAMES = {"Asterix": (4, 5), "Breakout": (4, 3), "Freeway": (7, 3), "Seaquest": (
 # each game's grid channels and the size of its own (v1) action set
 IDS = [f"MinAtar/{game}-{version}" for game in GAMES for version in ("v0", "v1")]
 SHORT = dict(device="cpu", num_envs=2, total_steps=400, learning_starts=100, buffer_size=1_000, batch_size=16,
-             train_every=4, eval_every=0, eval_episodes=1, log_every=200, checkpoint_every=0)
+             train_every=4, gradient_steps=1, eval_every=0, eval_episodes=1, log_every=200, checkpoint_every=0)
 
 
 @pytest.fixture
@@ -116,6 +116,36 @@ def test_small_uint8_grids_are_not_screens_and_large_ones_are():
     assert is_image_space(gym.spaces.Box(0, 255, (64, 64, 3), np.uint8))
     assert is_image_space(gym.spaces.Box(0, 255, (210, 160), np.uint8))
     check_spaces("grid", gym.spaces.Box(0, 255, (7, 7, 3), np.uint8), gym.spaces.Discrete(3))  # taken
+
+
+class ObjectGrid(gym.Env):
+    """A 7x7 grid of uint8 object codes (0-10) in 3 channels, like MiniGrid's image observation; episodes of 5 steps."""
+
+    observation_space = gym.spaces.Box(0, 255, (7, 7, 3), np.uint8)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.integers(0, 11, (7, 7, 3), dtype=np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.np_random.integers(0, 11, (7, 7, 3), dtype=np.uint8)
+        return obs, float(action == 1), self.t >= 5, False, {}
+
+
+def test_a_uint8_grid_env_trains_on_the_minatar_cnn_without_screen_preprocessing(tmp_path):
+    from fastdqn.trainer import Trainer
+
+    gym.register("fastdqn_test/ObjectGrid-v0", entry_point=ObjectGrid)
+    cfg = Config(**{**SHORT, "env_id": "fastdqn_test/ObjectGrid-v0"})
+    trainer = Trainer(cfg, tmp_path / "run", show_progress=False)
+    assert trainer.envs.single_observation_space.shape == (7, 7, 3)  # not resized, grayed or stacked
+    assert isinstance(trainer.learner.q, MinAtarCNN) and trainer.replay.obs.dtype == torch.uint8
+    result = trainer.run()
+    assert result.env_steps == 400 and result.episodes == 80
+    assert trainer.replay.obs[:len(trainer.replay)].max() == 10  # the codes as they are
 
 
 @pytest.mark.parametrize("space", [
