@@ -74,6 +74,26 @@ def test_breakout_trains_thousands_of_steps_storing_one_byte_per_cell(tmp_path):
     assert evaluate(tmp_path / "run", episodes=2).episodes == 2  # the saved policy loads and plays
 
 
+def test_a_resumed_minatar_run_starts_fresh_games_instead_of_a_saved_observation_of_a_lost_one(tmp_path):
+    """MinAtar's game state lives in objects the checkpoint's env snapshot does not walk: a resumed run resets its
+    envs, so no stored transition pairs the saved observation with a game that was reset underneath it."""
+    from fastdqn.checkpoint import checkpoint_path
+    from fastdqn.checkpointer import load_run_checkpoint
+    from fastdqn.trainer import Trainer
+
+    cfg = Config(env_id="MinAtar/Breakout-v1", **{**SHORT, "checkpoint_every": 200, "keep_checkpoints": 3})
+    whole = Trainer(cfg, tmp_path / "whole", show_progress=False)
+    whole.run()
+    saved = load_run_checkpoint(checkpoint_path(tmp_path / "whole", 200), torch.device("cpu"))
+    resumed = Trainer(cfg, tmp_path / "resumed", show_progress=False)
+    fresh = resumed.collector.obs.copy()
+    resumed.restore(saved)
+    assert not np.array_equal(saved["obs"].numpy(), fresh)  # mid-game at step 200
+    assert np.array_equal(resumed.collector.obs, fresh)
+    result = resumed.run()
+    assert result.env_steps == 400 and resumed.counters.updates == whole.counters.updates
+
+
 def test_minatar_ids_take_the_papers_settings_and_the_yaml_spells_them_out():
     cfg = Config(env_id="MinAtar/Seaquest-v1")
     assert all(getattr(cfg, key) == value for key, value in MINATAR.items())
