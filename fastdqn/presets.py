@@ -33,16 +33,16 @@ def solve_line_of(env_id: str) -> float | None:
 
 # The MinAtar paper's DQN (Young & Tian 2019, and its examples/dqn.py): replay 100k, batch 32, one update per env
 # step, target copy every 1000, epsilon 1 -> 0.1 over 100k steps after 5000 random ones, gamma 0.99, Huber loss, no
-# gradient clipping, no Double DQN, 5M steps (one env step is one frame: MinAtar has no frame skip). The paper uses
-# centered RMSprop (lr 2.5e-4, alpha 0.95, momentum 0.95, eps 0.01); fastdqn uses Adam at the same lr, with the
-# larger epsilon Dopamine's Adam agents use (0.01 / batch size) in the role of RMSprop's. configs/minatar.yaml
-# spells it out.
+# gradient clipping, no Double DQN, a constant step size, 1-step returns, 5M steps (one env step is one frame: MinAtar
+# has no frame skip). The paper uses centered RMSprop (lr 2.5e-4, alpha 0.95, momentum 0.95, eps 0.01); fastdqn uses
+# Adam at the same lr, with the larger epsilon Dopamine's Adam agents use (0.01 / batch size) in the role of
+# RMSprop's. configs/minatar.yaml spells it out.
 MINATAR: dict[str, Any] = {
     "buffer_size": 100_000, "batch_size": 32, "train_every": 1, "gradient_steps": 1, "target_update_interval": 1_000,
     "learning_rate": 2.5e-4, "adam_eps": 3.125e-4, "learning_starts": 5_000, "epsilon_start": 1.0, "epsilon_end": 0.1,
     "epsilon_decay_steps": 100_000, "gamma": 0.99, "loss": "huber", "max_grad_norm": 0.0, "double_dqn": False,
-    "total_steps": 5_000_000, "eval_every": 100_000, "eval_episodes": 10, "log_every": 10_000,
-    "checkpoint_every": 500_000,
+    "lr_schedule": "constant", "n_step": 1, "total_steps": 5_000_000, "eval_every": 100_000, "eval_episodes": 10,
+    "log_every": 10_000, "checkpoint_every": 500_000,
 }
 
 
