@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdqn.api import evaluate, train
+from fastdqn.api import evaluate
 from fastdqn.atari import is_image_space
 from fastdqn.config import Config, from_dict, load_yaml
 from fastdqn.envs import check_env_id, check_spaces, make_vector_env
@@ -26,6 +26,8 @@ GAMES = {"Asterix": (4, 5), "Breakout": (4, 3), "Freeway": (7, 3), "Seaquest": (
 IDS = [f"MinAtar/{game}-{version}" for game in GAMES for version in ("v0", "v1")]
 SHORT = dict(device="cpu", num_envs=2, total_steps=400, learning_starts=100, buffer_size=1_000, batch_size=16,
              train_every=4, gradient_steps=1, eval_every=0, eval_episodes=1, log_every=200, checkpoint_every=0)
+# A few thousand env steps per id, with updates sparse enough that all ten ids stay a few seconds each.
+THOUSANDS = {**SHORT, "total_steps": 2_000, "learning_starts": 400, "train_every": 16, "log_every": 1_000}
 
 
 @pytest.fixture
@@ -37,9 +39,12 @@ def without_minatar(monkeypatch):
 
 
 @pytest.mark.parametrize("env_id", IDS)
-def test_every_minatar_id_trains_a_short_run(env_id, tmp_path):
-    """All five games in both versions (v0: six actions, v1: the game's own) through the whole loop: collection,
-    updates on the MinAtar CNN (dueling on v1), the final greedy evaluation and checkpoint."""
+def test_every_minatar_id_trains_a_few_thousand_steps(env_id, tmp_path):
+    """All five games in both versions (v0: six actions, v1: the game's own) through the whole loop for 2,000 env
+    steps: collection, updates on the MinAtar CNN (dueling on v1) that change its weights, the final greedy
+    evaluation and checkpoint."""
+    from fastdqn.trainer import Trainer
+
     game, version = env_id.split("/")[1].split("-")
     envs = make_vector_env(Config(env_id=env_id), 2)
     space, actions = envs.single_observation_space, envs.single_action_space.n
@@ -47,8 +52,13 @@ def test_every_minatar_id_trains_a_short_run(env_id, tmp_path):
     channels, own_actions = GAMES[game]
     assert space.shape == (10, 10, channels) and space.dtype == np.bool_
     assert actions == (6 if version == "v0" else own_actions)
-    result = train(Config(env_id=env_id, dueling=version == "v1", **SHORT), tmp_path / "run", show_progress=False)
-    assert result.env_steps == 400 and result.updates == 300 // 4
+    trainer = Trainer(Config(env_id=env_id, dueling=version == "v1", **THOUSANDS), tmp_path / "run",
+                      show_progress=False)
+    assert isinstance(trainer.learner.q, MinAtarCNN)
+    start = [p.detach().clone() for p in trainer.learner.q.parameters()]
+    result = trainer.run()
+    assert result.env_steps == 2_000 and result.updates == 1_600 // 16
+    assert all(not torch.equal(a, p) for a, p in zip(start, trainer.learner.q.parameters()))
     assert np.isfinite(result.final_eval_mean)
 
 
