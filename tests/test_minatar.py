@@ -5,6 +5,7 @@ with the list of those it takes."""
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 
 import gymnasium as gym
@@ -121,9 +122,11 @@ def test_minatar_ids_are_registered_by_fastdqn(monkeypatch):
         check_env_id("MinAtar/Breakot-v1")
 
 
-def test_a_minatar_id_without_minatar_names_the_extra(without_minatar):
+def test_a_minatar_id_without_minatar_names_the_extra_that_installs_it(without_minatar):
     with pytest.raises(EnvError, match=r"needs minatar: pip install 'fastdqn\[minatar\]'"):
         make_vector_env(Config(env_id="MinAtar/Breakout-v1"), 1)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("minatar") for req in extras["minatar"])
 
 
 def test_the_network_is_chosen_by_the_observation_shape():
