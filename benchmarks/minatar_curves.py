@@ -2,8 +2,8 @@
 and training-episode returns, and the DQN returns Young & Tian (2019) published at 5M frames.
 
     python benchmarks/minatar_curves.py --games Breakout SpaceInvaders --total-steps 300000 [--seeds 1 2] [--parallel]
-        [--device cpu] [--budget-s SECONDS] [--set key=value ...] [--out JSON] [--plot PNG]
-    python benchmarks/minatar_curves.py --plot-only --out JSON --plot PNG      # redraw the figure from a JSON
+        [--device cpu] [--budget-s SECONDS] [--set key=value ...] [--out JSON] [--plot PNG] [--page MD]
+    python benchmarks/minatar_curves.py --plot-only --out JSON --plot PNG [--page MD]   # redraw from a JSON
 
 Each (game, seed) is a normal fastdqn run (`fastdqn.train`), one after the other or, with --parallel, each in its
 own process. --budget-s stops a run at that wall time with the SIGINT Ctrl-C sends: the run saves and ends
@@ -161,6 +161,37 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def page(record: dict[str, Any], json_path: Path, plot_path: Path | None, path: Path) -> None:
+    """A Markdown page of the runs in `record`: each run's frames, last and best greedy evaluation and last
+    training return beside the paper's 5M-frame return, and the figure."""
+    rows = ["| game | seed | env steps (frames) | of 5M | wall time (s) | last greedy eval | best greedy eval | "
+            "last training return | paper's DQN at 5M |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in record["runs"]:
+        last = f"{run['evals'][-1][1]:.1f} at {run['evals'][-1][0]:,}" if run["evals"] else "-"
+        best = max(run["evals"], key=lambda e: e[1]) if run["evals"] else None
+        train_last = run["train_returns"][-1][1] if run["train_returns"] else None
+        rows.append(f"| {run['env_id']} | {run['seed']} | {run['env_steps']:,} | {run['env_steps'] / 5e6:.1%} | "
+                    f"{run['wall_time']:.0f} | {last} | {'-' if best is None else f'{best[1]:.1f} at {best[0]:,}'} "
+                    f"| {'-' if train_last is None else f'{train_last:.1f}'} | {record['published_5M'][run['game']]} |")
+    where = record["machine"].get("cuda") or f"{record['machine']['cpu_count']}-core CPU, shared"
+    load = ", ".join(f"{x:.1f}" for x in record["load_average_start"])
+    load_end = ", ".join(f"{x:.1f}" for x in record.get("load_average_end", []))
+    lines = ["# MinAtar", "",
+             f"`python benchmarks/{record['command']}` on {record['date']} ({where}; torch {record['machine']['torch']}; "
+             f"load average {load} at the start, {load_end} at the end), {record['config']} with "
+             f"{', '.join(record['overrides']) or 'no changes'}. Raw numbers and every curve: "
+             f"`{json_path}`.", "",
+             "Greedy eval: the mean return of an evaluation's episodes with epsilon 0 (MinAtar's sticky actions keep them stochastic). "
+             "Training return: the mean of the last 20 training episodes (epsilon 0.1 after the first 100k env "
+             "steps), the measure the paper plots. The paper's numbers (Young & Tian 2019, DQN, read off its curves) "
+             "are at 5M frames; these runs are a small fraction of that, so they show where learning starts, "
+             "not where it ends.", "", *rows]
+    if plot_path is not None:
+        lines += ["", f"![MinAtar learning curves]({os.path.relpath(plot_path, path.parent)})"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--games", nargs="+", default=list(GAMES), choices=GAMES)
@@ -175,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-root", default=None, help="where the run dirs go (default: a temporary dir)")
     parser.add_argument("--out", default="benchmarks/results/minatar-cpu.json")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG)")
-    parser.add_argument("--plot-only", action="store_true", help="redraw --plot from --out, train nothing")
+    parser.add_argument("--page", default=None, help="write a Markdown page of the runs here")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --plot (and --page) from --out, train "
+                                                                 "nothing")
     return parser
 
 
@@ -191,7 +224,10 @@ def main() -> None:
     args = build_parser().parse_args()
     out = Path(args.out)
     if args.plot_only:
-        plot(json.loads(out.read_text()), Path(args.plot))
+        record = json.loads(out.read_text())
+        plot(record, Path(args.plot))
+        if args.page:
+            page(record, out, Path(args.plot), Path(args.page))
         return
 
     values = config_values(args)
@@ -220,6 +256,8 @@ def main() -> None:
     write_json(out, record)
     if args.plot:
         plot(record, Path(args.plot))
+    if args.page:
+        page(record, out, Path(args.plot) if args.plot else None, Path(args.page))
 
 
 if __name__ == "__main__":
