@@ -2,6 +2,9 @@
 
     python benchmarks/cartpole_stability.py --variants default,lr-linear --seeds 1 2 3 4 5
     python benchmarks/cartpole_stability.py --report          # rebuild the JSON and table from runs on disk
+    python benchmarks/cartpole_stability.py --variants r25-lr-nstep-3-amp,r25-lr-nstep-3-envs16-compile-amp \
+        --out runs/cartpole-stability-amp --json benchmarks/results/cartpole_stability_amp.json \
+        --plot docs/cartpole-stability-amp.png              # the --amp table, beside the fp32 one
 
 Each variant is the default config as it was before this investigation (`BEFORE` below) with a few keys
 changed, run as an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`), one per seed in
@@ -59,6 +62,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The flagship command (`fastdqn train --envs 16 --compile`) on the candidate config:
     "r25-lr-nstep-3-envs16-compile": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "num_envs": 16,
                                       "compile": True},
+    # The same two under --amp (bf16 autocast; an MLP stays float32 in it): does amp change what is learned?
+    "r25-lr-nstep-3-amp": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "amp": True},
+    "r25-lr-nstep-3-envs16-compile-amp": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "num_envs": 16,
+                                          "compile": True, "amp": True},
 }
 
 OUT_JSON = Path("benchmarks/results/cartpole_stability.json")
