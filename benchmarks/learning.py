@@ -236,6 +236,7 @@ def index(records: list[dict[str, Any]]) -> str:
     if missing:
         lines.append(f"\nNot run yet: {', '.join(missing)}.")
     lines.append("\nCartPole-v1, the default config: [../cartpole-stability.md](../cartpole-stability.md).")
+    lines.append("\nMinAtar (`python benchmarks/minatar_curves.py`): [minatar.md](minatar.md).")
     return "\n".join(lines) + "\n"
 
 
