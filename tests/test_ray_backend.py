@@ -190,8 +190,10 @@ def test_a_stopped_or_killed_worker_is_retried_and_its_run_resumes_exactly(clust
 
 def test_ctrl_c_then_resume_finishes_the_plan_with_no_run_done_twice(cluster, tmp_path):
     out = tmp_path / "sweep"
-    short, long, queued = (P.Point(f"total_steps={n}", {}) for n in (200, 900, 901))
-    driver = subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "sweep", "--grid", "total_steps=200,900,901",
+    # The long run must outlast the short one, the queued run's start (a Ray worker importing torch, slow on a
+    # loaded CPU) and its first checkpoint: at 5 ms a step, 4,000 steps are 20 s of sleep alone.
+    short, long, queued = (P.Point(f"total_steps={n}", {}) for n in (200, 4000, 4001))
+    driver = subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "sweep", "--grid", "total_steps=200,4000,4001",
                                "--seeds", "1", *ray_flags(cluster), "--out", str(out), *sets(SLOW)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
