@@ -216,8 +216,8 @@ class Trainer:
                     self.checkpoints.save()
                     logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
                                    f"Resume with: fastdqn train --resume {self.run_dir}[/]")
-                else:
-                    self.evaluate(logger)
+                elif not self.evaluator.evals or self.evaluator.evals[-1][0] != c.env_step:
+                    self.evaluate(logger)  # (a finished run resumed again has its final evaluation and checkpoint)
                     self.checkpoints.save()
                     logger.hparams(self.evaluator.evals[-1][1])
             finished = True

@@ -41,7 +41,10 @@ def test_train_refuses_a_used_run_dir_and_resume_continues_it(tmp_path):
     assert resumed.env_steps == 2_000
     assert resumed.updates == (2_000 - 200) // 64 * 8, "the update count goes on from the checkpoint"
     again = fastdqn.train(None, run, resume=True, show_progress=False)  # as saved: already at total_steps
-    assert again.env_steps == 2_000
+    assert again.env_steps == 2_000 and again.evals == resumed.evals  # the final evaluation is not run twice
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_evals = [r for r in records if r["kind"] == "eval" and r["step"] == 2_000]
+    assert len(final_evals) == 1, final_evals
 
 
 def test_evaluate_and_load_policy_read_the_newest_checkpoint(tmp_path):
