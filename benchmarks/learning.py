@@ -2,16 +2,19 @@
 
     python benchmarks/learning.py --envs acrobot --seeds 1 2 3 4 5 [--workers 1]
     python benchmarks/learning.py --envs acrobot --seeds 1 2 --sb3-python /path/to/sb3-venv/bin/python --sb3-only
+    python benchmarks/learning.py --envs mountaincar --seeds 1 --set num_envs=16   # a variant of the config
     python benchmarks/learning.py --report        # rebuild docs/results/ from the runs on disk
 
 Each env's runs are an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`: `fastdqn.train`
 in worker processes, finished runs kept, a stopped batch goes on) over `configs/<env>.yaml` with one torch
-thread on the CPU, in `--out/<env>/`. With `--sb3-python`, the same seeds also run Stable-Baselines3's DQN
+thread on the CPU, in `--out/<env>/`; asking for more seeds later adds them to it. With `--sb3-python`, the same seeds also run Stable-Baselines3's DQN
 (benchmarks/sb3_dqn.py, in that interpreter's venv) with the config's hyperparameters translated to SB3's
 names; keys SB3's DQN has no equivalent for are listed in the output. Writes
 benchmarks/results/learning-<env>.json (every run's eval curve, final and best eval, env steps, wall time,
 the machine's load), docs/results/<env>.md (the table) and docs/results/<env>.png (the curves), and
-docs/results/README.md (one line per env).
+docs/results/README.md (one line per env). A variant (`--set KEY=VALUE`: the evidence for a choice in a config)
+runs in `--out/<env>+KEY=VALUE/` and writes benchmarks/results/learning-<env>+KEY=VALUE.json, listed on the
+env's page.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from typing import Any
 
 import torch
 
-from fastdqn.config import Config, from_dict, load_yaml
+from fastdqn.config import Config, from_dict, load_yaml, parse_set
 from fastdqn.backends import BackendSpec
 from fastdqn.experiments import execute
 from fastdqn.outcomes import read_run
-from fastdqn.plans import Plan, Point, load_plan, run_dir_of
+from fastdqn.plans import PLAN_FILE, Plan, Point, load_plan, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +53,14 @@ ENVS: dict[str, dict[str, Any]] = {
 }
 
 
-def env_config(name: str) -> Config:
-    """The env's shipped config, on the CPU with one torch thread (how every figure here is measured)."""
-    return from_dict({**load_yaml(ROOT / ENVS[name]["config"]), "device": "cpu", "torch_threads": 1})
+def env_config(name: str, changes: dict[str, Any] | None = None) -> Config:
+    """The env's shipped config with `changes`, on the CPU with one torch thread (how every figure here is measured)."""
+    return from_dict({**load_yaml(ROOT / ENVS[name]["config"]), **(changes or {}), "device": "cpu", "torch_threads": 1})
+
+
+def variant_dir(name: str, changes: dict[str, str]) -> str:
+    """The experiment dir (and JSON) name of the env's config with `changes`: `mountaincar+num_envs=16`."""
+    return name + "".join(f"+{key}={value}" for key, value in sorted(changes.items()))
 
 
 def sb3_hyperparams(cfg: Config) -> tuple[dict[str, Any], list[str]]:
@@ -78,8 +86,15 @@ def sb3_hyperparams(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     return params, unmatched
 
 
-def env_plan(name: str, seeds: list[int]) -> Plan:
-    return Plan("sweep", env_config(name).to_dict(), [Point("config", {})], seeds)
+def env_plan(name: str, seeds: list[int], changes: dict[str, str], out: Path) -> Plan:
+    """The plan of `seeds`, joined with the seeds of the same config already planned in `out` (so runs add up)."""
+    plan = Plan("sweep", env_config(name, changes).to_dict(), [Point("config", {})], seeds)
+    if (out / PLAN_FILE).is_file():
+        old = load_plan(out)
+        if old.base == plan.base and old.points == plan.points:
+            plan.seeds = sorted(set(old.seeds) | set(seeds))
+            (out / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2))
+    return plan
 
 
 def stamp_load(out: Path, plan: Plan) -> None:
@@ -130,11 +145,12 @@ def median(values: list[float]) -> float | None:
 
 
 def build_report(name: str, out: Path) -> dict[str, Any] | None:
-    """The env's JSON record from the runs on disk, or None if nothing ran."""
-    if not (out / "plan.json").is_file():
+    """The JSON record of the env's runs in `out` (the shipped config or a variant), or None if nothing ran."""
+    if not (out / PLAN_FILE).is_file():
         return None
     plan = load_plan(out)
     cfg = from_dict(plan.base)
+    shipped = env_config(name).to_dict()
     rows = fastdqn_rows(plan, out)
     sb3 = [json.loads(p.read_text()) for p in sorted(out.glob("sb3-seed-*.json"))]
     for run in sb3:  # the final evaluation is one of the run's evaluations (older files kept it apart)
@@ -142,11 +158,13 @@ def build_report(name: str, out: Path) -> dict[str, Any] | None:
     params, unmatched = sb3_hyperparams(cfg)
     spec = ENVS[name]
     record = {
-        "env": name, "env_id": cfg.env_id, "config": spec["config"], "solve_line": cfg.solve_line,
+        "env": name, "dir": out.name, "env_id": cfg.env_id, "config": spec["config"], "solve_line": cfg.solve_line,
+        "changes": {k: v for k, v in plan.base.items() if shipped.get(k) != v},  # from the config as shipped now
         "rl_zoo": {"env_id": spec["zoo_env"], "mean_return": spec["zoo"], "env_steps": spec["zoo_steps"]},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "fastdqn": {"runs": rows, "final_median": median([r["final_eval"] for r in rows]),
+                    "best_median": median([r["best_eval"] for r in rows]),
                     "wall_time_median": median([r["wall_time"] for r in rows])},
         "sb3": {"hyperparams": params, "unmatched": unmatched, "runs": sb3,
                 "final_median": median([r["final_eval"] for r in sb3]),
@@ -159,7 +177,8 @@ def seeds(runs: list[dict[str, Any]]) -> str:
     return f"{len(runs)} seed" + ("" if len(runs) == 1 else "s")
 
 
-def markdown(record: dict[str, Any]) -> str:
+def markdown(record: dict[str, Any], variants: list[dict[str, Any]] = ()) -> str:
+    """The env's page: its runs beside rl-zoo and SB3, then one line per variant of its config."""
     zoo, fd, sb3 = record["rl_zoo"], record["fastdqn"], record["sb3"]
     lines = [f"# {record['env_id']}", "",
              f"`python benchmarks/learning.py --envs {record['env']}` ({record['config']}, on the CPU with one torch "
@@ -178,7 +197,8 @@ def markdown(record: dict[str, Any]) -> str:
     if fd["runs"]:
         verdict = ("at or above" if fd["final_median"] >= zoo["mean_return"] else "below")
         lines.append(f"- fastdqn: median final eval {fd['final_median']:.1f} over {seeds(fd['runs'])} ({verdict} "
-                     f"rl-zoo's score); median wall time {fd['wall_time_median']:.0f} s.")
+                     f"rl-zoo's score), median best eval {fd['best_median']:.1f}; median wall time "
+                     f"{fd['wall_time_median']:.0f} s.")
     if sb3["runs"]:
         ratio = (f"; fastdqn's median wall time is {fd['wall_time_median'] / sb3['wall_time_median']:.2f}x SB3's"
                  if fd["runs"] else "")
@@ -188,6 +208,12 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"- Not in SB3's DQN, so its runs differ in: {', '.join(sb3['unmatched'])}.")
     if record["solve_line"] is not None:
         lines.append(f"- Solve line of {record['env_id']}: {record['solve_line']:g}.")
+    for v in variants:
+        runs = v["fastdqn"]["runs"]
+        change = " ".join(f"--set {k}={val}" for k, val in sorted(v["changes"].items()))
+        lines.append(f"- Variant `{change}` ({seeds(runs)}: " + ", ".join(
+            f"seed {r['seed']} final {r['final_eval']:.1f}, best {r['best_eval']:.1f}" for r in runs) +
+            f"): `benchmarks/results/learning-{v['dir']}.json`.")
     lines += ["", "Load after: the machine's 1-minute load average when the run ended (2 cores; other jobs shared "
               "them). Wall times are comparable only at similar load.", "",
               f"![{record['env_id']}: greedy eval return against env steps]({record['env']}.png)", ""]
@@ -224,14 +250,19 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def index(records: list[dict[str, Any]]) -> str:
     lines = ["# Learning results", "", "Written by `python benchmarks/learning.py` (one page per env). Median over "
              "seeds of the final greedy evaluation; wall time on this project's 2-core CPU (see each page for load).",
-             "", "| env | fastdqn final (median) | seeds | rl-zoo DQN | SB3 DQN final (median) | wall time fastdqn / SB3 (s) |",
-             "|---|---:|---:|---:|---:|---|"]
+             "", "| env | rl-zoo DQN | fastdqn final (median) | fastdqn best (median) | seeds | SB3 DQN final (median) | "
+             "wall time fastdqn / SB3 (s, median) | fastdqn / SB3 |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in records:
         fd, sb3 = r["fastdqn"], r["sb3"]
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-        lines.append(f"| [{r['env_id']}]({r['env']}.md) | {fmt(fd['final_median'])} | {len(fd['runs'])} | "
-                     f"{r['rl_zoo']['mean_return']:g} at {r['rl_zoo']['env_steps'] // 1000}k | {fmt(sb3['final_median'])} | "
-                     f"{fmt(fd['wall_time_median'])} / {fmt(sb3['wall_time_median'])} |")
+        ratio = (f"{fd['wall_time_median'] / sb3['wall_time_median']:.2f}x"
+                 if fd["wall_time_median"] and sb3["wall_time_median"] else "-")
+        sb3_seeds = f" ({seeds(sb3['runs'])})" if sb3["runs"] else ""
+        lines.append(f"| [{r['env_id']}]({r['env']}.md) | {r['rl_zoo']['mean_return']:g} at "
+                     f"{r['rl_zoo']['env_steps'] // 1000}k | {fmt(fd['final_median'])} | {fmt(fd.get('best_median'))} | "
+                     f"{len(fd['runs'])} | {fmt(sb3['final_median'])}{sb3_seeds} | {fmt(fd['wall_time_median'])} / "
+                     f"{fmt(sb3['wall_time_median'])} | {ratio} |")
     missing = [ENVS[name]["config"] for name in ENVS if name not in {r["env"] for r in records}]
     if missing:
         lines.append(f"\nNot run yet: {', '.join(missing)}.")
@@ -248,17 +279,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/learning"))
     parser.add_argument("--sb3-python", help="a Python whose venv has stable-baselines3: also run SB3's DQN")
     parser.add_argument("--sb3-only", action="store_true", help="run only the SB3 side (fastdqn runs kept as they are)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run a variant of the configs (into --out/<env>+KEY=VALUE), listed on the env's page")
     parser.add_argument("--report", action="store_true", help="only rebuild the JSON and docs from --out")
     args = parser.parse_args()
-    names = args.envs.split(",")
+    names, changes = args.envs.split(","), parse_set(args.set)
     for name in names:
         if name not in ENVS:
             raise SystemExit(f"unknown env '{name}': choose from {', '.join(ENVS)}")
     if not args.report:
         for name in names:
-            out = args.out / name
+            out = args.out / variant_dir(name, changes)
+            if changes and args.sb3_python:
+                raise SystemExit("--sb3-python runs the shipped configs only: drop --set")
             if not args.sb3_only:
-                plan = env_plan(name, args.seeds)
+                plan = env_plan(name, args.seeds, changes, out)
                 if execute(plan, out, BackendSpec(workers=args.workers)) == 130:
                     raise SystemExit(130)
                 stamp_load(out, plan)
@@ -270,14 +305,17 @@ def main() -> None:
     docs.mkdir(parents=True, exist_ok=True)
     records = []
     for name in ENVS:
+        variants = [v for path in sorted(args.out.glob(f"{name}+*")) if (v := build_report(name, path))]
+        for v in variants:
+            (ROOT / "benchmarks" / "results" / f"learning-{v['dir']}.json").write_text(json.dumps(v, indent=1))
         record = build_report(name, args.out / name)
         if record is None:
             continue
         records.append(record)
         (ROOT / "benchmarks" / "results" / f"learning-{name}.json").write_text(json.dumps(record, indent=1))
-        (docs / f"{name}.md").write_text(markdown(record))
+        (docs / f"{name}.md").write_text(markdown(record, variants))
         plot(record, docs / f"{name}.png")
-        print(markdown(record))
+        print(markdown(record, variants))
     (docs / "README.md").write_text(index(records))
 
 
