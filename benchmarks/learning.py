@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -97,13 +98,28 @@ def env_plan(name: str, seeds: list[int], changes: dict[str, str], out: Path) ->
     return plan
 
 
-def stamp_load(out: Path, plan: Plan) -> None:
-    """Add the machine's load now, when the env's runs have ended, to each result.json that has none yet."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: the runs, in-process or in workers."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def finished_seeds(out: Path, plan: Plan) -> set[int]:
+    return {seed for seed in plan.seeds if (run_dir_of(out, plan.points[0], seed) / "result.json").is_file()}
+
+
+def stamp_load(out: Path, plan: Plan, before: set[int], cpu_time: float) -> None:
+    """Add the machine's load now, when the env's runs have ended, to each result.json that has none yet, and
+    `cpu_time` (this batch's) to the run that finished in it if it was the only one: on a shared machine, CPU
+    time compares trainers more fairly than wall time."""
+    new = finished_seeds(out, plan) - before
     for seed in plan.seeds:
         path = run_dir_of(out, plan.points[0], seed) / "result.json"
         if path.is_file():
             data = json.loads(path.read_text())
             data.setdefault("load_after", round(os.getloadavg()[0], 2))
+            if new == {seed}:
+                data.setdefault("cpu_time", round(cpu_time, 1))
             path.write_text(json.dumps(data))
 
 
@@ -135,7 +151,7 @@ def fastdqn_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
             continue
         result = json.loads((rdir / "result.json").read_text())
         rows.append({"seed": seed, "final_eval": run.final_return, "best_eval": max(m for _, m in run.evals),
-                     "env_steps": result["env_steps"], "wall_time": run.wall_time,
+                     "env_steps": result["env_steps"], "wall_time": run.wall_time, "cpu_time": result.get("cpu_time"),
                      "load_after": result.get("load_after"), "evals": [[s, m] for s, m in run.evals]})
     return rows
 
@@ -186,13 +202,14 @@ def markdown(record: dict[str, Any], variants: list[dict[str, Any]] = ()) -> str
              "run (10 episodes on separately seeded envs); best eval: the best of the evaluations along the way. "
              "Raw numbers and every eval curve: "
              f"`benchmarks/results/learning-{record['env']}.json`.", "",
-             "| trainer | seed | final eval | best eval | env steps | wall time (s) | load after |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| trainer | seed | final eval | best eval | env steps | wall time (s) | CPU time (s) | load after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for who, runs in (("fastdqn", fd["runs"]), ("SB3 DQN", sb3["runs"])):
         for r in runs:
             load = "-" if r.get("load_after") is None else f"{r['load_after']:.1f}"
+            cpu = "-" if r.get("cpu_time") is None else f"{r['cpu_time']:.0f}"
             lines.append(f"| {who} | {r['seed']} | {r['final_eval']:.1f} | {r['best_eval']:.1f} | {r['env_steps']:,} | "
-                         f"{r['wall_time']:.0f} | {load} |")
+                         f"{r['wall_time']:.0f} | {cpu} | {load} |")
     lines += ["", f"- rl-zoo's published DQN ({zoo['env_id']}, {zoo['env_steps']:,} env steps): {zoo['mean_return']:g}."]
     if fd["runs"]:
         verdict = ("at or above" if fd["final_median"] >= zoo["mean_return"] else "below")
@@ -215,7 +232,8 @@ def markdown(record: dict[str, Any], variants: list[dict[str, Any]] = ()) -> str
             f"seed {r['seed']} final {r['final_eval']:.1f}, best {r['best_eval']:.1f}" for r in runs) +
             f"): `benchmarks/results/learning-{v['dir']}.json`.")
     lines += ["", "Load after: the machine's 1-minute load average when the run ended (2 cores; other jobs shared "
-              "them). Wall times are comparable only at similar load.", "",
+              "them). Wall times are comparable only at similar load; CPU time (user + system, of the training and "
+              "its evaluations) depends on it less.", "",
               f"![{record['env_id']}: greedy eval return against env steps]({record['env']}.png)", ""]
     return "\n".join(lines)
 
@@ -294,9 +312,10 @@ def main() -> None:
                 raise SystemExit("--sb3-python runs the shipped configs only: drop --set")
             if not args.sb3_only:
                 plan = env_plan(name, args.seeds, changes, out)
+                before, cpu = finished_seeds(out, plan), cpu_seconds()
                 if execute(plan, out, BackendSpec(workers=args.workers)) == 130:
                     raise SystemExit(130)
-                stamp_load(out, plan)
+                stamp_load(out, plan, before, cpu_seconds() - cpu)
             if args.sb3_python:
                 for seed in args.seeds:
                     run_sb3(name, seed, args.sb3_python, out)

@@ -79,3 +79,29 @@ def test_a_variant_has_its_own_dir_and_a_line_on_the_envs_page():
                "fastdqn": {"runs": [run], "final_median": -200.0, "wall_time_median": 300.0}}
     assert ("- Variant `--set num_envs=16` (1 seed: seed 1 final -200.0, best -190.0): "
             "`benchmarks/results/learning-mountaincar+num_envs=16.json`.") in learning.markdown(record, [variant])
+
+
+def test_the_cpu_time_of_a_batch_goes_to_its_run_only_when_it_ran_one(tmp_path):
+    import json
+
+    from fastdqn.plans import run_dir_of
+
+    plan = learning.env_plan("acrobot", [1, 2, 3], {}, tmp_path)
+
+    def finish(seed):
+        run_dir = run_dir_of(tmp_path, plan.points[0], seed)
+        run_dir.mkdir(parents=True)
+        (run_dir / "result.json").write_text(json.dumps({"wall_time": 1.0}))
+
+    def result(seed):
+        return json.loads((run_dir_of(tmp_path, plan.points[0], seed) / "result.json").read_text())
+
+    finish(1)
+    before = learning.finished_seeds(tmp_path, plan)
+    finish(2)
+    learning.stamp_load(tmp_path, plan, before, 12.5)
+    assert result(2)["cpu_time"] == 12.5 and "cpu_time" not in result(1) and "load_after" in result(1)
+    before = learning.finished_seeds(tmp_path, plan)
+    finish(3)
+    learning.stamp_load(tmp_path, plan, before - {2}, 40.0)  # two runs ended in the batch: whose time is it?
+    assert "cpu_time" not in result(3) and result(2)["cpu_time"] == 12.5
