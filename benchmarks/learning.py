@@ -181,10 +181,12 @@ def build_report(name: str, out: Path) -> dict[str, Any] | None:
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "fastdqn": {"runs": rows, "final_median": median([r["final_eval"] for r in rows]),
                     "best_median": median([r["best_eval"] for r in rows]),
-                    "wall_time_median": median([r["wall_time"] for r in rows])},
+                    "wall_time_median": median([r["wall_time"] for r in rows]),
+                    "cpu_time_median": median([r["cpu_time"] for r in rows if r["cpu_time"] is not None])},
         "sb3": {"hyperparams": params, "unmatched": unmatched, "runs": sb3,
                 "final_median": median([r["final_eval"] for r in sb3]),
-                "wall_time_median": median([r["wall_time"] for r in sb3])},
+                "wall_time_median": median([r["wall_time"] for r in sb3]),
+                "cpu_time_median": median([r["cpu_time"] for r in sb3 if r.get("cpu_time") is not None])},
     }
     return record
 
@@ -219,6 +221,8 @@ def markdown(record: dict[str, Any], variants: list[dict[str, Any]] = ()) -> str
     if sb3["runs"]:
         ratio = (f"; fastdqn's median wall time is {fd['wall_time_median'] / sb3['wall_time_median']:.2f}x SB3's"
                  if fd["runs"] else "")
+        if fd["runs"] and fd.get("cpu_time_median") and sb3.get("cpu_time_median"):
+            ratio += f", its median CPU time {fd['cpu_time_median'] / sb3['cpu_time_median']:.2f}x"
         lines.append(f"- SB3 DQN, the same hyperparameters: median final eval {sb3['final_median']:.1f} over "
                      f"{seeds(sb3['runs'])}, median wall time {sb3['wall_time_median']:.0f} s{ratio}.")
         if sb3["unmatched"]:
@@ -266,21 +270,29 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 
 def index(records: list[dict[str, Any]]) -> str:
-    lines = ["# Learning results", "", "Written by `python benchmarks/learning.py` (one page per env). Median over "
-             "seeds of the final greedy evaluation; wall time on this project's 2-core CPU (see each page for load).",
+    lines = ["# Learning results", "", "Written by `python benchmarks/learning.py` (one page per env). fastdqn: the "
+             "median over seeds of the final greedy evaluation (10 episodes) and of the best one along the way. rl-zoo: "
+             "the mean return of one trained agent over about 150k env steps of greedy episodes (rl-zoo's benchmark "
+             "page calls it one run, a check of maximal performance rather than a quantitative benchmark). Times on "
+             "this project's 2-core CPU, shared with other jobs (see each page for the load): CPU time depends on "
+             "the load less than wall time.",
              "", "| env | rl-zoo DQN | fastdqn final (median) | fastdqn best (median) | seeds | SB3 DQN final (median) | "
-             "wall time fastdqn / SB3 (s, median) | fastdqn / SB3 |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
+             "wall time fastdqn / SB3 (s, median) | CPU time fastdqn / SB3 (s, median) |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in records:
         fd, sb3 = r["fastdqn"], r["sb3"]
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-        ratio = (f"{fd['wall_time_median'] / sb3['wall_time_median']:.2f}x"
-                 if fd["wall_time_median"] and sb3["wall_time_median"] else "-")
+
+        def versus(key: str) -> str:
+            mine, theirs = fd.get(key), sb3.get(key)
+            ratio = f" = {mine / theirs:.2f}x" if mine and theirs else ""
+            return f"{fmt(mine)} / {fmt(theirs)}{ratio}"
+
         sb3_seeds = f" ({seeds(sb3['runs'])})" if sb3["runs"] else ""
         lines.append(f"| [{r['env_id']}]({r['env']}.md) | {r['rl_zoo']['mean_return']:g} at "
                      f"{r['rl_zoo']['env_steps'] // 1000}k | {fmt(fd['final_median'])} | {fmt(fd.get('best_median'))} | "
-                     f"{len(fd['runs'])} | {fmt(sb3['final_median'])}{sb3_seeds} | {fmt(fd['wall_time_median'])} / "
-                     f"{fmt(sb3['wall_time_median'])} | {ratio} |")
+                     f"{len(fd['runs'])} | {fmt(sb3['final_median'])}{sb3_seeds} | {versus('wall_time_median')} | "
+                     f"{versus('cpu_time_median')} |")
     missing = [ENVS[name]["config"] for name in ENVS if name not in {r["env"] for r in records}]
     if missing:
         lines.append(f"\nNot run yet: {', '.join(missing)}.")
