@@ -254,7 +254,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         for i, r in enumerate(runs):
             steps, means = zip(*r["evals"])
             ax.plot(steps, means, color=color, alpha=0.7, linewidth=1,
-                    label=f"{who} ({len(runs)} seeds)" if i == 0 else None)
+                    label=f"{who} ({seeds(runs)})" if i == 0 else None)
     zoo = record["rl_zoo"]
     ax.axhline(zoo["mean_return"], color="black", linestyle=":", linewidth=1, label=f"rl-zoo DQN {zoo['mean_return']:g}")
     if record["solve_line"] is not None:
