@@ -3,14 +3,15 @@
 Both backends give (frame_stack, 84, 84) uint8 grayscale stacks, zero-padded at episode starts, and autoreset
 in NEXT_STEP mode: the step after an episode end ignores its action and returns the reset observation. Every
 vector step thus yields exactly one new frame per env, the true final frame included, which is what
-`FrameReplay` stores (PITFALLS 2 and 4). Rewards come out raw; the trainer clips the ones it stores. Lives
+`FrameReplay` stores (so no stored transition pairs the last frame of one episode with the first of the next,
+and no frame stack mixes two episodes). Rewards come out raw; the trainer clips the ones it stores. Lives
 are not episodes here: the envs end an episode only at game over, and `GameTracker` turns a lost life into a
 training termination (`episodic_life`) while it reports whole-game scores.
 
 ale_vector (default for ALE/* ids): `ale_py.vector_env.AtariVectorEnv`, C++ threads doing frame skip with
-max-pooling, noop starts, fire reset, resize and stacking. gymnasium: `gym.make(id, frameskip=1)` (PITFALLS
-11: AtariPreprocessing does the skipping) + `AtariPreprocessing` + `FireReset` + `FrameStackObservation`;
-other pixel envs get grayscale + resize + stack.
+max-pooling, noop starts, fire reset, resize and stacking. gymnasium: `gym.make(id, frameskip=1)` +
+`AtariPreprocessing` + `FireReset` + `FrameStackObservation` (AtariPreprocessing does the skipping; a v5 env
+skipping frames too would make each action last 16 frames); other pixel envs get grayscale + resize + stack.
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train the ablation variants (full DQN, no target network, no replay buffer, "
                                     "small buffer, no exploration decay, MSE loss, Double DQN) over several seeds "
                                     "in worker processes or on a Ray cluster, then write results.md and curves.png.")
-    ab.add_argument("--variants", metavar="ID,ID", help="variant ids to run instead of the lecture's seven: full, "
+    ab.add_argument("--variants", metavar="ID,ID", help="variant ids to run instead of the seven classic rows: full, "
                     "no-target, no-replay, small-buffer, no-decay, mse, double, dueling, nstep, per")
     add_experiment_flags(ab, "ablate")
     ab.set_defaults(func=cmd_ablate)

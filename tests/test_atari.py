@@ -45,7 +45,8 @@ def test_backends_give_zero_padded_uint8_stacks_with_next_step_resets(backend):
 
 
 def test_gymnasium_path_skips_frames_in_the_wrapper_and_keeps_sticky_actions():
-    """PITFALLS 11: AtariPreprocessing needs frameskip=1 below it; sticky actions are what the config says."""
+    """AtariPreprocessing needs frameskip=1 below it (else each action lasts frame_skip squared frames); sticky
+    actions are what the config says."""
     env = make_pixel_env(pong(frame_skip=3, repeat_action_probability=0.1, noop_max=7))
     try:
         assert env.unwrapped._frameskip == 1

@@ -62,7 +62,7 @@ def test_round_trip_restores_q_values_optimizer_counters_and_replay(run_cfg, tmp
 def test_checkpoints_load_with_weights_only(run_cfg, tmp_path):
     trained(run_cfg, tmp_path)
     for path in list_checkpoints(tmp_path):
-        payload = torch.load(path, weights_only=True)  # PITFALL 9: raises if anything but plain data is inside
+        payload = torch.load(path, weights_only=True)  # raises if anything but plain data is inside: loading never runs code
         assert payload["counters"]["env_step"] in (200, 400)
 
 
@@ -82,7 +82,7 @@ def test_loading_a_malicious_file_does_not_run_its_code(tmp_path):
 
 
 def test_compiled_module_keys_are_saved_plain_and_evaluate_uncompiled(run_cfg, tmp_path):
-    """PITFALL 8: a torch.compile'd module's state_dict has `_orig_mod.` keys; checkpoints must not."""
+    """A torch.compile'd module's state_dict has `_orig_mod.` keys; checkpoints must not."""
     trainer = Trainer(run_cfg, tmp_path, show_progress=False)
     trainer.learner.q = torch.compile(trainer.learner.q)  # compiled lazily: nothing is compiled unless called
     assert all(k.startswith("_orig_mod.") for k in trainer.learner.q.state_dict())

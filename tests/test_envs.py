@@ -1,4 +1,5 @@
-"""Vector envs: SAME_STEP autoreset handled so no stored transition crosses an episode boundary (PITFALLS 2)."""
+"""Vector envs: SAME_STEP autoreset handled so no stored transition crosses an episode boundary
+(with SAME_STEP, the observation returned at an episode's last step is already the next episode's first)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """FrameReplay: each frame stored once, stacks rebuilt at sample time exactly as the envs built them.
 
-Two references: a frame-id pixel env whose every frame says which env, episode and step it is (PITFALLS 4:
-one episode per stack plus zero start padding, never an overwritten frame), and a recording of ale-py's own
+Two references: a frame-id pixel env whose every frame says which env, episode and step it is (a stack
+holds one episode plus zero start padding, never an overwritten frame), and a recording of ale-py's own
 stacks across resets, lost lives, interleaved envs and several buffer wraparounds.
 """
 

@@ -85,7 +85,7 @@ def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon
     # the schedule matters on these batches, so equal weights below mean the compiled step followed it
     assert (torch.cat([p.flatten() for p in constant_lr.q.parameters()])
             - torch.cat([p.flatten() for p in eager.q.parameters()])).abs().max() > 1e-4
-    # PITFALL 7: a changing Python float in the step would recompile (and after 8, silently run eager).
+    # A changing Python float in the step would recompile (and after 8, silently run eager).
     with assert_compiled():
         compiled_losses = run_updates(compiled, cfg, data)  # the first call compiles
         torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
@@ -134,7 +134,7 @@ def test_compiled_bf16_update_matches_eager_loosely_and_keeps_fp32_state():
     moved_eager = torch.cat([p.detach().flatten() for p in eager.q.parameters()]) - start
     moved_amp = torch.cat([p.detach().flatten() for p in amp.q.parameters()]) - start
     assert (moved_amp - moved_eager).norm() < 0.2 * moved_eager.norm()
-    # PITFALL 10: bf16 needs no GradScaler; weights and Adam moments stay float32 (gradients: next test).
+    # bf16 has float32's exponent range, so it needs no GradScaler; weights and Adam moments stay float32 (gradients: next test).
     for p in amp.q.parameters():
         assert p.dtype == torch.float32
         assert all(v.dtype == torch.float32 for v in amp.optimizer.state[p].values())

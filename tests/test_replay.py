@@ -128,7 +128,7 @@ def test_trainer_stores_a_uint8_env_as_uint8(tmp_path, tiny_cfg):
 
 
 def test_sampled_next_obs_follows_obs_after_wraparound(tmp_path, tiny_cfg):
-    """PITFALLS 3: fill far past capacity through the real collect path; every sample is a true transition."""
+    """Replay wraparound: fill far past capacity through the real collect path; every sample is a true transition."""
     torch.manual_seed(0)
     cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, buffer_size=22, batch_size=16, learning_starts=10_000)
     with trainer_without_run(cfg, tmp_path) as trainer:

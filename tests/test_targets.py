@@ -66,7 +66,8 @@ def test_mse_loss_by_hand():
 
 
 def test_truncated_transition_bootstraps_terminal_one_does_not(tmp_path, tiny_cfg):
-    """PITFALLS 1 through the real path: time-limited counter env, reward 2.5 per step."""
+    """A time-limit truncation bootstraps from the true final observation, a termination does not, through
+    the real path: time-limited counter env, reward 2.5 per step."""
     cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, buffer_size=200, learning_starts=10_000, gamma=0.9)
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 200)
