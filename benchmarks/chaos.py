@@ -1,5 +1,5 @@
 """Chaos: a small training job run again and again under faults injected at random moments, resumed after each the
-way README.md tells a user to, and checked when it finishes.
+way docs/reliability.md tells a user to, and checked when it finishes.
 
     python benchmarks/chaos.py --faults 50 [--minutes 10] [--seed 0] [--out benchmarks/results/chaos.json]
 

@@ -179,7 +179,7 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
                             "--envs", "1,16"],
               ["--suite", "e2e", "--envs", "1", "--steps", "300", "--learning-starts", "100", "--repeats", "1"],
               60 if dry else 90, doc="whole training runs, each a new process: 1 and 16 envs (the CleanRL suite "
-                                     "needs CleanRL's own environment, see README)"),
+                                     "needs CleanRL's own environment, see docs/performance.md)"),
         train("pong", ["--env", "ALE/Pong-v5", "--compile", "--amp", "--learning-starts", "20000",
                        "--eval-every", "50000", "--eval-episodes", "3", "--checkpoint-every", "0"],
               ["--env", "ALE/Pong-v5", "--buffer-size", "2000", "--learning-starts", "200", "--eval-every", "400",

@@ -112,7 +112,7 @@ def write_results(micro: list[Case], training: list[TrainingCase], record: dict[
 
 
 def markdown_tables(micro: list[Case], training: list[TrainingCase]) -> str:
-    """The tables of a bench run in Markdown, as the README quotes them."""
+    """The tables of a bench run in Markdown, as docs/performance.md quotes them."""
     tables = [markdown_table(*rows(cases)) for rows, cases in ((micro_rows, micro), (training_rows, training))
               if cases]
     return "\n".join(tables)

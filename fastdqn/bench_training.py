@@ -173,7 +173,7 @@ class CleanRLRun:
 def check_cleanrl(opts: Any) -> None:
     if not opts.cleanrl_script or not opts.cleanrl_python:
         raise ConfigError("the cleanrl suite runs CleanRL's own dqn.py: pass --cleanrl-script PATH/cleanrl/dqn.py "
-                          "and --cleanrl-python PATH/TO/ITS/ENV/bin/python (README: comparing with CleanRL)")
+                          "and --cleanrl-python PATH/TO/ITS/ENV/bin/python (docs/performance.md: comparing with CleanRL)")
     for flag, path in (("--cleanrl-script", opts.cleanrl_script), ("--cleanrl-python", opts.cleanrl_python)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} is not a file: point it at CleanRL's dqn.py and at the python of "

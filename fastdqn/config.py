@@ -72,7 +72,7 @@ class Config:
     tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
     hidden_sizes: list[int] = _f([256, 256], "MLP hidden layer widths")
 
-    # --- extensions (all off = the classic DQN) -----------------------------------------------------------
+    # --- extensions (dueling and prioritized off; n_step 1, double_dqn false and all off = the classic DQN) ---
     dueling: bool = _f(False, "dueling head: Q = V(s) + A(s, a) - mean_a A(s, a)")
     n_step: int = _f(3, "n-step returns: sum n discounted rewards, then bootstrap gamma^n * V (cut at episode ends)")
     prioritized: bool = _f(False, "proportional prioritized replay: sample with probability p^per_alpha, p = |TD error| + per_eps")
@@ -265,7 +265,7 @@ def field_type_name(name: str) -> str:
 
 
 def markdown_table() -> str:
-    """Every config key with its type, default and meaning, as the Markdown table README.md shows."""
+    """Every config key with its type, default and meaning, as the Markdown table docs/configuration.md shows (docs/generate.py writes it there)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -233,7 +233,7 @@ def finished_episodes(infos: dict[str, Any]) -> list[tuple[float, int]]:
 # A pure-Python env's state is its attributes (numbers, arrays, RNG states). We walk the vector env and its
 # wrappers and copy those plain-data attributes, as tensors and Python scalars, so a checkpoint can restore the
 # envs mid-episode while still loading with torch.load(weights_only=True). Envs whose state lives elsewhere (C
-# extensions, subprocesses) are restored as far as their plain attributes go; see README "Stopping and resuming".
+# extensions, subprocesses) are restored as far as their plain attributes go; see docs/reliability.md.
 
 _SCALARS = (bool, int, float, str, type(None))
 

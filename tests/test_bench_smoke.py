@@ -1,7 +1,7 @@
 """`fastdqn bench` runs end to end and reads every process's figures right (a minimal run; no speed is asserted).
 
 The cleanrl suite runs CleanRL's own dqn.py when FASTDQN_CLEANRL_SCRIPT and FASTDQN_CLEANRL_PYTHON point at a
-checkout and its environment (README: comparing with CleanRL). Elsewhere it runs a stand-in written by the test
+checkout and its environment (docs/performance.md: comparing with CleanRL). Elsewhere it runs a stand-in written by the test
 below: a script that takes dqn.py's flags and prints dqn.py's `SPS:` lines from a known pace, so the bench's
 reading of those lines is checked against numbers known in advance.
 """
@@ -219,15 +219,15 @@ def test_pytest_benchmark_files_run_once_each():
     assert "3 passed" in done.stdout
 
 
-def test_readme_training_tables_are_what_their_committed_bench_runs_give():
-    """Each README table between `<!-- bench-table: NAME.json -->` markers is the Markdown that the bench wrote
-    for that committed run, and rebuilding it from the JSON's samples gives the same table."""
-    readme = (ROOT / "README.md").read_text()
-    quoted = re.findall(r"<!-- bench-table: (\S+\.json) -->\n(.*?)<!-- /bench-table -->", readme, re.S)
-    assert quoted, "README.md lost its bench-table markers"
+def test_performance_page_tables_are_what_their_committed_bench_runs_give():
+    """Each docs/performance.md table between `<!-- bench-table: NAME.json -->` markers is the Markdown that the
+    bench wrote for that committed run, and rebuilding it from the JSON's samples gives the same table."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    quoted = re.findall(r"<!-- bench-table: (\S+\.json) -->\n(.*?)<!-- /bench-table -->", page, re.S)
+    assert quoted, "docs/performance.md lost its bench-table markers"
     for name, table in quoted:
         path = ROOT / "benchmarks" / "results" / name
-        assert table.strip() == path.with_suffix(".md").read_text().strip(), f"README's table differs from {name}"
+        assert table.strip() == path.with_suffix(".md").read_text().strip(), f"docs/performance.md's table differs from {name}"
         record = json.loads(path.read_text())
         micro = [Case(**{k: v for k, v in c.items() if k != "median"}) for c in record["cases"]]
         training = [TrainingCase(**{k: v for k, v in c.items() if k != "medians"}) for c in record["training"]]

@@ -27,13 +27,14 @@ def test_chaos_short_run_survives_every_fault(tmp_path):
     assert "| all | 4 | 4 |" in proc.stdout
 
 
-def test_readme_chaos_table_is_the_committed_run():
-    """The README's chaos table quotes benchmarks/results/chaos.json row for row."""
+@pytest.mark.parametrize("page", ["README.md", "docs/reliability.md"])
+def test_chaos_table_is_the_committed_run(page):
+    """The chaos table of README.md and docs/reliability.md quotes benchmarks/results/chaos.json row for row."""
     record = json.loads((ROOT / "benchmarks" / "results" / "chaos.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    text = (ROOT / page).read_text()
     for kind, row in record["summary"].items():
         line = f"| `{kind}` | {row['injected']} | {row['survived']} | {row['lost_mean']:.0f} ({row['lost_max']}) |"
-        assert line in readme, line
+        assert line in text, line
     injected = sum(row["injected"] for row in record["summary"].values())
     survived = sum(row["survived"] for row in record["summary"].values())
-    assert f"{survived} of {injected} faults survived" in readme
+    assert f"{survived} of {injected} faults survived" in text
