@@ -113,8 +113,11 @@ def write_results(micro: list[Case], training: list[TrainingCase], record: dict[
 
 def markdown_tables(micro: list[Case], training: list[TrainingCase]) -> str:
     """The tables of a bench run in Markdown, as docs/performance.md quotes them."""
-    tables = [markdown_table(*rows(cases)) for rows, cases in ((micro_rows, micro), (training_rows, training))
-              if cases]
+    tables = []
+    if micro:
+        tables.append(markdown_table(*micro_rows(micro)))
+    if training:
+        tables.append(markdown_table(*training_rows(training)))
     return "\n".join(tables)
 
 

@@ -75,6 +75,7 @@ def run_process(argv: list[str], cwd: Path, env: dict[str, str]) -> Finished:
     with open(err_path, "w") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None  # stdout=PIPE
         lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
         returncode = proc.wait()
         whole = time.perf_counter() - start

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence
 
-import yaml
 
 from fastdqn import config as C
 from fastdqn.errors import ConfigError, FastDQNError, explain, one_line
@@ -31,7 +30,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field; defaults are None so only what the user typed overrides the config."""
     group = parser.add_argument_group("config keys (override --config and --set; steps are env steps)")
     for name, f in C.FIELDS.items():
-        default = f.default if f.default is not C.dataclasses.MISSING else f.default_factory()
+        default = C.field_default(name)
         help_text = f"{f.metadata['help']} (default: {default})"
         flags = [*ALIASES.get(name, []), _flag(name)]
         hint = C._HINTS[name]

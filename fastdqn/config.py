@@ -13,6 +13,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from fastdqn.presets import preset_for, solve_line_of
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field carrying its one-line documentation (shown by `fastdqn train --help`)."""
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+        return field(default_factory=partial(list, default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -158,9 +159,8 @@ class Config:
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
             raise TypeError(f"Config got unknown keys {unknown}")
-        for name, f in FIELDS.items():
-            setattr(self, name, values[name] if name in values else
-                    f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for name in FIELDS:
+            setattr(self, name, values[name] if name in values else field_default(name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +247,14 @@ def field_help(name: str) -> str:
     return FIELDS[name].metadata["help"]
 
 
+def field_default(name: str) -> Any:
+    """The default of key `name` (a fresh copy for lists)."""
+    f = FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _optional(hint: Any) -> Any:
     """X for a hint `X | None`, else None."""
     args = typing.get_args(hint)
@@ -265,10 +273,11 @@ def field_type_name(name: str) -> str:
 
 
 def markdown_table() -> str:
-    """Every config key with its type, default and meaning, as the Markdown table docs/configuration.md shows (docs/generate.py writes it there)."""
+    """Every config key with its type, default and meaning: the table docs/generate.py writes into
+    docs/configuration.md."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f.name)
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| `{f.name}` | {field_type_name(f.name).replace('|', ' or ')} | `{default}` | {meaning} |")
     return "\n".join(rows)

@@ -174,9 +174,9 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
     finally:
         workers.close()
         signal.signal(signal.SIGTERM, previous)
-    result = report(out)
-    console.print(result.table)
-    console.print(result.note)
+    written = report(out)
+    console.print(written.table)
+    console.print(written.note)
     console.print(f"table: {out / TABLE_FILE}" + (f", plot: {out / PLOT_FILE}" if plan.kind == "ablate" else
                                                   f", csv: {out / CSV_FILE}, best config: {out / BEST_FILE}"))
     if failures:

@@ -47,10 +47,11 @@ class PrioritizedReplayBuffer(TransitionStorage):
         self.priorities = torch.zeros(self.capacity, dtype=torch.float32, device=device)  # p^alpha per slot
         self.max_priority = torch.ones((), dtype=torch.float32, device=device)  # largest p^alpha so far
 
-    def add(self, *columns: torch.Tensor) -> None:
+    def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
+            terminated: torch.Tensor, truncated: torch.Tensor | None = None) -> None:
         """Store one vector step (as TransitionStorage.add) at the largest priority seen so far."""
         start = self.pos
-        super().add(*columns)
+        super().add(obs, actions, rewards, next_obs, terminated, truncated)
         self.priorities[start:start + self.num_envs] = self.max_priority
 
     def sample(self, batch_size: int) -> Batch:

@@ -116,15 +116,15 @@ def search_note(plan: Plan, summaries: list[PointSummary]) -> str:
 
 def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the ablation table, or of the sweep table sorted by the plan's metric."""
-    searched = plan.search is not None
+    search = plan.search
     has_line = plan.solve_line is not None
     solve_cols = ["solved", "episodes to solve", "env steps to solve"] if has_line else ["runs"]
     if plan.kind == "ablate":
         header = ["variant", *solve_cols, "final greedy return", "best greedy return", "wall time (s)"]
         ordered = summaries
     else:
-        keys = list(plan.search.space) if searched else list(dict.fromkeys(k for p in plan.points for k in p.changes))
-        header = ["rank", *(["trial"] if searched else []), *keys, *(["status"] if searched else []), *solve_cols,
+        keys = list(search.space) if search else list(dict.fromkeys(k for p in plan.points for k in p.changes))
+        header = ["rank", *(["trial"] if search else []), *keys, *(["status"] if search else []), *solve_cols,
                   "final greedy return", "mean eval return", "wall time (s)"]
         ordered = sorted(summaries, key=lambda s: _sort_key(s, plan.metric))
     rows = []
@@ -139,8 +139,8 @@ def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], li
         if plan.kind == "ablate":
             rows.append([s.point.name, *cells, _wall(s)])
         else:
-            trial = [s.point.name.removeprefix("trial ")] if searched else []
-            status = [_status(s)] if searched else []
+            trial = [s.point.name.removeprefix("trial ")] if search else []
+            status = [_status(s)] if search else []
             rows.append([str(rank), *trial, *(_value(s.point.changes.get(k)) for k in keys), *status, *cells,
                          _mean_std(s.values("auc")), _wall(s)])
     return header, rows
@@ -207,7 +207,7 @@ def plot_curves(plan: Plan, summaries: list[PointSummary], path: Path) -> None:
             if not runs:
                 continue
             grid = np.linspace(max(run[0][0] for run in runs), min(run[-1][0] for run in runs), 101)
-            curves = [np.interp(grid, *zip(*run)) for run in runs]
+            curves = [np.interp(grid, [step for step, _ in run], [value for _, value in run]) for run in runs]
             stack = np.array(curves)
             line, = ax.plot(grid, stack.mean(0), label=f"{s.point.name} ({len(curves)} seeds)")
             ax.fill_between(grid, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)

@@ -138,6 +138,7 @@ def study_points(plan: Plan, out: Path) -> list[tuple[Point, str]]:
 def importances(plan: Plan, out: Path) -> tuple[dict[str, float], int]:
     """Optuna's parameter importances (its default evaluator) over the finished trials, and how many there
     were; empty while fewer than IMPORTANCE_MIN_TRIALS trials finished or only one point was tried."""
+    assert plan.search is not None, "importances are those of a searched sweep"
     optuna = _optuna()
     study = open_study(plan, out)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
