@@ -65,8 +65,8 @@ def start_ray(cpus: int, temp: Path) -> tuple[subprocess.Popen, str, float]:
                              "false", "--temp-dir", str(temp), "--disable-usage-stats"],
                             stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **RAY_ENV})
-    probe = ("import ray; ray.init(address='%s:%d', logging_level='ERROR'); "
-             "assert ray.cluster_resources().get('CPU') == %d" % (HOST, port, cpus))
+    probe = (f"import ray; ray.init(address='{HOST}:{port}', logging_level='ERROR'); "
+             f"assert ray.cluster_resources().get('CPU') == {cpus}")
     while subprocess.run([sys.executable, "-c", probe], capture_output=True, env={**os.environ, **RAY_ENV}).returncode:
         if head.poll() is not None or time.perf_counter() - start > 300:
             raise SystemExit(f"the Ray cluster did not start: see {temp / 'head.log'}")
@@ -106,7 +106,7 @@ def main() -> None:
 
     record = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "ray": ray.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "ray_version": ray.__version__,
               "optuna": optuna.__version__, "config": args.config, "sets": SETS, "space": SPACE,
               "trials": args.trials, "startup_trials": args.startup_trials, "search_seed": args.search_seed,
               "cpus": args.cpus, "local": local, "ray": on_ray}

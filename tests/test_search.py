@@ -91,7 +91,7 @@ def test_parameter_importances_appear_once_enough_trials_finished(tmp_path):
     plan = S.search_plan(small_cfg(), P.parse_grid(["learning_rate=1e-5:1e-1", "batch_size=16,32"]), "random", 9)
     P.prepare_dir(plan, tmp_path)
     study, dists = S.open_study(plan, tmp_path), S.distributions(plan.search.space)
-    for n in range(S.IMPORTANCE_MIN_TRIALS):
+    for _ in range(S.IMPORTANCE_MIN_TRIALS):
         assert "Parameter importance: after" in R.importance_markdown(plan, tmp_path)
         trial = study.ask(dists)
         study.tell(trial, -abs(math.log10(trial.params["learning_rate"]) + 3))  # only the learning rate matters
