@@ -109,6 +109,7 @@ class Checkpointer:
 
     def save_best(self, returns: list[float]) -> Path:
         """Write best.pt: the online network now, with the evaluation (Evaluator.best) that it just scored."""
+        assert self.evaluator.best is not None, "save_best follows an evaluation that set Evaluator.best"
         step, mean, std = self.evaluator.best
         payload = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "counters": vars(self.counters).copy(),
                    "learner": {"q": strip_compile_prefix(self.learner.q.state_dict())},

@@ -85,6 +85,8 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     be started again; None (NEXT_STEP pixel envs, whose episode bookkeeping a cut step would break) reports it.
     """
 
+    parent_pipes: list[Any]  # each worker's pipe wrapped in _Pipe, or None once its worker died
+
     def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], cfg: Config,
                  restarts: list[EnvRestarts] | None = None, **kwargs: Any):
         super().__init__(env_fns, worker=quiet_worker, **kwargs)
@@ -186,14 +188,17 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
 
     def _restart(self, i: int, death: str) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         """Start env i's worker again on a fresh, seeded episode; the step it died in, cut."""
+        assert self.restarts is not None and self.last_obs is not None, "_can_restart(i) said it may restart"
         seed = self.restarts[i].take()
         ctx = multiprocessing.get_context(self.context)
         parent, child = ctx.Pipe()
         # Observations come back through the pipe (no shared-memory handle to give a new worker); _take_obs
         # copies them into the shared array the other workers write to.
-        process = ctx.Process(target=quiet_worker, name=f"Worker<{type(self).__name__}>-{i}", daemon=self.daemon,
-                              args=(i, CloudpickleWrapper(self.env_fns[i]), child, parent, None, self.error_queue,
-                                    self.autoreset_mode, None))
+        # Every concrete context has Process; typeshed's BaseContext, which get_context returns, lacks it.
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=quiet_worker, name=f"Worker<{type(self).__name__}>-{i}", daemon=self.daemon,
+            args=(i, CloudpickleWrapper(self.env_fns[i]), child, parent, None, self.error_queue, self.autoreset_mode,
+                  None))
         process.start()
         child.close()
         self.parent_pipes[i], self.processes[i] = _Pipe(parent), process

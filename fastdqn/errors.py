@@ -78,7 +78,7 @@ class TrainingDiverged(FastDQNError):
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def space_error(exc: BaseException) -> OSError | None:
+def space_error(exc: BaseException | None) -> OSError | None:
     """The OSError for lack of space or quota (ENOSPC, EDQUOT) behind `exc`, or None.
 
     Libraries re-raise it as their own error: torch.save's "[enforce fail at inline_container.cc] unexpected pos"

@@ -86,11 +86,11 @@ class RunDirLock:
             raise RunDirLocked(f"run dir '{self.run_dir}' is in use by another fastdqn process (pid {pid} on host "
                                f"{host}): let it finish or stop it first (a stopped run resumes with --resume), or "
                                "train into another --run-dir") from None
-        holder = f"{os.getpid()} {socket.gethostname()}\n".encode()
+        mine = f"{os.getpid()} {socket.gethostname()}\n".encode()
         try:
-            with run_write(self.path, "the run-dir lock", len(holder)):
+            with run_write(self.path, "the run-dir lock", len(mine)):
                 os.ftruncate(fd, 0)
-                os.write(fd, holder)
+                os.write(fd, mine)
         except BaseException:
             os.close(fd)
             raise

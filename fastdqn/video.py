@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +21,7 @@ def make_render_env(cfg: Config) -> gym.Env:
     """One env that renders RGB frames and gives the observations the policy was trained on."""
     if is_atari_id(cfg.env_id):
         return make_pixel_env(cfg, render_mode="rgb_array")
-    kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
+    kwargs: dict[str, Any] = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
     env = gym.make(cfg.env_id, render_mode="rgb_array", **kwargs)
     if is_image_space(env.observation_space):
         env.close()
@@ -36,13 +36,13 @@ def record_episode(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, 
     try:
         obs, _ = env.reset(seed=seed)
         try:
-            frames, total, done = [env.render()], 0.0, False
+            frames, total, done = [np.asarray(env.render())], 0.0, False
         except gym.error.DependencyNotInstalled as exc:
             raise EnvError(f"--video cannot render '{cfg.env_id}' ({exc})") from None
         while not done:
             action = int(policy(torch.as_tensor(np.asarray(obs)[None], device=device))[0])
             obs, reward, terminated, truncated, _ = env.step(action)
-            frames.append(env.render())
+            frames.append(np.asarray(env.render()))
             total += float(reward)
             done = terminated or truncated
         return frames, total
@@ -62,7 +62,7 @@ def write_video(frames: list[np.ndarray], path: Path) -> Path:
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (width, height))
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), FPS, (width, height))
         if writer.isOpened():
             try:
                 with run_write(path, "a video", opaque=True):
