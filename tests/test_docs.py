@@ -12,9 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fastdqn.cli import build_parser
 from fastdqn.config import FIELDS, Config, from_dict, load_yaml
+from fastdqn.presets import ATARI
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -91,6 +93,13 @@ def test_sweep_figures_in_the_prose_are_the_committed_sweeps():
     assert f"({local['run_time_sum_s']:,.0f} s against {ray['run_time_sum_s']:,.0f} s of training" in text
     assert f"busy {round(100 * local['busy'])}% of the time" in text and round(100 * ray["busy"]) == round(
         100 * local["busy"])
+
+
+def test_atari_page_lists_the_atari_preset():
+    """docs/atari.md names every key of presets.ATARI with its value, as YAML would write it."""
+    page = (ROOT / "docs" / "atari.md").read_text()
+    for key, value in ATARI.items():
+        assert f"`{key}: {yaml.safe_dump(value).splitlines()[0]}`" in page, f"docs/atari.md: preset key {key}"
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
