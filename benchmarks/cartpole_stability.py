@@ -39,7 +39,8 @@ from fastdqn.plans import Plan, Point, load_plan, run_dir_of
 # named for its changes to it. "r25-lr-nstep-3" is today's default.
 BEFORE = {"gradient_steps": 128, "lr_schedule": "constant", "n_step": 1}
 
-# Variant name -> changes to the default config before the investigation. Each tests one suspected cause of the late collapse (or a cost).
+# Variant name -> changes to the default config before the investigation. Each tests one suspected cause of the
+# late collapse (or a cost).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "lr-linear": {"lr_schedule": "linear"},  # the constant 2.3e-3 keeps moving a solved policy: decay to lr_end 1e-4

@@ -44,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> C.Config:
-    """Defaults < env preset (`Config` applies it) < base (a saved run's config) < --config file < --set items < flags."""
+    """Defaults < env preset (`Config` applies it) < base (a saved run's config) < --config file < --set items
+    < flags."""
     values: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
         values.update(C.load_yaml(args.config))

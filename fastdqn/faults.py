@@ -2,8 +2,8 @@
 
 `GuardedEnv` turns an exception inside one env into an `EnvFailure` that names the env index, or rebuilds the
 env and cuts its episode when `cfg.env_restarts` allows (`EnvRestarts`; async workers that die or hang are
-watched by env_workers.py, which restarts them under the same budget). `FiniteGuard` keeps a device copy of the learner's last
-state that was verified finite, so a divergence can be rolled back or checkpointed without the NaNs.
+watched by env_workers.py, which restarts them under the same budget). `FiniteGuard` keeps a device copy of the
+learner's last state that was verified finite, so a divergence can be rolled back or checkpointed without the NaNs.
 `compile_unavailable` says why `torch.compile` cannot run here (no C++ compiler, no Triton), before it is tried, and
 `compile_or_eager` falls back to the eager update with a warning (or refuses, with compile_strict).
 """

@@ -19,7 +19,8 @@ def nstep_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncated: to
     """For start slots `idx`: (discounted reward sums, slot whose next_obs/terminated bootstrap, gamma^k).
 
     `rewards`, `terminated`, `truncated` are the buffer's whole (capacity,) columns; `write_pos` is the next
-    slot to be written (a device tensor in the buffer, so that a CUDA graph capturing this reads its new value). k (1..n) is the number of rewards summed for each sample.
+    slot to be written (a device tensor in the buffer, so that a CUDA graph capturing this reads its new value).
+    k (1..n) is the number of rewards summed for each sample.
     """
     capacity = rewards.shape[0]
     j = torch.arange(n, device=idx.device)

@@ -1,8 +1,8 @@
 """`fastdqn bench` runs end to end and reads every process's figures right (a minimal run; no speed is asserted).
 
 The cleanrl suite runs CleanRL's own dqn.py when FASTDQN_CLEANRL_SCRIPT and FASTDQN_CLEANRL_PYTHON point at a
-checkout and its environment (docs/performance.md: comparing with CleanRL). Elsewhere it runs a stand-in written by the test
-below: a script that takes dqn.py's flags and prints dqn.py's `SPS:` lines from a known pace, so the bench's
+checkout and its environment (docs/performance.md: comparing with CleanRL). Elsewhere it runs a stand-in written by
+the test below: a script that takes dqn.py's flags and prints dqn.py's `SPS:` lines from a known pace, so the bench's
 reading of those lines is checked against numbers known in advance.
 """
 

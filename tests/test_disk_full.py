@@ -127,7 +127,7 @@ def test_the_start_warns_with_the_numbers_when_the_checkpoints_will_not_fit(tmp_
         warning = trainer.checkpoints.space_warning()
         size = trainer.checkpoints.largest_nbytes()
         assert size > 2000 * 52  # a full replay is in it
-        assert warning is not None and f"and 6 exist at once (keep_checkpoints=5 and the one being written)" in warning
+        assert warning is not None and "and 6 exist at once (keep_checkpoints=5 and the one being written)" in warning
         assert re.search(r"but .*run has 2\d\d\.\d\d KB free; free space, lower keep_checkpoints or set save_replay: "
                          "false", warning)
         trainer.close()
@@ -228,7 +228,8 @@ def test_space_errors_are_found_behind_other_errors_and_quota_is_named(tmp_path)
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 559744 vs 559636")
+            # Implicit chaining on purpose (no `from`): torch.save's error carries the ENOSPC as its __context__.
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 559744 vs 559636")  # noqa: B904
     except RuntimeError as wrapped:
         assert space_error(wrapped).errno == errno.ENOSPC
     assert space_error(OSError(errno.EFBIG, "File too large")) is None  # a size limit, not a lack of space

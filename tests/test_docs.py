@@ -83,7 +83,7 @@ def test_quoted_tables_are_in_the_committed_files_they_come_from(page):
 
 
 def test_sweep_figures_in_the_prose_are_the_committed_sweeps():
-    """The wall times, pruned runs and busy shares docs/results.md states come from benchmarks/results/sweep_ray.json."""
+    """The wall times, pruned runs and busy shares in docs/results.md come from benchmarks/results/sweep_ray.json."""
     text = " ".join((ROOT / "docs" / "results.md").read_text().split())
     record = json.loads((ROOT / "benchmarks" / "results" / "sweep_ray.json").read_text())
     local, ray = record["local"], record["ray"]
@@ -168,12 +168,15 @@ def test_commands_shown_use_real_subcommands_and_flags(page):
 
 
 def test_the_command_check_catches_what_it_should():
-    text = "```bash\nfastdqn train --envs 4 \\\n    --no-such-flag  # c\n```\n`fastdqn evaluate RUN`, `fastdqn train --set lr=1`\n"
+    text = ("```bash\nfastdqn train --envs 4 \\\n    --no-such-flag  # c\n```\n"
+            "`fastdqn evaluate RUN`, `fastdqn train --set lr=1`\n")
     assert commands_in(text) == ["fastdqn train --envs 4      --no-such-flag", "fastdqn evaluate RUN",
                                  "fastdqn train --set lr=1"]
-    assert command_problems(text) == ["`fastdqn train --envs 4      --no-such-flag`: fastdqn train has no flag --no-such-flag",
-                                      "`fastdqn evaluate RUN`: fastdqn has no subcommand 'evaluate'",
-                                      "`fastdqn train --set lr=1`: --set of unknown config key lr"]
+    assert command_problems(text) == [
+        "`fastdqn train --envs 4      --no-such-flag`: fastdqn train has no flag --no-such-flag",
+        "`fastdqn evaluate RUN`: fastdqn has no subcommand 'evaluate'",
+        "`fastdqn train --set lr=1`: --set of unknown config key lr",
+    ]
     assert command_problems("`fastdqn train --set learning_rate=1 --compile --no-amp`") == []
 
 

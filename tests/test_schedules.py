@@ -86,7 +86,8 @@ def record_schedules(cfg: Config, run_dir, env_steps: int) -> tuple[dict[int, fl
 
 @pytest.mark.parametrize("schedule", ["linear", "step"])
 def test_schedules_and_target_syncs_count_env_steps_not_vector_steps(tmp_path, tiny_cfg, schedule):
-    """Steps are env steps, not vector steps: 1 env and 8 envs see the same epsilon and LR at the same env step, and as many target syncs."""
+    """Steps are env steps, not vector steps: 1 env and 8 envs see the same epsilon and LR at the same env step,
+    and as many target syncs."""
     total, interval = 800, 100
     cfg = classic(tiny_cfg, total_steps=total, learning_starts=96, train_every=8, epsilon_schedule=schedule,
                            epsilon_decay_steps=200, lr_schedule="linear", target_update_interval=interval,
