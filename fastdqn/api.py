@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from fastdqn import spaces
 from fastdqn.checkpoint import (BEST_FILE, check_resume_config, latest_checkpoint, list_checkpoints,
                                 remove_partial_writes, strip_compile_prefix)
 from fastdqn.checkpointer import load_run_checkpoint
@@ -167,7 +168,8 @@ class Policy:
         from fastdqn.learner import DQNLearner
 
         probe = make_vector_env(config, 1, mode="sync")
-        obs_shape, n_actions = tuple(probe.single_observation_space.shape), int(probe.single_action_space.n)
+        obs_shape = spaces.obs_shape(probe.single_observation_space)
+        n_actions = spaces.n_actions(probe.single_action_space)
         probe.close()
         self.config, self.checkpoint, self.env_step, self.device = config, checkpoint, env_step, device
         self._learner = DQNLearner(config, obs_shape, n_actions, device)

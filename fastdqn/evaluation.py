@@ -14,6 +14,7 @@ from fastdqn.config import Config
 from fastdqn.envs import make_vector_env
 from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape
+from fastdqn.spaces import obs_shape
 
 EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
 
@@ -43,9 +44,9 @@ def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episod
     seeds = [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
     with own_rng(seed + EVAL_SEED_OFFSET, device):
         try:
-            if is_pixel_shape(tuple(envs.single_observation_space.shape)):  # NEXT_STEP envs; raw whole-game scores
+            if is_pixel_shape(obs_shape(envs.single_observation_space)):  # NEXT_STEP envs; raw whole-game scores
                 return evaluate_games(envs, policy, seeds, device)
-            obs, _ = envs.reset(seed=seeds)
+            obs, _ = envs.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env; VectorEnv says int
             returns = np.full(episodes, np.nan)
             while np.isnan(returns).any():
                 actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()

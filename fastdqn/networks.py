@@ -22,6 +22,10 @@ class RunningNormalizer(nn.Module):
     Its statistics are buffers, so they travel with state_dict, target copies and checkpoints.
     """
 
+    mean: torch.Tensor  # buffers, registered below (nn.Module's attribute lookup would type them loosely)
+    var: torch.Tensor
+    count: torch.Tensor
+
     def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8):
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape))
