@@ -17,6 +17,7 @@ import yaml
 from fastdqn.cli import build_parser
 from fastdqn.config import FIELDS, Config, from_dict, load_yaml
 from fastdqn.presets import ATARI
+from fastdqn.profiling import RANGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -100,6 +101,12 @@ def test_atari_page_lists_the_atari_preset():
     page = (ROOT / "docs" / "atari.md").read_text()
     for key, value in ATARI.items():
         assert f"`{key}: {yaml.safe_dump(value).splitlines()[0]}`" in page, f"docs/atari.md: preset key {key}"
+
+
+def test_performance_page_names_every_profiler_range():
+    page = (ROOT / "docs" / "performance.md").read_text()
+    missing = [name for name in RANGES if f"`{name}`" not in page]
+    assert not missing, f"docs/performance.md does not name the profiler ranges {missing}"
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
