@@ -27,19 +27,20 @@ class FusedAdam:
     """
 
     def __init__(self, params: list[nn.Parameter], lr: torch.Tensor, betas: tuple[float, float], eps: float):
-        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
+        self.params: list[torch.Tensor] = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0, "amsgrad": False,
                               "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                               "fused": True, "decoupled_weight_decay": False, "params": self.params}]
         self.use_state(self.fresh_state())
 
-    def fresh_state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
+    def fresh_state(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """Step counts and moments at zero, as torch.optim.Adam makes them at its first step."""
         return {p: {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)} for p in self.params}
 
-    def use_state(self, state: dict[nn.Parameter, dict[str, torch.Tensor]]) -> None:
+    def use_state(self, state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Take `state` and build, once, the tensor lists the kernel is given."""
         self.state = state
         states = [state[p] for p in self.params]

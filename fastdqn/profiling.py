@@ -151,7 +151,8 @@ def profiled(trainer: Any) -> Iterator[None]:
         yield
         return
     out_dir = Path(trainer.run_dir) / "profile"
-    prof = make_profiler(out_dir, *cfg.profile_schedule, device=trainer.device)
+    wait, warmup, active, repeat = cfg.profile_schedule  # Config.validate: exactly four
+    prof = make_profiler(out_dir, wait, warmup, active, repeat, device=trainer.device)
     vector_step = trainer.vector_step
     started = False
 

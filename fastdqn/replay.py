@@ -13,7 +13,7 @@ updates and a captured CUDA graph use. Sampling draws indices on the device, so 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -35,9 +35,8 @@ class Replay(Protocol):
     """What the collection, the updates, a captured CUDA graph and checkpoints use of a replay.
 
     `add` takes one vector step in its storage's columns. A batch that carries `indices` (prioritized replay) gets
-    its |TD errors| back through `update_priorities`. `graph_sample` exists where `graph_sampling` is true: it
-    reads only device tensors, so a CUDA graph that captures it keeps following the buffer as it fills. Transition
-    replays also give `newest()`, the batch of the no-replay ablation.
+    its |TD errors| back through `update_priorities`. Where `graph_sampling` is true the replay is also a
+    `GraphSampledReplay`. Transition replays also give `newest()`, the batch of the no-replay ablation.
     """
 
     capacity: int
@@ -50,15 +49,21 @@ class Replay(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def add(self, *columns: torch.Tensor) -> None: ...
+    def add(self, *args: Any, **kwargs: Any) -> None: ...  # one vector step, in the columns of its storage
 
     def sample(self, batch_size: int) -> Batch: ...
-
-    def graph_sample(self, batch_size: int) -> Batch: ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class GraphSampledReplay(Replay, Protocol):
+    """A replay whose `graph_sample` reads only device tensors, so a CUDA graph that captures it keeps following the
+    buffer as it fills."""
+
+    def graph_sample(self, batch_size: int) -> Batch: ...
 
 
 class RingStorage:

@@ -72,7 +72,7 @@ class Staging:
 
     def to_host(self, tensor: torch.Tensor) -> np.ndarray:
         """A numpy copy of a device tensor (the actions); on CUDA waits only for the work queued before this copy."""
-        if not self.pinned:
+        if self.done is None:  # not pinned: a CPU tensor
             return tensor.numpy()
         if self.actions is None or self.actions.shape != tensor.shape or self.actions.dtype != tensor.dtype:
             self.actions = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

@@ -10,6 +10,7 @@ sync and native envs step inline: the updates queued before `finish` run on the 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -26,7 +27,8 @@ Stepped = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] 
 class Stepper(Protocol):
     """Starts a vector step of `envs` and collects it; at most one is in flight."""
 
-    envs: gym.vector.VectorEnv
+    @property
+    def envs(self) -> gym.vector.VectorEnv: ...
 
     def start(self, actions: np.ndarray) -> None: ...
 
@@ -54,10 +56,14 @@ class InlineStep:
         self.actions = None  # nothing was started
 
 
-class InFlight:
+class InFlight(ABC):
     """Shared by the steppers whose step runs elsewhere once started: drains it on close."""
 
     pending = False
+
+    @abstractmethod
+    def finish(self) -> Stepped:
+        """Wait for the step started last and return what `envs.step` would have."""
 
     def close(self) -> None:
         if self.pending:
@@ -70,7 +76,7 @@ class InFlight:
 class SendRecvStep(InFlight):
     """ale-py's vector env: `send` hands the actions to its C++ threads, `recv` waits for their step."""
 
-    def __init__(self, envs: gym.vector.VectorEnv):
+    def __init__(self, envs: Any):  # ale_py.vector_env.AtariVectorEnv, which carries no type information
         self.envs = envs
 
     def start(self, actions: np.ndarray) -> None:
@@ -85,7 +91,7 @@ class SendRecvStep(InFlight):
 class AsyncStep(InFlight):
     """gymnasium's async vector env: its worker processes step between `step_async` and `step_wait`."""
 
-    def __init__(self, envs: gym.vector.VectorEnv):
+    def __init__(self, envs: gym.vector.AsyncVectorEnv):
         self.envs = envs
 
     def start(self, actions: np.ndarray) -> None:
@@ -111,6 +117,7 @@ class ThreadStep(InFlight):
 
     def finish(self) -> Stepped:
         future, self.future, self.pending = self.future, None, False
+        assert future is not None, "finish() follows start()"
         return future.result()  # an exception in the env (EnvFailure) is raised here
 
     def close(self) -> None:

@@ -23,9 +23,10 @@ import torch
 
 from fastdqn.config import Config
 from fastdqn.cuda_graph import CaptureError, capture, on_side_stream
-from fastdqn.errors import ConfigError, DeviceError
+from fastdqn.errors import ConfigError, DeviceError, FastDQNError
 from fastdqn.learner import METRICS, DQNLearner, single_graph_step
-from fastdqn.replay import Batch
+from fastdqn.prioritized import PrioritizedReplayBuffer
+from fastdqn.replay import Batch, GraphSampledReplay, Replay, TransitionStorage
 
 StepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 WARMUP = 3  # uncaptured updates on a side stream before a capture (compiling, allocating the optimizer state)
@@ -60,14 +61,15 @@ def compiled_step(learner: DQNLearner) -> StepFn:
     return run
 
 
-def graph_wanted(cfg: Config, device: torch.device, replay: object | None) -> bool:
+def graph_wanted(cfg: Config, device: torch.device, replay: Replay | None) -> bool:
     """Whether this run captures its update in a CUDA graph; cuda_graph=always where it cannot is a clear error."""
     if cfg.cuda_graph == "never" or (cfg.cuda_graph == "auto" and not cfg.compile):
         return False
-    why_not, fix, error = None, "set cuda_graph to auto or never", ConfigError
+    why_not, fix = None, "set cuda_graph to auto or never"
+    error: type[FastDQNError] = ConfigError
     if device.type != "cuda":
         why_not, error = f"needs a CUDA device, this run is on {device}", DeviceError
-    elif replay is None or not cfg.replay_buffer or not getattr(replay, "graph_sampling", False):
+    elif replay is None or not cfg.replay_buffer or not replay.graph_sampling:
         why_not = "covers uniform replay only (not prioritized replay or replay_buffer: false)"
     elif cfg.compile and compile_mode(cfg) in INDUCTOR_GRAPH_MODES:
         why_not = f"cannot hold compile_mode={cfg.compile_mode}, whose own CUDA graphs would nest in fastdqn's capture"
@@ -83,7 +85,7 @@ class UpdateRunner:
     """Runs gradient updates of `learner` on samples of `replay`, or on given batches, with the eager step or the
     compiled one; keeps the metric sums and the last |TD errors|, and updates a prioritized replay's priorities."""
 
-    def __init__(self, learner: DQNLearner, replay: object | None = None, compiled: bool = False):
+    def __init__(self, learner: DQNLearner, replay: Replay | None = None, compiled: bool = False):
         self.learner, self.replay, self.cfg = learner, replay, learner.cfg
         self.kind = "compiled" if compiled else "eager"
         self.step_fn: StepFn = compiled_step(learner) if compiled else learner.step_on
@@ -99,7 +101,11 @@ class UpdateRunner:
     def step(self) -> torch.Tensor:
         """One update on a new replay sample (the newest vector step in the no-replay ablation); returns its
         [loss, mean Q, grad norm] as a device tensor, valid until the next update."""
-        return self.update(self.replay.sample(self.cfg.batch_size) if self.cfg.replay_buffer else self.replay.newest())
+        assert self.replay is not None, "step() samples the replay the runner was given"
+        if self.cfg.replay_buffer:
+            return self.update(self.replay.sample(self.cfg.batch_size))
+        assert isinstance(self.replay, TransitionStorage), "the no-replay ablation keeps transitions"
+        return self.update(self.replay.newest())
 
     def update(self, batch: Batch) -> torch.Tensor:
         """One update on `batch`: add its metrics to the sums, keep its |TD errors| and give them to the replay as
@@ -108,6 +114,7 @@ class UpdateRunner:
         self.metrics_sum += stats
         self.metrics_count += 1
         if batch.indices is not None:
+            assert isinstance(self.replay, PrioritizedReplayBuffer), "only prioritized replay samples carry indices"
             self.replay.update_priorities(batch.indices, self.td_errors)
         return stats
 
@@ -131,7 +138,9 @@ class GraphedUpdate(UpdateRunner):
     warns once and runs the same body uncaptured (cuda_graph=always: raises instead).
     """
 
-    def __init__(self, learner: DQNLearner, replay: object, compiled: bool = False):
+    replay: GraphSampledReplay
+
+    def __init__(self, learner: DQNLearner, replay: GraphSampledReplay, compiled: bool = False):
         super().__init__(learner, replay, compiled)
         self.kind, self.compiled, self.device = "graphed", compiled, learner.device
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -163,6 +172,7 @@ class GraphedUpdate(UpdateRunner):
             stats, self.td_errors = self.body()
         else:
             self.graph.replay()
+            assert self.outputs is not None, "captured with the graph"
             stats, self.td_errors = self.outputs
         self.metrics_count += 1
         return stats
@@ -197,8 +207,10 @@ class GraphedUpdate(UpdateRunner):
                                                  for t, (old, ptr) in zip(now, self.held))
 
 
-def make_update_runner(learner: DQNLearner, replay: object | None = None) -> UpdateRunner:
+def make_update_runner(learner: DQNLearner, replay: Replay | None = None) -> UpdateRunner:
     """The update runner the learner's config asks for: graphed where `graph_wanted` says so, capturing the
     compiled step with `compile` and the eager one without; else compiled or eager."""
-    runner = GraphedUpdate if graph_wanted(learner.cfg, learner.device, replay) else UpdateRunner
-    return runner(learner, replay, compiled=learner.cfg.compile)
+    if graph_wanted(learner.cfg, learner.device, replay):
+        assert isinstance(replay, GraphSampledReplay), "graph_wanted checked graph_sampling"
+        return GraphedUpdate(learner, replay, compiled=learner.cfg.compile)
+    return UpdateRunner(learner, replay, compiled=learner.cfg.compile)
