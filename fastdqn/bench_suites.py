@@ -155,7 +155,8 @@ def bench_loop(device: torch.device, opts: argparse.Namespace) -> list[Case]:
             trainer = Trainer(cfg, Path(scratch) / f"{n}", show_progress=False)
             name = f"{n} envs"
             trainers[name] = trainer
-            timers[name] = trainer.envs.step = TimedStep(trainer.envs.step, now)  # the steppers call envs.step
+            timers[name] = timer = TimedStep(trainer.envs.step, now)
+            trainer.envs.step = timer  # type: ignore[method-assign]  # the steppers call envs.step: timed in place
         samples: dict[str, list[float]] = {name: [] for name in trainers}
         env_seconds: dict[str, float] = {name: 0.0 for name in trainers}
         for trainer in trainers.values():

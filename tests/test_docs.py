@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fastdqn.bench import SUITES
 from fastdqn.cli import build_parser
 from fastdqn.config import FIELDS, Config, from_dict, load_yaml
 from fastdqn.presets import ATARI
@@ -103,10 +104,10 @@ def test_atari_page_lists_the_atari_preset():
         assert f"`{key}: {yaml.safe_dump(value).splitlines()[0]}`" in page, f"docs/atari.md: preset key {key}"
 
 
-def test_performance_page_names_every_profiler_range():
+def test_performance_page_names_every_profiler_range_and_bench_suite():
     page = (ROOT / "docs" / "performance.md").read_text()
-    missing = [name for name in RANGES if f"`{name}`" not in page]
-    assert not missing, f"docs/performance.md does not name the profiler ranges {missing}"
+    missing = [name for name in [*RANGES, *SUITES] if f"`{name}`" not in page]
+    assert not missing, f"docs/performance.md does not name {missing} (profiler ranges, fastdqn bench suites)"
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
