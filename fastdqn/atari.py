@@ -29,6 +29,7 @@ from fastdqn.config import Config
 from fastdqn.env_workers import WatchedAsyncVectorEnv
 from fastdqn.errors import EnvError
 from fastdqn.presets import is_atari_id
+from fastdqn.spaces import obs_shape
 
 SCREEN = 84
 GRID_MAX_SIDE = 32  # uint8 (H, W, C) observations up to this size are grids (MinAtar, MiniGrid), not screens
@@ -68,7 +69,8 @@ def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
                        full_action_space=cfg.full_action_space, render_mode=render_mode)
         env = gym.wrappers.AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip,
                                               screen_size=SCREEN, terminal_on_life_loss=False)
-        if cfg.fire_reset and env.unwrapped.get_action_meanings()[1:2] == ["FIRE"]:
+        ale: Any = env.unwrapped  # ale-py's AtariEnv, which carries no type information
+        if cfg.fire_reset and ale.get_action_meanings()[1:2] == ["FIRE"]:
             env = FireReset(env)
         if cfg.max_episode_steps:  # in agent steps after the no-op start, as ale-py's vector env counts them
             env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
@@ -80,7 +82,7 @@ def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
         if not is_image_space(env.observation_space):
             raise EnvError(f"env '{cfg.env_id}' has observation space {env.observation_space}: the pixel path needs "
                            "uint8 (H, W) or (H, W, C) screens")
-        if len(env.observation_space.shape) == 3:
+        if len(obs_shape(env.observation_space)) == 3:
             env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (SCREEN, SCREEN))
     return gym.wrappers.FrameStackObservation(env, cfg.frame_stack, padding_type="zero")
@@ -168,7 +170,8 @@ def evaluate_games(envs: gym.vector.VectorEnv, policy: Callable[[torch.Tensor], 
                    seeds: list[int], device: torch.device) -> np.ndarray:
     """Raw score of the first whole game of each env of a NEXT_STEP pixel vector env, env i reset with seeds[i]."""
     gymnasium_envs = isinstance(envs, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
-    obs, infos = envs.reset(seed=list(seeds) if gymnasium_envs else np.asarray(seeds, dtype=np.int64))
+    seed: Any = list(seeds) if gymnasium_envs else np.asarray(seeds, dtype=np.int64)  # one per env; VectorEnv says int
+    obs, infos = envs.reset(seed=seed)
     tracker = GameTracker(len(seeds), episodic_life=False)
     tracker.reset(infos)
     returns = np.full(len(seeds), np.nan)

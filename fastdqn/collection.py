@@ -34,6 +34,7 @@ from fastdqn.networks import is_pixel_shape
 from fastdqn.presets import is_minatar_id
 from fastdqn.replay import Replay
 from fastdqn.schedules import epsilon_at
+from fastdqn.spaces import obs_shape
 from fastdqn.staging import Fields, Staging
 from fastdqn.stepping import Stepped, make_stepper
 
@@ -122,11 +123,16 @@ class Collector:
                  counters: Counters, device: torch.device, overlap: bool = False):
         self.cfg, self.envs, self.replay, self.learner, self.counters = cfg, envs, replay, learner, counters
         space = envs.single_observation_space
-        obs_shape = tuple(space.shape)
+        shape = obs_shape(space)
         obs, reset_infos = envs.reset(seed=cfg.seed)
-        pixels = is_pixel_shape(obs_shape)
-        self.writer = FrameWriter(replay, cfg, reset_infos) if pixels else TransitionWriter(replay, cfg)
-        self.staging = Staging(device, self.writer.fields(cfg.num_envs, obs_shape, obs_dtype(space)))
+        self.writer: FrameWriter | TransitionWriter
+        pixels = is_pixel_shape(shape)
+        if pixels:
+            assert isinstance(replay, FrameReplay), "pixel envs store frames (make_replay)"
+            self.writer = FrameWriter(replay, cfg, reset_infos)
+        else:
+            self.writer = TransitionWriter(replay, cfg)
+        self.staging = Staging(device, self.writer.fields(cfg.num_envs, shape, obs_dtype(space)))
         self.stepper = make_stepper(envs, device, overlap)
         self.obs_t = self.stage_obs(obs)
         self.actions_t: torch.Tensor | None = None
@@ -158,6 +164,7 @@ class Collector:
         games for Atari), already counted."""
         finished = self.writer.fill(self.staging.fill(), self.stepper.finish())
         dev = self.staging.send()  # the one host->device copy of a vector step
+        assert self.actions_t is not None, "finish() follows start()"
         self.writer.store(self.obs_t, self.actions_t, dev)
         self.obs_t = dev["obs"]
         self.counters.env_step += self.cfg.num_envs

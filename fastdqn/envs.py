@@ -90,7 +90,7 @@ def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Sp
 
 def _env_factory(cfg: Config, index: int) -> Callable[[], gym.Env]:
     def make() -> gym.Env:
-        kwargs = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
+        kwargs: dict[str, Any] = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps > 0 else {}
         env = gym.make(cfg.env_id, **kwargs)
         # Returns and lengths of whole episodes, recorded before any reward processing.
         return gym.wrappers.RecordEpisodeStatistics(env)
@@ -125,6 +125,7 @@ class SameStepCartPole(CartPoleVectorEnv):
         if not done.any():
             return obs, reward, terminated, truncated, {}
         final_obs = obs.copy()
+        assert self.state is not None, "reset() came first"
         self.state[:, done] = self.np_random.uniform(low=self.low, high=self.high, size=(4, int(done.sum())))
         self.steps[done] = 0
         self.prev_done[:] = False  # reset already: the parent's next step must not reset them again
@@ -150,7 +151,9 @@ def make_native_vector_env(cfg: Config, num_envs: int) -> gym.vector.VectorEnv:
         raise EnvError(f"env '{cfg.env_id}' has no native vectorized implementation (gymnasium has one for CartPole "
                        "only): use vector_mode auto or sync")
     spec = gym.spec(cfg.env_id)
-    return SameStepCartPole(num_envs, cfg.max_episode_steps or spec.max_episode_steps, **spec.kwargs)
+    limit = cfg.max_episode_steps or spec.max_episode_steps
+    assert limit is not None, "gymnasium's CartPole ids have a time limit"
+    return SameStepCartPole(num_envs, limit, **spec.kwargs)
 
 
 def resolve_vector_mode(cfg: Config) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,12 @@ def batch_td_loss(cfg: Config, q_net: Callable[[torch.Tensor], torch.Tensor], ta
     with autocast(cfg, obs.device.type):  # the networks return float32 Q-values: only convolutions run in bf16
         q_all = q_net(obs)
         with torch.no_grad():  # s' passes need no gradient, so backward only runs over the s batch
-            next_q_online = q_net(next_obs) if target_net is None or cfg.double_dqn else None
-            next_q_target = next_q_online if target_net is None else target_net(next_obs)
+            next_q_online: torch.Tensor | None
+            if target_net is None:  # the online net is its own target
+                next_q_target = next_q_online = q_net(next_obs)
+            else:
+                next_q_online = q_net(next_obs) if cfg.double_dqn else None
+                next_q_target = target_net(next_obs)
     gamma = cfg.gamma if discounts is None else discounts
     y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
     q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -137,6 +142,7 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
          beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0, eps=cfg.adam_eps, maximize=False,
          capturable=params[0].device.type == "cuda")
     if cfg.target_update == "soft":
+        assert target is not None, "a soft target update has a target net"
         soft_update_(target, q, cfg.tau)
     return torch.stack([loss.detach(), q_sa.mean(), grad_norm]), (y - q_sa).abs()
 
@@ -177,7 +183,7 @@ class DQNLearner:
                                    batch.next_obs, batch.terminated, batch.discounts, batch.weights)
         self.optimizer.zero_grad()
         loss.backward()
-        grads = [p.grad for p in self.optimizer.params]
+        grads = cast(list[torch.Tensor], [p.grad for p in self.optimizer.params])  # backward set every one
         grad_norm, scale = clip_scale(self.cfg, grads)
         if scale is not None:
             torch._foreach_mul_(grads, scale)

@@ -46,6 +46,7 @@ from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.process_clock import seconds_since_start
 from fastdqn.profiling import profiled
 from fastdqn.replay import Replay, ReplayBuffer
+from fastdqn import spaces
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 from fastdqn.stepping import overlap_wanted
 from fastdqn.update_runner import make_update_runner
@@ -148,8 +149,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.envs = make_vector_env(cfg, cfg.num_envs, mode=resolve_vector_mode(cfg))
         obs_space = self.envs.single_observation_space
-        self.obs_shape = tuple(obs_space.shape)
-        self.n_actions = int(self.envs.single_action_space.n)
+        self.obs_shape = spaces.obs_shape(obs_space)
+        self.n_actions = spaces.n_actions(self.envs.single_action_space)
         dtype = obs_dtype(obs_space)
         # Size the buffer on the meta device first: refuse, with the numbers, one that does not fit.
         meta = make_replay(cfg, self.obs_shape, dtype, torch.device("meta"))
@@ -273,6 +274,7 @@ class Trainer:
         if due > c.updates:
             self.learner.set_learning_rate(learning_rate_at(cfg, env_step))
             if cfg.prioritized:
+                assert isinstance(self.replay, PrioritizedReplayBuffer), "make_replay: prioritized"
                 self.replay.beta = per_beta_at(cfg, env_step)
             if self.first_update is None:  # the run's first update alone, to time it
                 self.updates.run(1)
@@ -306,4 +308,5 @@ class Trainer:
         returns = self.evaluator.evaluate(self.counters.env_step)
         if self.evaluator.newest_is_best():
             self.checkpoints.save_best(returns.tolist())
+        assert self.evaluator.best is not None, "set by the evaluation just taken"
         logger.evaluation(self.counters.env_step, returns, self.counters.episodes, self.evaluator.best)
