@@ -161,7 +161,8 @@ def build_q_network(obs_shape: tuple[int, ...], n_actions: int, cfg: Config) -> 
     if is_pixel_shape(obs_shape):
         return NatureCNN(int(obs_shape[0]), n_actions, cfg.dueling)
     if is_grid_shape(obs_shape):
-        return MinAtarCNN(tuple(int(n) for n in obs_shape), n_actions, cfg.dueling)
+        height, width, channels = obs_shape
+        return MinAtarCNN((height, width, channels), n_actions, cfg.dueling)
     if len(obs_shape) != 1:
         raise ValueError(f"no Q-network takes observations of shape {obs_shape}")
     return MLPQNetwork(int(obs_shape[0]), n_actions, cfg.hidden_sizes, cfg.normalize_obs, cfg.dueling)
