@@ -181,7 +181,8 @@ def page(record: dict[str, Any], json_path: Path, plot_path: Path | None, path: 
              f"load average {load} at the start, {load_end} at the end), {record['config']} with "
              f"{', '.join(record['overrides']) or 'no changes'}. Raw numbers and every curve: "
              f"`{json_path}`.", "",
-             "Greedy eval: the mean return of an evaluation's episodes with epsilon 0 (MinAtar's sticky actions keep them stochastic). "
+             "Greedy eval: the mean return of an evaluation's episodes with epsilon 0 (MinAtar's sticky actions keep "
+             "them stochastic). "
              "Training return: the mean of the last 20 training episodes (epsilon 0.1 after the first 100k env "
              "steps), the measure the paper plots. The paper's numbers (Young & Tian 2019, DQN, read off its curves) "
              "are at 5M frames; these runs are a small fraction of that, so they show where learning starts, "

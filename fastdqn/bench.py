@@ -4,9 +4,10 @@ In-process suites (update-mlp, update-cnn, replay, and loop: the training loop's
 the envs' step and the updates; `fastdqn.bench_suites`) report each case's median and its speed-up over the
 suite's baseline measured in the same run. Training suites (e2e, cleanrl, and overlap: Pong with env stepping
 sequential or overlapped with the updates; `fastdqn.bench_training`) run every training run as a process of its
-own and report the whole run, the time to the first update and the steady-state rate separately. Results go to rich tables, to JSON under
-benchmarks/results/ (machine, load, versions, options, configs, every sample) and to a Markdown copy of the
-tables beside it. torch is imported only when an in-process suite runs, so the command starts fast.
+own and report the whole run, the time to the first update and the steady-state rate separately. Results go to
+rich tables, to JSON under benchmarks/results/ (machine, load, versions, options, configs, every sample) and to a
+Markdown copy of the tables beside it. torch is imported only when an in-process suite runs, so the command starts
+fast.
 """
 
 from __future__ import annotations

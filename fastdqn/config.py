@@ -68,7 +68,8 @@ class Config:
     double_dqn: bool = _f(True, "Double DQN: online net picks a', target net evaluates it")
     max_grad_norm: float = _f(10.0, "clip the global gradient norm to this; 0 = no clipping")
     target_update: Literal["hard", "soft", "none"] = _f(
-        "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, or none (target = online net)")
+        "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, "
+        "or none (target = online net)")
     target_update_interval: int = _f(256, "env steps between hard target copies")
     tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
     hidden_sizes: list[int] = _f([256, 256], "MLP hidden layer widths")
@@ -127,7 +128,8 @@ class Config:
         "updates run on a GPU, not for sync and native envs on a CPU; never: the sequential loop")
     profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
     profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
-    torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes share the cores; 0 = torch's default")
+    torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes "
+                               "share the cores; 0 = torch's default")
 
     # --- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(2_500, "env steps between greedy evaluations; 0 = only at the end")
@@ -183,7 +185,8 @@ class Config:
             (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.batch_size <= self.buffer_size,
-             f"batch_size ({self.batch_size}) is larger than buffer_size ({self.buffer_size}): lower batch_size or raise buffer_size"),
+             f"batch_size ({self.batch_size}) is larger than buffer_size ({self.buffer_size}): "
+             "lower batch_size or raise buffer_size"),
             (self.learning_starts >= 0, f"learning_starts must be >= 0, got {self.learning_starts}"),
             (self.train_every >= 1, f"train_every must be >= 1, got {self.train_every}"),
             (self.gradient_steps >= 1, f"gradient_steps must be >= 1, got {self.gradient_steps}"),
@@ -213,7 +216,8 @@ class Config:
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
             (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,
-             f"profile_schedule must be [wait, warmup, active, repeat] with active >= 1, got {self.profile_schedule}"),
+             "profile_schedule must be [wait, warmup, active, repeat] with active >= 1, "
+             f"got {self.profile_schedule}"),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
             (self.env_threads >= 0, f"env_threads must be >= 0, got {self.env_threads}"),
             (self.frame_stack >= 1, f"frame_stack must be >= 1, got {self.frame_stack}"),

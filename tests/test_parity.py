@@ -134,7 +134,8 @@ def test_compiled_bf16_update_matches_eager_loosely_and_keeps_fp32_state():
     moved_eager = torch.cat([p.detach().flatten() for p in eager.q.parameters()]) - start
     moved_amp = torch.cat([p.detach().flatten() for p in amp.q.parameters()]) - start
     assert (moved_amp - moved_eager).norm() < 0.2 * moved_eager.norm()
-    # bf16 has float32's exponent range, so it needs no GradScaler; weights and Adam moments stay float32 (gradients: next test).
+    # bf16 has float32's exponent range, so it needs no GradScaler; weights and Adam moments stay float32
+    # (gradients: next test).
     for p in amp.q.parameters():
         assert p.dtype == torch.float32
         assert all(v.dtype == torch.float32 for v in amp.optimizer.state[p].values())
