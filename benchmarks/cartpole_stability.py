@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from fastdqn.config import Config
 from fastdqn.backends import BackendSpec
+from fastdqn.config import Config
 from fastdqn.experiments import execute
 from fastdqn.outcomes import read_run
 from fastdqn.plans import Plan, Point, load_plan, run_dir_of

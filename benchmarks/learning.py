@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from fastdqn.config import Config, from_dict, load_yaml, parse_set
 from fastdqn.backends import BackendSpec
+from fastdqn.config import Config, from_dict, load_yaml, parse_set
 from fastdqn.experiments import execute
 from fastdqn.outcomes import read_run
 from fastdqn.plans import PLAN_FILE, Plan, Point, load_plan, run_dir_of

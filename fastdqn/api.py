@@ -15,17 +15,23 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fastdqn import spaces
-from fastdqn.checkpoint import (BEST_FILE, check_resume_config, latest_checkpoint, list_checkpoints,
-                                remove_partial_writes, strip_compile_prefix)
+from fastdqn.checkpoint import (
+    BEST_FILE,
+    check_resume_config,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_partial_writes,
+    strip_compile_prefix,
+)
 from fastdqn.checkpointer import load_run_checkpoint
 from fastdqn.config import Config, from_dict
 from fastdqn.devices import resolve_device, use_device

@@ -19,8 +19,16 @@ from typing import Any
 
 import torch
 
-from fastdqn.checkpoint import (BEST_FILE, check_resume_config, checkpoint_nbytes, list_checkpoints, load_checkpoint,
-                                save_checkpoint, strip_compile_prefix, write_atomically)
+from fastdqn.checkpoint import (
+    BEST_FILE,
+    check_resume_config,
+    checkpoint_nbytes,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    strip_compile_prefix,
+    write_atomically,
+)
 from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters

@@ -9,10 +9,10 @@ import re
 import sys
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Sequence
-
+from typing import Any, Literal, NoReturn
 
 from fastdqn import config as C
 from fastdqn.errors import ConfigError, FastDQNError, explain, one_line

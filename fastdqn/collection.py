@@ -26,8 +26,7 @@ import torch
 from fastdqn.atari import GameTracker
 from fastdqn.config import Config
 from fastdqn.counters import Counters
-from fastdqn.envs import (finished_episodes, get_env_state, obs_dtype, resolve_vector_mode, set_env_state,
-                          true_next_obs)
+from fastdqn.envs import finished_episodes, get_env_state, obs_dtype, resolve_vector_mode, set_env_state, true_next_obs
 from fastdqn.frame_replay import FrameReplay
 from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape

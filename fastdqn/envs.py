@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -21,8 +22,8 @@ from gymnasium.vector import AutoresetMode
 
 from fastdqn.atari import GRID_MAX_SIDE, is_atari_id, is_image_space, make_pixel_vector_env
 from fastdqn.config import Config
-from fastdqn.errors import EnvError
 from fastdqn.env_workers import WatchedAsyncVectorEnv
+from fastdqn.errors import EnvError
 from fastdqn.faults import EnvRestarts, guarded
 from fastdqn.logs import console
 from fastdqn.networks import is_grid_shape, is_pixel_shape

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from rich.table import Table
 
+from fastdqn import spaces
 from fastdqn.checkpointer import Checkpointer
 from fastdqn.collection import Collector
 from fastdqn.config import Config
@@ -46,7 +48,6 @@ from fastdqn.prioritized import PrioritizedReplayBuffer
 from fastdqn.process_clock import seconds_since_start
 from fastdqn.profiling import profiled
 from fastdqn.replay import Replay, ReplayBuffer
-from fastdqn import spaces
 from fastdqn.schedules import epsilon_at, learning_rate_at, per_beta_at
 from fastdqn.stepping import overlap_wanted
 from fastdqn.update_runner import make_update_runner

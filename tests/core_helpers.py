@@ -9,8 +9,8 @@ envs of one vector env go out of phase and both kinds of episode end occur.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import gymnasium as gym
 import numpy as np

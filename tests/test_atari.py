@@ -10,8 +10,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from core_helpers import trainer_without_run
 
+from core_helpers import trainer_without_run
 from fastdqn import cli
 from fastdqn.atari import FireReset, GameTracker, make_pixel_env, rom_name
 from fastdqn.config import Config

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdqn.checkpoint import (check_resume_config, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                remove_partial_writes, save_checkpoint, strip_compile_prefix)
+from fastdqn.checkpoint import (
+    check_resume_config,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_writes,
+    save_checkpoint,
+    strip_compile_prefix,
+)
 from fastdqn.checkpointer import Checkpointer, load_run_checkpoint
 from fastdqn.collection import Collector
 from fastdqn.counters import Counters

@@ -13,8 +13,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from core_helpers import trainer_without_run
 
+from core_helpers import trainer_without_run
 from fastdqn.collection import Collector
 from fastdqn.config import Config
 from fastdqn.counters import Counters

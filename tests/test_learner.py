@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compile_checks import assert_compiled
-from fastdqn.config import Config
 from fastdqn.adam import STATE_KEYS
+from fastdqn.config import Config
 from fastdqn.learner import METRICS, DQNLearner, batch_td_loss, td_loss, td_targets
 from fastdqn.replay import Batch
 from fastdqn.update_runner import make_update_runner

@@ -5,12 +5,12 @@ with the list of those it takes."""
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from fastdqn.api import evaluate
