@@ -7,9 +7,9 @@
 
 Each env's runs are an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`: `fastdqn.train`
 in worker processes, finished runs kept, a stopped batch goes on) over `configs/<env>.yaml` with one torch
-thread on the CPU, in `--out/<env>/`; asking for more seeds later adds them to it. With `--sb3-python`, the same seeds also run Stable-Baselines3's DQN
-(benchmarks/sb3_dqn.py, in that interpreter's venv) with the config's hyperparameters translated to SB3's
-names; keys SB3's DQN has no equivalent for are listed in the output. Writes
+thread on the CPU, in `--out/<env>/`; asking for more seeds later adds them to it. With `--sb3-python`, the same
+seeds also run Stable-Baselines3's DQN (benchmarks/sb3_dqn.py, in that interpreter's venv) with the config's
+hyperparameters translated to SB3's names; keys SB3's DQN has no equivalent for are listed in the output. Writes
 benchmarks/results/learning-<env>.json (every run's eval curve, final and best eval, env steps, wall time,
 the machine's load), docs/results/<env>.md (the table) and docs/results/<env>.png (the curves), and
 docs/results/README.md (one line per env). A variant (`--set KEY=VALUE`: the evidence for a choice in a config)
@@ -279,20 +279,21 @@ def index(records: list[dict[str, Any]]) -> str:
              "", "| env | rl-zoo DQN | fastdqn final (median) | fastdqn best (median) | seeds | SB3 DQN final (median) | "
              "wall time fastdqn / SB3 (s, median) | CPU time fastdqn / SB3 (s, median) |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    def versus(fd: dict[str, Any], sb3: dict[str, Any], key: str) -> str:
+        mine, theirs = fd.get(key), sb3.get(key)
+        ratio = f" = {mine / theirs:.2f}x" if mine and theirs else ""
+        return f"{fmt(mine)} / {fmt(theirs)}{ratio}"
+
     for r in records:
         fd, sb3 = r["fastdqn"], r["sb3"]
-        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-
-        def versus(key: str) -> str:
-            mine, theirs = fd.get(key), sb3.get(key)
-            ratio = f" = {mine / theirs:.2f}x" if mine and theirs else ""
-            return f"{fmt(mine)} / {fmt(theirs)}{ratio}"
-
         sb3_seeds = f" ({seeds(sb3['runs'])})" if sb3["runs"] else ""
         lines.append(f"| [{r['env_id']}]({r['env']}.md) | {r['rl_zoo']['mean_return']:g} at "
                      f"{r['rl_zoo']['env_steps'] // 1000}k | {fmt(fd['final_median'])} | {fmt(fd.get('best_median'))} | "
-                     f"{len(fd['runs'])} | {fmt(sb3['final_median'])}{sb3_seeds} | {versus('wall_time_median')} | "
-                     f"{versus('cpu_time_median')} |")
+                     f"{len(fd['runs'])} | {fmt(sb3['final_median'])}{sb3_seeds} | {versus(fd, sb3, 'wall_time_median')} | "
+                     f"{versus(fd, sb3, 'cpu_time_median')} |")
     missing = [ENVS[name]["config"] for name in ENVS if name not in {r["env"] for r in records}]
     if missing:
         lines.append(f"\nNot run yet: {', '.join(missing)}.")

@@ -10,7 +10,8 @@ while the envs stepped.
 Per profiler step (one vector step and its updates): its length, and the total of each of fastdqn's ranges in it
 (`env.in_flight` spans the envs' step from its start to its end; `env.wait` is the time the loop waited for it).
 `update_inside_in_flight` is the share of `learner.update` time that lies inside `env.in_flight`: 1.0 means every
-update ran while the envs stepped. Open the trace in Perfetto or chrome://tracing to see the ranges on top of each other.
+update ran while the envs stepped. Open the trace in Perfetto or chrome://tracing to see the ranges on top of each
+other.
 """
 
 from __future__ import annotations
