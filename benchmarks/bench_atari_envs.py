@@ -59,9 +59,15 @@ def replay_cases(num_envs: int, capacity: int, device: torch.device) -> dict[str
         stacked.add(stack, actions, zeros, stack, zeros, zeros)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return {
-        f"FrameReplay add ({num_envs} envs)": lambda: (frames.add(frame, actions, zeros, no.to(torch.uint8), no), sync()),
+        f"FrameReplay add ({num_envs} envs)": lambda: (
+            frames.add(frame, actions, zeros, no.to(torch.uint8), no),
+            sync(),
+        ),
         "FrameReplay sample (32)": lambda: (frames.sample(32), sync()),
-        f"stacked uint8 add ({num_envs} envs)": lambda: (stacked.add(stack, actions, zeros, stack, zeros, zeros), sync()),
+        f"stacked uint8 add ({num_envs} envs)": lambda: (
+            stacked.add(stack, actions, zeros, stack, zeros, zeros),
+            sync(),
+        ),
         "stacked uint8 sample (32)": lambda: (stacked.sample(32), sync()),
     }
 
@@ -113,8 +119,10 @@ def main() -> None:
         ale, gym_ = (statistics.median(env_sps[(b, n)]) for b in ("ale_vector", "gymnasium"))
         print(f"{n:>5} {ale:>12,.0f} {gym_:>12,.0f} {ale / gym_:>6.2f}x")
         results["env_sps"][str(n)] = {"ale_vector": ale, "gymnasium": gym_}
-    print(f"replay on {device}, capacity {args.capacity:,}, {torch.get_num_threads()} torch threads (median "
-          f"microseconds per call over {args.rounds} rounds):")
+    print(
+        f"replay on {device}, capacity {args.capacity:,}, {torch.get_num_threads()} torch threads (median "
+        f"microseconds per call over {args.rounds} rounds):"
+    )
     for name, samples in replay_s.items():
         us = statistics.median(samples) * 1e6
         print(f"  {name:<30} {us:>10,.1f} us")

@@ -61,12 +61,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r25-lr-batch-128": {"gradient_steps": 64, "lr_schedule": "linear", "batch_size": 128},
     "r25-nstep-3": {"gradient_steps": 64, "n_step": 3},  # n-step without the LR decay
     # The flagship command (`fastdqn train --envs 16 --compile`) on the candidate config:
-    "r25-lr-nstep-3-envs16-compile": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "num_envs": 16,
-                                      "compile": True},
+    "r25-lr-nstep-3-envs16-compile": {
+        "gradient_steps": 64,
+        "lr_schedule": "linear",
+        "n_step": 3,
+        "num_envs": 16,
+        "compile": True,
+    },
     # The same two under --amp (bf16 autocast; an MLP stays float32 in it): does amp change what is learned?
     "r25-lr-nstep-3-amp": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "amp": True},
-    "r25-lr-nstep-3-envs16-compile-amp": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3, "num_envs": 16,
-                                          "compile": True, "amp": True},
+    "r25-lr-nstep-3-envs16-compile-amp": {
+        "gradient_steps": 64,
+        "lr_schedule": "linear",
+        "n_step": 3,
+        "num_envs": 16,
+        "compile": True,
+        "amp": True,
+    },
 }
 
 OUT_JSON = Path("benchmarks/results/cartpole_stability.json")
@@ -102,13 +113,21 @@ def run_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
         cfg = plan.config(point, seed)
         total = cfg.total_steps
         late = [m for s, m in run.evals if s >= LATE * total]
-        rows.append({"seed": seed, "final_eval": run.final_return, "best_eval": max(m for _, m in run.evals),
-                     "steps_to_solve": run.steps_to_solve if run.steps_to_solve != float("inf") else None,
-                     "late_mean": statistics.fmean(late), "late_solved": sum(m >= solved for m in late),
-                     "late_evals": len(late), "wall_time": run.wall_time,
-                     "updates": updates(cfg),
-                     "cpu_time": json.loads((out / CPU_FILE).read_text()) if (out / CPU_FILE).is_file() else None,
-                     "evals": [[s, m] for s, m in run.evals]})
+        rows.append(
+            {
+                "seed": seed,
+                "final_eval": run.final_return,
+                "best_eval": max(m for _, m in run.evals),
+                "steps_to_solve": run.steps_to_solve if run.steps_to_solve != float("inf") else None,
+                "late_mean": statistics.fmean(late),
+                "late_solved": sum(m >= solved for m in late),
+                "late_evals": len(late),
+                "wall_time": run.wall_time,
+                "updates": updates(cfg),
+                "cpu_time": json.loads((out / CPU_FILE).read_text()) if (out / CPU_FILE).is_file() else None,
+                "evals": [[s, m] for s, m in run.evals],
+            }
+        )
     return rows
 
 
@@ -119,31 +138,41 @@ def median_of(values: list[float]) -> float | None:
 def summarize(name: str, plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
     solved = plan.solve_line
     finals = [r["final_eval"] for r in rows]
-    return {"variant": name, "changes": plan.points[0].changes, "seeds": [r["seed"] for r in rows],
-            "ended_solved": sum(f >= solved for f in finals), "ever_solved": sum(r["steps_to_solve"] is not None
-                                                                                for r in rows),
-            "final_median": statistics.median(finals) if finals else None,
-            "final_mean": statistics.fmean(finals) if finals else None,
-            "late_mean": statistics.fmean(r["late_mean"] for r in rows) if rows else None,
-            "late_solved_fraction": (sum(r["late_solved"] for r in rows) / sum(r["late_evals"] for r in rows)
-                                     if rows else None),
-            "wall_time_median": statistics.median(r["wall_time"] for r in rows) if rows else None,
-            "cpu_time_median": median_of([r["cpu_time"] for r in rows if r["cpu_time"] is not None]),
-            "updates": rows[0]["updates"] if rows else None,
-            "runs": rows}
+    return {
+        "variant": name,
+        "changes": plan.points[0].changes,
+        "seeds": [r["seed"] for r in rows],
+        "ended_solved": sum(f >= solved for f in finals),
+        "ever_solved": sum(r["steps_to_solve"] is not None for r in rows),
+        "final_median": statistics.median(finals) if finals else None,
+        "final_mean": statistics.fmean(finals) if finals else None,
+        "late_mean": statistics.fmean(r["late_mean"] for r in rows) if rows else None,
+        "late_solved_fraction": (
+            sum(r["late_solved"] for r in rows) / sum(r["late_evals"] for r in rows) if rows else None
+        ),
+        "wall_time_median": statistics.median(r["wall_time"] for r in rows) if rows else None,
+        "cpu_time_median": median_of([r["cpu_time"] for r in rows if r["cpu_time"] is not None]),
+        "updates": rows[0]["updates"] if rows else None,
+        "runs": rows,
+    }
 
 
 def markdown(summaries: list[dict[str, Any]]) -> str:
-    lines = ["| variant | changes | seeds | final eval >= 475 | final evals | late evals >= 475 | late mean | "
-             "updates | CPU time (s, median) |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | changes | seeds | final eval >= 475 | final evals | late evals >= 475 | late mean | "
+        "updates | CPU time (s, median) |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for s in summaries:
         if not s["runs"]:
             continue
         finals = ", ".join(f"{r['final_eval']:.0f}" for r in s["runs"])
         changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or "-"
-        lines.append(f"| {s['variant']} | {changes} | {len(s['runs'])} | {s['ended_solved']}/{len(s['runs'])} | "
-                     f"{finals} | {100 * s['late_solved_fraction']:.0f}% | {s['late_mean']:.0f} | "
-                     f"{s['updates']:,} | {'-' if s['cpu_time_median'] is None else round(s['cpu_time_median'])} |")
+        lines.append(
+            f"| {s['variant']} | {changes} | {len(s['runs'])} | {s['ended_solved']}/{len(s['runs'])} | "
+            f"{finals} | {100 * s['late_solved_fraction']:.0f}% | {s['late_mean']:.0f} | "
+            f"{s['updates']:,} | {'-' if s['cpu_time_median'] is None else round(s['cpu_time_median'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,7 +194,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(475, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{s['variant']}: {s['ended_solved']}/{len(s['runs'])} end >= 475", fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(shown):]:
+    for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("env steps")
@@ -205,10 +234,20 @@ def main() -> None:
     print(table)
     plot(summaries, args.plot)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "late_from": LATE,
-        "base": base, "variants": summaries, "table": table}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+                "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"),
+                "late_from": LATE,
+                "base": base,
+                "variants": summaries,
+                "table": table,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,14 +50,27 @@ from small_fs import fill, tmpfs  # noqa: E402
 from small_runs import small_flags  # noqa: E402
 
 TOTAL, CHECKPOINT_EVERY, LOG_EVERY = 2000, 100, 20
-COMMON = dict(total_steps=TOTAL, checkpoint_every=CHECKPOINT_EVERY, log_every=LOG_EVERY, save_replay=True,
-              keep_checkpoints=3)
+COMMON = dict(
+    total_steps=TOTAL, checkpoint_every=CHECKPOINT_EVERY, log_every=LOG_EVERY, save_replay=True, keep_checkpoints=3
+)
 JOBS = {
-    "exact": dict(flags=small_flags(**COMMON), exact=True,
-                  kinds=["sigkill_trainer", "sigterm_trainer", "disk_full", "truncated_checkpoint", "second_process"]),
-    "async": dict(flags=small_flags(**COMMON, num_envs=4, vector_mode="async"), exact=False,
-                  kinds=["sigkill_trainer", "sigterm_trainer", "sigkill_worker", "disk_full", "truncated_checkpoint",
-                         "second_process"]),
+    "exact": dict(
+        flags=small_flags(**COMMON),
+        exact=True,
+        kinds=["sigkill_trainer", "sigterm_trainer", "disk_full", "truncated_checkpoint", "second_process"],
+    ),
+    "async": dict(
+        flags=small_flags(**COMMON, num_envs=4, vector_mode="async"),
+        exact=False,
+        kinds=[
+            "sigkill_trainer",
+            "sigterm_trainer",
+            "sigkill_worker",
+            "disk_full",
+            "truncated_checkpoint",
+            "second_process",
+        ],
+    ),
 }
 KINDS = JOBS["async"]["kinds"]
 WAIT = 120  # seconds any one step of the script may take before it counts as a failure
@@ -128,17 +141,30 @@ def complete(run: Path) -> list[int]:
 # --- processes ------------------------------------------------------------------------------------------
 def train(run: Path, job: str, resume: bool, *extra: str) -> subprocess.Popen:
     args = ["--resume", str(run), *extra] if resume else ["--run-dir", str(run), *JOBS[job]["flags"], *extra]
-    return subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "train", "--quiet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastdqn.cli", "train", "--quiet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def waiting_second(run: Path) -> subprocess.Popen:
     """`fastdqn train --resume RUN` in a process that imports fastdqn first and then waits for a line on stdin, so
     that the run it collides with is still training when it tries the run dir (importing takes seconds here)."""
-    code = ("import sys, fastdqn.api, fastdqn.cli; sys.stdin.readline(); "
-            f"sys.exit(fastdqn.cli.main(['train', '--quiet', '--resume', {str(run)!r}]))")
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    code = (
+        "import sys, fastdqn.api, fastdqn.cli; sys.stdin.readline(); "
+        f"sys.exit(fastdqn.cli.main(['train', '--quiet', '--resume', {str(run)!r}]))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def ended(proc: subprocess.Popen, timeout: float = WAIT) -> tuple[str, str]:
@@ -200,8 +226,16 @@ def wait_for_progress(proc: subprocess.Popen, run: Path, rng: random.Random, kin
 
 
 # --- the faults -----------------------------------------------------------------------------------------
-def inject(kind: str, proc: subprocess.Popen, run: Path, fs: Path, rng: random.Random, fault: Fault,
-           restarts: int, second: subprocess.Popen | None) -> subprocess.Popen | None:
+def inject(
+    kind: str,
+    proc: subprocess.Popen,
+    run: Path,
+    fs: Path,
+    rng: random.Random,
+    fault: Fault,
+    restarts: int,
+    second: subprocess.Popen | None,
+) -> subprocess.Popen | None:
     """Inject `kind` into the running `proc` and recover; returns the trainer that runs on (None: start one).
     `second` is the waiting second process of a second_process fault."""
     before = complete(run)
@@ -240,7 +274,9 @@ def inject(kind: str, proc: subprocess.Popen, run: Path, fs: Path, rng: random.R
             fault.notes.append(f"env_restarts {restarts}: worker started again")
             fault.reached = fault.resumed_from = 0  # nothing is redone
             time.sleep(1.0)
-            check(proc.poll() is None or proc.returncode == 0, "the run stopped although env_restarts allowed a restart")
+            check(
+                proc.poll() is None or proc.returncode == 0, "the run stopped although env_restarts allowed a restart"
+            )
             return proc
         out, err = ended(proc, timeout=60)
         line = one_line(err)
@@ -259,8 +295,10 @@ def inject(kind: str, proc: subprocess.Popen, run: Path, fs: Path, rng: random.R
             if proc.returncode == 0:  # it finished without writing again
                 raise Finished
             line = one_line(err)
-            check(proc.returncode == 1 and line.startswith("fastdqn: error: no space left on device writing"),
-                  f"exit status {proc.returncode}: {line}")
+            check(
+                proc.returncode == 1 and line.startswith("fastdqn: error: no space left on device writing"),
+                f"exit status {proc.returncode}: {line}",
+            )
             check(f"fastdqn train --resume {run}" in line, f"no resume command: {line}")
             check(not list(run.glob(".*.tmp")), "a partial file was left")
         finally:
@@ -277,8 +315,10 @@ def inject(kind: str, proc: subprocess.Popen, run: Path, fs: Path, rng: random.R
             ended(proc)
             raise Finished
         line = one_line(err)
-        check(second.returncode == 2 and f"is in use by another fastdqn process (pid {proc.pid}" in line,
-              f"the second process was not refused: {second.returncode} {line}")
+        check(
+            second.returncode == 2 and f"is in use by another fastdqn process (pid {proc.pid}" in line,
+            f"the second process was not refused: {second.returncode} {line}",
+        )
         check(proc.poll() is None or proc.returncode == 0, "the first process stopped")
         return proc
     raise ValueError(kind)
@@ -293,13 +333,17 @@ def truncate_newest(run: Path, rng: random.Random, fault: Fault) -> None:
     found = list_checkpoints(run)
     cut = found[-1]
     data = cut.read_bytes()
-    cut.write_bytes(data[:int(len(data) * rng.uniform(0.0, 0.9))])
+    cut.write_bytes(data[: int(len(data) * rng.uniform(0.0, 0.9))])
     proc = train(run, fault.job, resume=True)
     _, err = ended(proc)
     line = one_line(err)
     previous = found[-2].name
-    check(proc.returncode == 2 and "is corrupt or truncated" in line and f"move it away to resume from {previous}"
-          in line, f"not the one line naming {previous}: {line}")
+    check(
+        proc.returncode == 2
+        and "is corrupt or truncated" in line
+        and f"move it away to resume from {previous}" in line,
+        f"not the one line naming {previous}: {line}",
+    )
     moved = run.parent / "moved-away"
     moved.mkdir(exist_ok=True)
     shutil.move(str(cut), moved / f"{run.name}-{cut.name}")
@@ -319,8 +363,15 @@ def draw(job: str, rng: random.Random) -> str:
     return BAGS[job].pop()
 
 
-def run_job(job: str, run: Path, fs: Path, rng: random.Random, budget: int, deadline: float,
-            reference: dict[str, torch.Tensor] | None) -> list[Fault]:
+def run_job(
+    job: str,
+    run: Path,
+    fs: Path,
+    rng: random.Random,
+    budget: int,
+    deadline: float,
+    reference: dict[str, torch.Tensor] | None,
+) -> list[Fault]:
     """Train `run` to total_steps while injecting up to `budget` faults; returns them, survived or not."""
     faults: list[Fault] = []
     proc: subprocess.Popen | None = None
@@ -350,8 +401,12 @@ def run_job(job: str, run: Path, fs: Path, rng: random.Random, budget: int, dead
             except Finished:
                 faults.pop()
                 break
-            print(f"[{time.monotonic() - STARTED:6.0f} s] {job}: {kind} at env step {fault.reached}, going on from "
-                  f"{fault.resumed_from} ({' '.join(fault.notes)})", file=sys.stderr, flush=True)
+            print(
+                f"[{time.monotonic() - STARTED:6.0f} s] {job}: {kind} at env step {fault.reached}, going on from "
+                f"{fault.resumed_from} ({' '.join(fault.notes)})",
+                file=sys.stderr,
+                flush=True,
+            )
         verify(run, reference)
         for fault in faults:
             fault.survived = True
@@ -372,8 +427,10 @@ def verify(run: Path, reference: dict[str, torch.Tensor] | None) -> None:
     check(newest(run) == TOTAL, f"the newest checkpoint is at {newest(run)}, not {TOTAL}")
     check(complete(run) == steps(run), "a checkpoint left behind does not load")
     check(not list(run.glob(".*.tmp")), "a partial file was left")
-    check(logged(run) == list(range(LOG_EVERY, TOTAL + 1, LOG_EVERY)),
-          "metrics.jsonl has duplicate or missing training records")
+    check(
+        logged(run) == list(range(LOG_EVERY, TOTAL + 1, LOG_EVERY)),
+        "metrics.jsonl has duplicate or missing training records",
+    )
     if reference is not None:
         final = load_checkpoint(list_checkpoints(run)[-1])["learner"]["q"]
         check(all(torch.equal(final[k], v) for k, v in reference.items()), "final weights differ from the unbroken run")
@@ -393,14 +450,20 @@ def summary(faults: list[Fault]) -> dict[str, dict]:
     for kind in KINDS + (["none"] if any(f.kind == "none" for f in faults) else []):
         mine = [f for f in faults if f.kind == kind]
         lost = [f.lost for f in mine]
-        table[kind] = {"injected": len(mine), "survived": sum(f.survived for f in mine),
-                       "lost_mean": round(sum(lost) / len(lost), 1) if lost else None,
-                       "lost_max": max(lost) if lost else None}
+        table[kind] = {
+            "injected": len(mine),
+            "survived": sum(f.survived for f in mine),
+            "lost_mean": round(sum(lost) / len(lost), 1) if lost else None,
+            "lost_max": max(lost) if lost else None,
+        }
     return table
 
 
 def markdown(table: dict[str, dict]) -> str:
-    lines = ["| fault | injected | survived | lost env steps, mean | lost env steps, max |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| fault | injected | survived | lost env steps, mean | lost env steps, max |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for kind, row in table.items():
         mean = "-" if row["lost_mean"] is None else f"{row['lost_mean']:g}"
         most = "-" if row["lost_max"] is None else str(row["lost_max"])
@@ -429,26 +492,42 @@ def main(argv: list[str] | None = None) -> int:
         while len(faults) < args.faults and time.monotonic() < deadline:
             job = ["exact", "async"][jobs % 2]
             budget = min(args.per_job, args.faults - len(faults))
-            faults += run_job(job, fs / f"{job}-{jobs}", fs, rng, budget, deadline,
-                              reference if JOBS[job]["exact"] else None)
+            faults += run_job(
+                job, fs / f"{job}-{jobs}", fs, rng, budget, deadline, reference if JOBS[job]["exact"] else None
+            )
             shutil.rmtree(fs / f"{job}-{jobs}", ignore_errors=True)  # room for the next job
             jobs += 1
     table = summary(faults)
     print(markdown(table))
-    record = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "seed": args.seed, "jobs": jobs, "wall_time_s": round(time.monotonic() - start, 1),
-              "load_average_before": [round(x, 2) for x in load],
-              "load_average_after": [round(x, 2) for x in os.getloadavg()],
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__},
-              "job_settings": {"total_steps": TOTAL, "checkpoint_every": CHECKPOINT_EVERY, "log_every": LOG_EVERY,
-                               "jobs": {k: {"flags": v["flags"], "exact": v["exact"]} for k, v in JOBS.items()}},
-              "summary": table, "all_survived": all(f.survived for f in faults),
-              "faults": [{**asdict(f), "lost": f.lost} for f in faults]}
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "seed": args.seed,
+        "jobs": jobs,
+        "wall_time_s": round(time.monotonic() - start, 1),
+        "load_average_before": [round(x, 2) for x in load],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "job_settings": {
+            "total_steps": TOTAL,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "log_every": LOG_EVERY,
+            "jobs": {k: {"flags": v["flags"], "exact": v["exact"]} for k, v in JOBS.items()},
+        },
+        "summary": table,
+        "all_survived": all(f.survived for f in faults),
+        "faults": [{**asdict(f), "lost": f.lost} for f in faults],
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{len(faults)} faults in {jobs} jobs, {record['wall_time_s']} s; all survived: {record['all_survived']}; "
-          f"written to {args.out}")
+    print(
+        f"{len(faults)} faults in {jobs} jobs, {record['wall_time_s']} s; all survived: {record['all_survived']}; "
+        f"written to {args.out}"
+    )
     return 0 if record["all_survived"] and faults else 1
 
 

@@ -79,8 +79,13 @@ def junit_summary(stage_dir: Path, log_text: str) -> dict[str, Any]:
                 failed.append({"test": name, "message": (bad.get("message") or "")[:300]})
         if case.find("skipped") is not None:
             skipped.append({"test": name, "reason": (case.find("skipped").get("message") or "")[:200]})
-    return {**counts, "passed": counts["tests"] - sum(counts[k] for k in ("failures", "errors", "skipped")),
-            "time_s": float(suite.get("time", 0)), "failed": failed, "skipped_tests": skipped}
+    return {
+        **counts,
+        "passed": counts["tests"] - sum(counts[k] for k in ("failures", "errors", "skipped")),
+        "time_s": float(suite.get("time", 0)),
+        "failed": failed,
+        "skipped_tests": skipped,
+    }
 
 
 def bench_results(stage_dir: Path, log_text: str) -> dict[str, Any]:
@@ -94,12 +99,18 @@ def bench_results(stage_dir: Path, log_text: str) -> dict[str, Any]:
 def minatar_results(path: Path) -> Callable[[Path, str], dict[str, Any]]:
     """Each MinAtar run's frames, speed and evaluations beside the paper's 5M-frame return; the curves stay in the
     benchmark's own JSON (`python benchmarks/minatar_curves.py --plot-only --out JSON --plot PNG` draws them)."""
+
     def collect(stage_dir: Path, log_text: str) -> dict[str, Any]:
         record = json.loads(path.read_text())
-        runs = [{k: run[k] for k in ("env_id", "seed", "env_steps", "updates", "sps", "wall_time", "stopped")}
-                | {"last_eval": run["evals"][-1] if run["evals"] else None,
-                   "best_eval": max(run["evals"], key=lambda e: e[1]) if run["evals"] else None,
-                   "published_5M": record["published_5M"][run["game"]]} for run in record["runs"]]
+        runs = [
+            {k: run[k] for k in ("env_id", "seed", "env_steps", "updates", "sps", "wall_time", "stopped")}
+            | {
+                "last_eval": run["evals"][-1] if run["evals"] else None,
+                "best_eval": max(run["evals"], key=lambda e: e[1]) if run["evals"] else None,
+                "published_5M": record["published_5M"][run["game"]],
+            }
+            for run in record["runs"]
+        ]
         return {"file": str(path), "runs": runs}
 
     return collect
@@ -107,6 +118,7 @@ def minatar_results(path: Path) -> Callable[[Path, str], dict[str, Any]]:
 
 def train_results(run_dir: Path) -> Callable[[Path, str], dict[str, Any]]:
     """A training run's result line, its evaluation curve and its last logged speed, from its run dir."""
+
     def collect(stage_dir: Path, log_text: str) -> dict[str, Any]:
         records = []
         metrics = run_dir / "metrics.jsonl"
@@ -132,11 +144,26 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
     fastdqn = [*python, "-m", "fastdqn"]
     device = ["--device", "cpu" if dry else "cuda"]
 
-    def train(name: str, flags: list[str], dry_flags: list[str], timeout_s: float, doc: str,
-              stop_ok: bool = False, min_s: float = 20) -> Stage:
+    def train(
+        name: str,
+        flags: list[str],
+        dry_flags: list[str],
+        timeout_s: float,
+        doc: str,
+        stop_ok: bool = False,
+        min_s: float = 20,
+    ) -> Stage:
         run_dir = runs / name
-        argv = [*fastdqn, "train", *device, "--run-dir", str(run_dir), "--overwrite", "--quiet",
-                *(dry_flags if dry else flags)]
+        argv = [
+            *fastdqn,
+            "train",
+            *device,
+            "--run-dir",
+            str(run_dir),
+            "--overwrite",
+            "--quiet",
+            *(dry_flags if dry else flags),
+        ]
         return Stage(name, argv, timeout_s, train_results(run_dir), stop_ok=stop_ok, min_s=min_s, doc=doc)
 
     def bench(name: str, flags: list[str], dry_flags: list[str], timeout_s: float, doc: str) -> Stage:
@@ -146,47 +173,142 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
     def minatar(out: Path, dry: bool) -> Stage:
         argv = [*python, str(ROOT / "benchmarks" / "minatar_curves.py"), "--parallel", *device, "--out", str(out)]
         if dry:
-            argv += ["--games", "Breakout", "Asterix", "--total-steps", "300", "--set", "learning_starts=100",
-                     "--set", "buffer_size=1000", "--set", "eval_every=0", "--set", "eval_episodes=1"]
+            argv += [
+                "--games",
+                "Breakout",
+                "Asterix",
+                "--total-steps",
+                "300",
+                "--set",
+                "learning_starts=100",
+                "--set",
+                "buffer_size=1000",
+                "--set",
+                "eval_every=0",
+                "--set",
+                "eval_episodes=1",
+            ]
         else:  # each game in its own process, all on the GPU at once, stopped after 90 s (compile included)
-            argv += ["--total-steps", "5000000", "--budget-s", "90", "--set", "compile=true",
-                     "--set", "eval_every=20000", "--set", "log_every=5000"]
-        return Stage("minatar", argv, 90 if dry else 150, minatar_results(out), min_s=30 if dry else 60,
-                     doc="the five MinAtar games (configs/minatar.yaml, v1 ids, --compile) at once for 90 s each: "
-                         "frames, speed and greedy evaluations against the paper's DQN at 5M frames; needs "
-                         "pip install minatar")
+            argv += [
+                "--total-steps",
+                "5000000",
+                "--budget-s",
+                "90",
+                "--set",
+                "compile=true",
+                "--set",
+                "eval_every=20000",
+                "--set",
+                "log_every=5000",
+            ]
+        return Stage(
+            "minatar",
+            argv,
+            90 if dry else 150,
+            minatar_results(out),
+            min_s=30 if dry else 60,
+            doc="the five MinAtar games (configs/minatar.yaml, v1 ids, --compile) at once for 90 s each: "
+            "frames, speed and greedy evaluations against the paper's DQN at 5M frames; needs "
+            "pip install minatar",
+        )
 
     cartpole_dry = ["--total-steps", "600", "--learning-starts", "200", "--eval-every", "0", "--eval-episodes", "1"]
     return [
-        Stage("machine", [*python, str(Path(__file__).resolve()), "--machine-info"], 60, last_json_line,
-              doc="torch, CUDA and driver versions, GPU name and free memory"),
-        Stage("cuda-tests", [*python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs",
-                             "-p", "no:cacheprovider", f"--junitxml={log_dir / 'cuda-tests' / 'junit.xml'}"],
-              60 if dry else 210, junit_summary, doc="pytest -m cuda: captured/compiled/bf16 parity, "
-              "recapture, failed capture, staging, frame replay capture, CartPole learning on CUDA"),
-        bench("bench-update", ["--suite", "update-mlp,update-cnn,replay", "--rounds", "5", "--iters", "100",
-                               "--warmup", "10"],
-              ["--suite", "update-mlp,replay", "--variants", "eager", "--rounds", "1", "--iters", "2",
-               "--warmup", "0"], 60 if dry else 150,
-              doc="update step per variant (eager, compiled, compiled+amp, cuda-graph), MLP and CNN; replay calls"),
-        train("cartpole-default", ["--total-steps", "50000"], cartpole_dry, 60 if dry else 90,
-              doc="the default CartPole config to 50k env steps: wall time and eval curve"),
-        train("cartpole-16envs-compile-amp", ["--envs", "16", "--compile", "--amp", "--total-steps", "50000"],
-              ["--envs", "16", "--amp", *cartpole_dry], 60 if dry else 120,
-              doc="--envs 16 --compile --amp to 50k env steps (CUDA graph on): wall time, compile included"),
+        Stage(
+            "machine",
+            [*python, str(Path(__file__).resolve()), "--machine-info"],
+            60,
+            last_json_line,
+            doc="torch, CUDA and driver versions, GPU name and free memory",
+        ),
+        Stage(
+            "cuda-tests",
+            [
+                *python,
+                "-m",
+                "pytest",
+                "-m",
+                "cuda",
+                "tests/test_cuda.py",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={log_dir / 'cuda-tests' / 'junit.xml'}",
+            ],
+            60 if dry else 210,
+            junit_summary,
+            doc="pytest -m cuda: captured/compiled/bf16 parity, "
+            "recapture, failed capture, staging, frame replay capture, CartPole learning on CUDA",
+        ),
+        bench(
+            "bench-update",
+            ["--suite", "update-mlp,update-cnn,replay", "--rounds", "5", "--iters", "100", "--warmup", "10"],
+            ["--suite", "update-mlp,replay", "--variants", "eager", "--rounds", "1", "--iters", "2", "--warmup", "0"],
+            60 if dry else 150,
+            doc="update step per variant (eager, compiled, compiled+amp, cuda-graph), MLP and CNN; replay calls",
+        ),
+        train(
+            "cartpole-default",
+            ["--total-steps", "50000"],
+            cartpole_dry,
+            60 if dry else 90,
+            doc="the default CartPole config to 50k env steps: wall time and eval curve",
+        ),
+        train(
+            "cartpole-16envs-compile-amp",
+            ["--envs", "16", "--compile", "--amp", "--total-steps", "50000"],
+            ["--envs", "16", "--amp", *cartpole_dry],
+            60 if dry else 120,
+            doc="--envs 16 --compile --amp to 50k env steps (CUDA graph on): wall time, compile included",
+        ),
         minatar(log_dir / "minatar" / "minatar-gpu.json", dry),
-        bench("bench-e2e", ["--suite", "e2e", "--steps", "4000", "--learning-starts", "1000", "--repeats", "1",
-                            "--envs", "1,16"],
-              ["--suite", "e2e", "--envs", "1", "--steps", "300", "--learning-starts", "100", "--repeats", "1"],
-              60 if dry else 90, doc="whole training runs, each a new process: 1 and 16 envs (the CleanRL suite "
-                                     "needs CleanRL's own environment, see docs/performance.md)"),
-        train("pong", ["--env", "ALE/Pong-v5", "--compile", "--amp", "--learning-starts", "20000",
-                       "--eval-every", "50000", "--eval-episodes", "3", "--checkpoint-every", "0"],
-              ["--env", "ALE/Pong-v5", "--buffer-size", "2000", "--learning-starts", "200", "--eval-every", "400",
-               "--eval-episodes", "1", "--max-episode-steps", "200", "--checkpoint-every", "0"],
-              25 if dry else 150, stop_ok=True, min_s=10 if dry else 40,
-              doc="Pong with compile, amp and the CUDA graph for a fixed wall-clock budget, stopped by SIGINT: "
-                  "speed and eval curve"),
+        bench(
+            "bench-e2e",
+            ["--suite", "e2e", "--steps", "4000", "--learning-starts", "1000", "--repeats", "1", "--envs", "1,16"],
+            ["--suite", "e2e", "--envs", "1", "--steps", "300", "--learning-starts", "100", "--repeats", "1"],
+            60 if dry else 90,
+            doc="whole training runs, each a new process: 1 and 16 envs (the CleanRL suite "
+            "needs CleanRL's own environment, see docs/performance.md)",
+        ),
+        train(
+            "pong",
+            [
+                "--env",
+                "ALE/Pong-v5",
+                "--compile",
+                "--amp",
+                "--learning-starts",
+                "20000",
+                "--eval-every",
+                "50000",
+                "--eval-episodes",
+                "3",
+                "--checkpoint-every",
+                "0",
+            ],
+            [
+                "--env",
+                "ALE/Pong-v5",
+                "--buffer-size",
+                "2000",
+                "--learning-starts",
+                "200",
+                "--eval-every",
+                "400",
+                "--eval-episodes",
+                "1",
+                "--max-episode-steps",
+                "200",
+                "--checkpoint-every",
+                "0",
+            ],
+            25 if dry else 150,
+            stop_ok=True,
+            min_s=10 if dry else 40,
+            doc="Pong with compile, amp and the CUDA graph for a fixed wall-clock budget, stopped by SIGINT: "
+            "speed and eval curve",
+        ),
     ]
 
 
@@ -208,13 +330,19 @@ def run_stage(stage: Stage, log_dir: Path, limit_s: float, env: dict[str, str]) 
     stage_dir = log_dir / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{stage.name}.log"
-    out = {"name": stage.name, "doc": stage.doc, "command": stage.argv, "limit_s": round(limit_s, 1),
-           "log": str(log.relative_to(log_dir.parent))}
+    out = {
+        "name": stage.name,
+        "doc": stage.doc,
+        "command": stage.argv,
+        "limit_s": round(limit_s, 1),
+        "log": str(log.relative_to(log_dir.parent)),
+    }
     print(f"[gpu-check] {stage.name}: up to {limit_s:.0f} s: {' '.join(stage.argv)}", flush=True)
     start = time.monotonic()
     with log.open("w") as sink:
-        proc = subprocess.Popen(stage.argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # the driver decides when a stage is interrupted
+        proc = subprocess.Popen(
+            stage.argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )  # the driver decides when a stage is interrupted
         try:
             proc.wait(limit_s)
             status = "ok" if proc.returncode == 0 else "failed"
@@ -260,20 +388,35 @@ def machine_info() -> dict[str, Any]:
 
     import torch
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["cudnn"] = torch.backends.cudnn.version()
         info["gpus"] = []
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
-            info["gpus"].append({"index": i, "name": torch.cuda.get_device_name(i),
-                                 "capability": list(torch.cuda.get_device_capability(i)),
-                                 "free_gb": round(free / 1e9, 2), "total_gb": round(total / 1e9, 2)})
+            info["gpus"].append(
+                {
+                    "index": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "capability": list(torch.cuda.get_device_capability(i)),
+                    "free_gb": round(free / 1e9, 2),
+                    "total_gb": round(total / 1e9, 2),
+                }
+            )
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.free,memory.total",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.free,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         info["nvidia_smi"] = query.stdout.strip().splitlines()
     return info
 
@@ -281,8 +424,9 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None, make_stages: Callable[..., list[Stage]] = stages) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for JSON and logs")
-    parser.add_argument("--budget", type=float, default=None, help=f"seconds for all stages (default {BUDGET_S}; "
-                        "dry run: 300)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help=f"seconds for all stages (default {BUDGET_S}; dry run: 300)"
+    )
     parser.add_argument("--only", help="comma list of stage names to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="CPU-sized stages: the plumbing, on any machine")
     parser.add_argument("--machine-info", action="store_true", help=argparse.SUPPRESS)
@@ -300,10 +444,19 @@ def main(argv: list[str] | None = None, make_stages: Callable[..., list[Stage]] 
     log_dir.mkdir(parents=True, exist_ok=True)
     json_path = out / f"gpu-check-{stamp}.json"
     budget = args.budget if args.budget is not None else (300 if args.dry_run else BUDGET_S)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    record: dict[str, Any] = {"started": stamp, "dry_run": args.dry_run, "budget_s": budget, "root": str(ROOT),
-                              "stages": [], "finished": False}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    record: dict[str, Any] = {
+        "started": stamp,
+        "dry_run": args.dry_run,
+        "budget_s": budget,
+        "root": str(ROOT),
+        "stages": [],
+        "finished": False,
+    }
     began = time.monotonic()
     deadline = began + budget
     with tempfile.TemporaryDirectory(prefix="gpu-check-runs-") as runs:
@@ -312,16 +465,23 @@ def main(argv: list[str] | None = None, make_stages: Callable[..., list[Stage]] 
             names = set(args.only.split(","))
             unknown = names - {s.name for s in chosen}
             if unknown:
-                parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from "
-                             f"{', '.join(s.name for s in chosen)}")
+                parser.error(
+                    f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(s.name for s in chosen)}"
+                )
             chosen = [s for s in chosen if s.name in names]
         write_json(json_path, record)
         for stage in chosen:
             # a stage stopped at its limit may take the grace and the kill wait on top: keep them in the budget
             left = deadline - time.monotonic() - STOP_GRACE_S - KILL_WAIT_S
             if left < stage.min_s:
-                record["stages"].append({"name": stage.name, "doc": stage.doc, "status": "skipped",
-                                         "reason": f"{max(left, 0):.0f} s of the budget left, needs {stage.min_s:.0f}"})
+                record["stages"].append(
+                    {
+                        "name": stage.name,
+                        "doc": stage.doc,
+                        "status": "skipped",
+                        "reason": f"{max(left, 0):.0f} s of the budget left, needs {stage.min_s:.0f}",
+                    }
+                )
             else:
                 record["stages"].append(run_stage(stage, log_dir, min(stage.timeout_s, left), env))
                 if stage.name == "machine" and "results" in record["stages"][-1]:

@@ -47,9 +47,14 @@ def curves(run_dir: Path) -> dict[str, list]:
     episodes, episodes so far] from its metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return {"evals": [[r["step"], r["mean"], r["std"]] for r in records if r["kind"] == "eval"],
-            "train_returns": [[r["step"], r["recent_return"], r["episodes"]] for r in records
-                              if r["kind"] == "train" and r.get("recent_return") is not None]}
+    return {
+        "evals": [[r["step"], r["mean"], r["std"]] for r in records if r["kind"] == "eval"],
+        "train_returns": [
+            [r["step"], r["recent_return"], r["episodes"]]
+            for r in records
+            if r["kind"] == "train" and r.get("recent_return") is not None
+        ],
+    }
 
 
 class Budget:
@@ -73,8 +78,9 @@ class Budget:
             self.timer.cancel()
 
 
-def run_game(game: str, version: str, seed: int, values: dict[str, Any], budget_s: float | None,
-             runs: Path) -> dict[str, Any]:
+def run_game(
+    game: str, version: str, seed: int, values: dict[str, Any], budget_s: float | None, runs: Path
+) -> dict[str, Any]:
     """Train one game and seed with `values` (config keys); its curves and how the run went."""
     from fastdqn.api import train
     from fastdqn.config import from_dict
@@ -84,9 +90,18 @@ def run_game(game: str, version: str, seed: int, values: dict[str, Any], budget_
     with Budget(budget_s) as budget:
         result = train(cfg, run_dir, overwrite=True, show_progress=False)
     stopped = ("budget" if budget.fired else "interrupt") if result.interrupted else None
-    return {"game": game, "env_id": cfg.env_id, "seed": seed, "env_steps": result.env_steps,
-            "updates": result.updates, "episodes": result.episodes, "wall_time": round(result.wall_time, 1),
-            "sps": round(result.sps, 1), "stopped": stopped, **curves(run_dir)}
+    return {
+        "game": game,
+        "env_id": cfg.env_id,
+        "seed": seed,
+        "env_steps": result.env_steps,
+        "updates": result.updates,
+        "episodes": result.episodes,
+        "wall_time": round(result.wall_time, 1),
+        "sps": round(result.sps, 1),
+        "stopped": stopped,
+        **curves(run_dir),
+    }
 
 
 def run_children(args: argparse.Namespace, jobs: list[tuple[str, int]], tmp: Path) -> list[dict[str, Any]]:
@@ -95,11 +110,28 @@ def run_children(args: argparse.Namespace, jobs: list[tuple[str, int]], tmp: Pat
     procs = []
     for game, seed in jobs:
         out = tmp / f"{game}-{seed}.json"
-        argv = [sys.executable, str(Path(__file__).resolve()), "--games", game, "--seeds", str(seed),
-                "--config", args.config, "--version", args.version, "--total-steps", str(args.total_steps),
-                "--device", args.device, "--runs-root", args.runs_root or str(tmp / "runs"), "--out", str(out),
-                *(["--budget-s", str(args.budget_s)] if args.budget_s else []),
-                *(item for pair in (("--set", s) for s in args.set) for item in pair)]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--games",
+            game,
+            "--seeds",
+            str(seed),
+            "--config",
+            args.config,
+            "--version",
+            args.version,
+            "--total-steps",
+            str(args.total_steps),
+            "--device",
+            args.device,
+            "--runs-root",
+            args.runs_root or str(tmp / "runs"),
+            "--out",
+            str(out),
+            *(["--budget-s", str(args.budget_s)] if args.budget_s else []),
+            *(item for pair in (("--set", s) for s in args.set) for item in pair),
+        ]
         procs.append((out, subprocess.Popen(argv, cwd=ROOT)))
     runs = []
     for out, proc in procs:
@@ -119,8 +151,13 @@ def machine(device: str) -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "cuda": gpu}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": gpu,
+    }
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
@@ -137,15 +174,29 @@ def plot(record: dict[str, Any], path: Path) -> None:
             color = f"C{i}"
             if run["train_returns"]:
                 steps, returns, _ = zip(*run["train_returns"])
-                ax.plot(steps, returns, color=color, alpha=0.5, lw=1,
-                        label=f"training episodes, seed {run['seed']}")
+                ax.plot(steps, returns, color=color, alpha=0.5, lw=1, label=f"training episodes, seed {run['seed']}")
             if run["evals"]:
                 steps, means, stds = zip(*run["evals"])
-                ax.errorbar(steps, means, yerr=stds, color=color, marker="o", ms=3, capsize=2, lw=1.5,
-                            label=f"greedy eval, seed {run['seed']}")
+                ax.errorbar(
+                    steps,
+                    means,
+                    yerr=stds,
+                    color=color,
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    lw=1.5,
+                    label=f"greedy eval, seed {run['seed']}",
+                )
         ax.axhline(PUBLISHED_5M[game], color="k", ls="--", lw=1)
-        ax.text(0.02, PUBLISHED_5M[game], f"paper's DQN at 5M frames: {PUBLISHED_5M[game]}", va="bottom",
-                fontsize=8, transform=ax.get_yaxis_transform())
+        ax.text(
+            0.02,
+            PUBLISHED_5M[game],
+            f"paper's DQN at 5M frames: {PUBLISHED_5M[game]}",
+            va="bottom",
+            fontsize=8,
+            transform=ax.get_yaxis_transform(),
+        )
         frames = max(r["env_steps"] for r in record["runs"] if r["game"] == game)
         ax.set_title(f"MinAtar/{game}: {frames / 1e3:,.0f}k of 5M frames", fontsize=10)
         ax.set_xlim(left=0)
@@ -154,8 +205,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.9))
     where = record["machine"].get("cuda") or f"{record['machine']['cpu_count']}-core CPU (shared)"
-    fig.suptitle(f"fastdqn DQN, configs/minatar.yaml, on {where}; dashed: Young & Tian (2019) at 5M frames",
-                 fontsize=10)
+    fig.suptitle(
+        f"fastdqn DQN, configs/minatar.yaml, on {where}; dashed: Young & Tian (2019) at 5M frames", fontsize=10
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -164,29 +216,40 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def page(record: dict[str, Any], json_path: Path, plot_path: Path | None, path: Path) -> None:
     """A Markdown page of the runs in `record`: each run's frames, last and best greedy evaluation and last
     training return beside the paper's 5M-frame return, and the figure."""
-    rows = ["| game | seed | env steps (frames) | of 5M | wall time (s) | last greedy eval | best greedy eval | "
-            "last training return | paper's DQN at 5M |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| game | seed | env steps (frames) | of 5M | wall time (s) | last greedy eval | best greedy eval | "
+        "last training return | paper's DQN at 5M |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for run in record["runs"]:
         last = f"{run['evals'][-1][1]:.1f} at {run['evals'][-1][0]:,}" if run["evals"] else "-"
         best = max(run["evals"], key=lambda e: e[1]) if run["evals"] else None
         train_last = run["train_returns"][-1][1] if run["train_returns"] else None
-        rows.append(f"| {run['env_id']} | {run['seed']} | {run['env_steps']:,} | {run['env_steps'] / 5e6:.1%} | "
-                    f"{run['wall_time']:.0f} | {last} | {'-' if best is None else f'{best[1]:.1f} at {best[0]:,}'} "
-                    f"| {'-' if train_last is None else f'{train_last:.1f}'} | {record['published_5M'][run['game']]} |")
+        rows.append(
+            f"| {run['env_id']} | {run['seed']} | {run['env_steps']:,} | {run['env_steps'] / 5e6:.1%} | "
+            f"{run['wall_time']:.0f} | {last} | {'-' if best is None else f'{best[1]:.1f} at {best[0]:,}'} "
+            f"| {'-' if train_last is None else f'{train_last:.1f}'} | {record['published_5M'][run['game']]} |"
+        )
     where = record["machine"].get("cuda") or f"{record['machine']['cpu_count']}-core CPU, shared"
     load = ", ".join(f"{x:.1f}" for x in record["load_average_start"])
     load_end = ", ".join(f"{x:.1f}" for x in record.get("load_average_end", []))
-    lines = ["# MinAtar", "",
-             f"`python benchmarks/{record['command']}` on {record['date']} ({where}; torch {record['machine']['torch']}; "
-             f"load average {load} at the start, {load_end} at the end), {record['config']} with "
-             f"{', '.join(record['overrides']) or 'no changes'}. Raw numbers and every curve: "
-             f"`{json_path}`.", "",
-             "Greedy eval: the mean return of an evaluation's episodes with epsilon 0 (MinAtar's sticky actions keep "
-             "them stochastic). "
-             "Training return: the mean of the last 20 training episodes (epsilon 0.1 after the first 100k env "
-             "steps), the measure the paper plots. The paper's numbers (Young & Tian 2019, DQN, read off its curves) "
-             "are at 5M frames; these runs are a small fraction of that, so they show where learning starts, "
-             "not where it ends.", "", *rows]
+    lines = [
+        "# MinAtar",
+        "",
+        f"`python benchmarks/{record['command']}` on {record['date']} ({where}; torch {record['machine']['torch']}; "
+        f"load average {load} at the start, {load_end} at the end), {record['config']} with "
+        f"{', '.join(record['overrides']) or 'no changes'}. Raw numbers and every curve: "
+        f"`{json_path}`.",
+        "",
+        "Greedy eval: the mean return of an evaluation's episodes with epsilon 0 (MinAtar's sticky actions keep "
+        "them stochastic). "
+        "Training return: the mean of the last 20 training episodes (epsilon 0.1 after the first 100k env "
+        "steps), the measure the paper plots. The paper's numbers (Young & Tian 2019, DQN, read off its curves) "
+        "are at 5M frames; these runs are a small fraction of that, so they show where learning starts, "
+        "not where it ends.",
+        "",
+        *rows,
+    ]
     if plot_path is not None:
         lines += ["", f"![MinAtar learning curves]({os.path.relpath(plot_path, path.parent)})"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="benchmarks/results/minatar-cpu.json")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG)")
     parser.add_argument("--page", default=None, help="write a Markdown page of the runs here")
-    parser.add_argument("--plot-only", action="store_true", help="redraw --plot (and --page) from --out, train "
-                                                                 "nothing")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --plot (and --page) from --out, train nothing")
     return parser
 
 
@@ -217,8 +279,12 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys every run of this benchmark shares: the config file, --set items, steps and device."""
     from fastdqn.config import load_yaml, parse_set
 
-    return {**load_yaml(ROOT / args.config), **parse_set(args.set), "total_steps": args.total_steps,
-            "device": args.device}
+    return {
+        **load_yaml(ROOT / args.config),
+        **parse_set(args.set),
+        "total_steps": args.total_steps,
+        "device": args.device,
+    }
 
 
 def main() -> None:
@@ -233,12 +299,19 @@ def main() -> None:
 
     values = config_values(args)
     record: dict[str, Any] = {
-        "what": "fastdqn DQN on MinAtar against the paper's DQN at 5M frames", "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(args.device),
-        "load_average_start": os.getloadavg(), "config": args.config, "overrides": args.set,
-        "total_steps": args.total_steps, "budget_s": args.budget_s, "published_5M": PUBLISHED_5M,
+        "what": "fastdqn DQN on MinAtar against the paper's DQN at 5M frames",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(args.device),
+        "load_average_start": os.getloadavg(),
+        "config": args.config,
+        "overrides": args.set,
+        "total_steps": args.total_steps,
+        "budget_s": args.budget_s,
+        "published_5M": PUBLISHED_5M,
         "published_source": "Young & Tian (2019), DQN curves read at 5M frames (training returns, epsilon 0.1)",
-        "runs": []}
+        "runs": [],
+    }
     jobs = [(game, seed) for game in args.games for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="minatar-") as tmp:
         runs = Path(args.runs_root) if args.runs_root else Path(tmp)
@@ -249,8 +322,10 @@ def main() -> None:
                 record["runs"].append(run_game(game, args.version, seed, values, args.budget_s, runs))
                 record["load_average_end"] = os.getloadavg()
                 write_json(out, record)
-                print(json.dumps({k: v for k, v in record["runs"][-1].items()
-                                  if k not in ("evals", "train_returns")}), flush=True)
+                print(
+                    json.dumps({k: v for k, v in record["runs"][-1].items() if k not in ("evals", "train_returns")}),
+                    flush=True,
+                )
                 if record["runs"][-1]["stopped"] == "interrupt":  # Ctrl-C stops the whole benchmark
                     break
     record["load_average_end"] = os.getloadavg()

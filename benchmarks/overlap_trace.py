@@ -37,22 +37,25 @@ def inside(span: tuple[float, float], windows: list[tuple[float, float]]) -> flo
 def summarize(trace: Path) -> dict:
     data = json.loads(trace.read_text())
     events = data["traceEvents"] if isinstance(data, dict) else data
-    steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("ph") == "X")
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("ph") == "X"
+    )
     in_flight, updates = spans(events, "env.in_flight"), spans(events, "learner.update")
     rows = []
     for start, end in steps:
         row = {"step_ms": (end - start) / 1e3}
         for name in RANGES:
-            row[f"{name}_ms"] = sum(min(b, end) - max(a, start) for a, b in spans(events, name)
-                                    if a < end and b > start) / 1e3
+            row[f"{name}_ms"] = (
+                sum(min(b, end) - max(a, start) for a, b in spans(events, name) if a < end and b > start) / 1e3
+            )
         mine = [u for u in updates if start <= u[0] < end]
         total = sum(b - a for a, b in mine)
         row["update_inside_in_flight"] = sum(inside(u, in_flight) for u in mine) / total if total else None
         rows.append(row)
     keys = rows[0].keys() if rows else []
-    mean = {k: sum(r[k] for r in rows if r[k] is not None) / max(1, sum(r[k] is not None for r in rows))
-            for k in keys}
+    mean = {k: sum(r[k] for r in rows if r[k] is not None) / max(1, sum(r[k] is not None for r in rows)) for k in keys}
     return {"trace": trace.name, "steps": rows, "mean": mean}
 
 

@@ -51,8 +51,9 @@ class Evaluate(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.every and self.num_timesteps % self.every == 0:
-            self.evals.append([self.num_timesteps, float(np.mean(greedy_returns(self.model, self.env_id,
-                                                                                  self.episodes, self.seed)))])
+            self.evals.append(
+                [self.num_timesteps, float(np.mean(greedy_returns(self.model, self.env_id, self.episodes, self.seed)))]
+            )
         return True
 
 
@@ -73,8 +74,15 @@ def main() -> None:
         lr0, lr1 = kwargs["learning_rate"], kwargs.pop("learning_rate_end")
         kwargs["learning_rate"] = lambda remaining: lr1 + (lr0 - lr1) * remaining
     start, cpu_start = time.perf_counter(), time.process_time()
-    model = DQN("MlpPolicy", gym.make(args.env), seed=args.seed, device="cpu", verbose=0,
-                policy_kwargs={"net_arch": net_arch} if net_arch else None, **kwargs)
+    model = DQN(
+        "MlpPolicy",
+        gym.make(args.env),
+        seed=args.seed,
+        device="cpu",
+        verbose=0,
+        policy_kwargs={"net_arch": net_arch} if net_arch else None,
+        **kwargs,
+    )
     callback = Evaluate(args.env, args.eval_every, args.eval_episodes, args.seed)
     model.learn(total_timesteps=args.total_steps, callback=callback)
     final = greedy_returns(model, args.env, args.eval_episodes, args.seed)
@@ -85,11 +93,22 @@ def main() -> None:
     import stable_baselines3
 
     with open(args.out, "w") as f:
-        json.dump({"env_id": args.env, "seed": args.seed, "hyperparams": json.loads(args.hyperparams),
-                   "env_steps": int(model.num_timesteps), "final_eval": float(np.mean(final)),
-                   "best_eval": max(m for _, m in callback.evals), "evals": callback.evals,
-                   "wall_time": round(wall, 2), "cpu_time": round(cpu, 1), "sb3": stable_baselines3.__version__, "torch": torch.__version__},
-                  f)
+        json.dump(
+            {
+                "env_id": args.env,
+                "seed": args.seed,
+                "hyperparams": json.loads(args.hyperparams),
+                "env_steps": int(model.num_timesteps),
+                "final_eval": float(np.mean(final)),
+                "best_eval": max(m for _, m in callback.evals),
+                "evals": callback.evals,
+                "wall_time": round(wall, 2),
+                "cpu_time": round(cpu, 1),
+                "sb3": stable_baselines3.__version__,
+                "torch": torch.__version__,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,32 @@ SETS = ["total_steps=20000", "eval_every=2500", "eval_episodes=5", "device=cpu"]
 
 
 def sweep_command(args: argparse.Namespace, out: Path, backend: list[str]) -> list[str]:
-    return [sys.executable, "-m", "fastdqn.cli", "sweep", "--config", args.config, "--grid", *SPACE,
-            "--search", "tpe", "--trials", str(args.trials), "--pruner", "median", "--startup-trials",
-            str(args.startup_trials), "--search-seed", str(args.search_seed), "--metric", "auc", "--out", str(out),
-            *backend, *(f"--set={s}" for s in SETS)]
+    return [
+        sys.executable,
+        "-m",
+        "fastdqn.cli",
+        "sweep",
+        "--config",
+        args.config,
+        "--grid",
+        *SPACE,
+        "--search",
+        "tpe",
+        "--trials",
+        str(args.trials),
+        "--pruner",
+        "median",
+        "--startup-trials",
+        str(args.startup_trials),
+        "--search-seed",
+        str(args.search_seed),
+        "--metric",
+        "auc",
+        "--out",
+        str(out),
+        *backend,
+        *(f"--set={s}" for s in SETS),
+    ]
 
 
 def timed_sweep(command: list[str], out: Path, slots: int) -> dict:
@@ -46,12 +68,19 @@ def timed_sweep(command: list[str], out: Path, slots: int) -> dict:
     wall = time.perf_counter() - start
     rows = list(csv.DictReader((out / "results.csv").open()))
     runs = sum(float(r["wall time (s)"]) for r in rows)  # each run's own training time, summed
-    return {"command": " ".join(command[2:]), "sweep_wall_time_s": round(wall, 1), "trials": len(rows),
-            "pruned": sum(r["status"].startswith("pruned") for r in rows),
-            "finished": sum(r["status"] == "done" for r in rows), "run_time_sum_s": round(runs, 1),
-            "busy": round(runs / (slots * wall), 3),  # share of the sweep's slot-seconds spent inside runs
-            "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2),
-            "best": rows[0], "table": (out / "results.md").read_text()}
+    return {
+        "command": " ".join(command[2:]),
+        "sweep_wall_time_s": round(wall, 1),
+        "trials": len(rows),
+        "pruned": sum(r["status"].startswith("pruned") for r in rows),
+        "finished": sum(r["status"] == "done" for r in rows),
+        "run_time_sum_s": round(runs, 1),
+        "busy": round(runs / (slots * wall), 3),  # share of the sweep's slot-seconds spent inside runs
+        "load_1min_before": round(load_before, 2),
+        "load_1min_after": round(os.getloadavg()[0], 2),
+        "best": rows[0],
+        "table": (out / "results.md").read_text(),
+    }
 
 
 def start_ray(cpus: int, temp: Path) -> tuple[subprocess.Popen, str, float]:
@@ -60,13 +89,32 @@ def start_ray(cpus: int, temp: Path) -> tuple[subprocess.Popen, str, float]:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
     start = time.perf_counter()
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus",
-                             str(cpus), "--node-ip-address", HOST, "--port", str(port), "--include-dashboard",
-                             "false", "--temp-dir", str(temp), "--disable-usage-stats"],
-                            stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **RAY_ENV})
-    probe = (f"import ray; ray.init(address='{HOST}:{port}', logging_level='ERROR'); "
-             f"assert ray.cluster_resources().get('CPU') == {cpus}")
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus",
+            str(cpus),
+            "--node-ip-address",
+            HOST,
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            str(temp),
+            "--disable-usage-stats",
+        ],
+        stdout=(temp / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **RAY_ENV},
+    )
+    probe = (
+        f"import ray; ray.init(address='{HOST}:{port}', logging_level='ERROR'); "
+        f"assert ray.cluster_resources().get('CPU') == {cpus}"
+    )
     while subprocess.run([sys.executable, "-c", probe], capture_output=True, env={**os.environ, **RAY_ENV}).returncode:
         if head.poll() is not None or time.perf_counter() - start > 300:
             raise SystemExit(f"the Ray cluster did not start: see {temp / 'head.log'}")
@@ -98,18 +146,33 @@ def main() -> None:
             head.terminate()
             head.wait(120)
         on_ray["cluster_start_s"] = ray_start
-        print(f"ray: {on_ray['sweep_wall_time_s']} s (+{ray_start} s to start the cluster), {on_ray['pruned']} of "
-              f"{on_ray['trials']} pruned", flush=True)
+        print(
+            f"ray: {on_ray['sweep_wall_time_s']} s (+{ray_start} s to start the cluster), {on_ray['pruned']} of "
+            f"{on_ray['trials']} pruned",
+            flush=True,
+        )
     import optuna
     import ray
     import torch
 
-    record = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "ray_version": ray.__version__,
-              "optuna": optuna.__version__, "config": args.config, "sets": SETS, "space": SPACE,
-              "trials": args.trials, "startup_trials": args.startup_trials, "search_seed": args.search_seed,
-              "cpus": args.cpus, "local": local, "ray": on_ray}
+    record = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "ray_version": ray.__version__,
+        "optuna": optuna.__version__,
+        "config": args.config,
+        "sets": SETS,
+        "space": SPACE,
+        "trials": args.trials,
+        "startup_trials": args.startup_trials,
+        "search_seed": args.search_seed,
+        "cpus": args.cpus,
+        "local": local,
+        "ray": on_ray,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(on_ray["table"])

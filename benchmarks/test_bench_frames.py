@@ -14,8 +14,13 @@ def filled_frames(device: torch.device) -> tuple[FrameReplay, tuple[torch.Tensor
     """A full FrameReplay (random frames, no episode starts after the first row) and one vector step to add."""
     replay = FrameReplay(CAPACITY, ENVS, (84, 84), 4, device)
     frames = torch.randint(0, 256, (ENVS, 84, 84), dtype=torch.uint8, device=device)
-    step = (frames, torch.zeros(ENVS, dtype=torch.int64, device=device), torch.ones(ENVS, device=device),
-            torch.zeros(ENVS, dtype=torch.uint8, device=device), torch.zeros(ENVS, dtype=torch.bool, device=device))
+    step = (
+        frames,
+        torch.zeros(ENVS, dtype=torch.int64, device=device),
+        torch.ones(ENVS, device=device),
+        torch.zeros(ENVS, dtype=torch.uint8, device=device),
+        torch.zeros(ENVS, dtype=torch.bool, device=device),
+    )
     replay.add_resets(frames)
     while len(replay) < replay.capacity:
         replay.add(*step)

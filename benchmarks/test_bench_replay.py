@@ -9,8 +9,13 @@ from fastdqn.bench_suites import filled_replay, synchronize
 
 def test_replay_add(benchmark, device):
     replay = filled_replay((4,), 2, 100_000, device, num_envs=16)
-    step = (torch.randn(16, 4, device=device), torch.zeros(16, dtype=torch.int64, device=device),
-            torch.ones(16, device=device), torch.randn(16, 4, device=device), torch.zeros(16, device=device))
+    step = (
+        torch.randn(16, 4, device=device),
+        torch.zeros(16, dtype=torch.int64, device=device),
+        torch.ones(16, device=device),
+        torch.randn(16, 4, device=device),
+        torch.zeros(16, device=device),
+    )
     benchmark(lambda: (replay.add(*step), synchronize(device)))
 
 

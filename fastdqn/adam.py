@@ -29,16 +29,34 @@ class FusedAdam:
     def __init__(self, params: list[nn.Parameter], lr: torch.Tensor, betas: tuple[float, float], eps: float):
         self.params: list[torch.Tensor] = list(params)
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0, "amsgrad": False,
-                              "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-                              "fused": True, "decoupled_weight_decay": False, "params": self.params}]
+        self.param_groups = [
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": 0,
+                "amsgrad": False,
+                "maximize": False,
+                "foreach": None,
+                "capturable": False,
+                "differentiable": False,
+                "fused": True,
+                "decoupled_weight_decay": False,
+                "params": self.params,
+            }
+        ]
         self.use_state(self.fresh_state())
 
     def fresh_state(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """Step counts and moments at zero, as torch.optim.Adam makes them at its first step."""
-        return {p: {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)} for p in self.params}
+        return {
+            p: {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+            for p in self.params
+        }
 
     def use_state(self, state: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Take `state` and build, once, the tensor lists the kernel is given."""
@@ -56,15 +74,31 @@ class FusedAdam:
     def step(self, grads: list[torch.Tensor]) -> None:
         """One Adam step of every parameter with `grads` (one per parameter, in order)."""
         torch._foreach_add_(self.steps, 1)
-        torch._fused_adam_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, amsgrad=False,
-                           lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
-                           maximize=False, grad_scale=None, found_inf=None)
+        torch._fused_adam_(
+            self.params,
+            grads,
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            [],
+            self.steps,
+            amsgrad=False,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=0.0,
+            eps=self.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.Adam's format: state by parameter index, the group's hyperparameters and flags."""
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {"state": {i: dict(self.state[p]) for i, p in enumerate(self.params)},
-                "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        return {
+            "state": {i: dict(self.state[p]) for i, p in enumerate(self.params)},
+            "param_groups": [{**group, "params": list(range(len(self.params)))}],
+        }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Take the state of `state_dict` (or of a torch.optim.Adam, e.g. an older checkpoint) as new tensors on
@@ -72,13 +106,16 @@ class FusedAdam:
         rate. Parameters without saved state (no step taken yet) start afresh."""
         groups = saved["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"saved Adam state has {sum(len(g['params']) for g in groups)} parameters in "
-                             f"{len(groups)} groups, this optimizer one group of {len(self.params)}")
+            raise ValueError(
+                f"saved Adam state has {sum(len(g['params']) for g in groups)} parameters in "
+                f"{len(groups)} groups, this optimizer one group of {len(self.params)}"
+            )
         fresh = self.fresh_state()
         for index, p in zip(groups[0]["params"], self.params):
             for key, value in saved["state"].get(index, {}).items():
                 if key in STATE_KEYS:
-                    fresh[p][key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else p.dtype,
-                                             copy=True)
+                    fresh[p][key] = value.to(
+                        device=p.device, dtype=torch.float32 if key == "step" else p.dtype, copy=True
+                    )
         self.use_state(fresh)
         self.lr.copy_(torch.as_tensor(groups[0]["lr"]))

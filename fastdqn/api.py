@@ -49,9 +49,17 @@ __all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "tr
 EVAL_FILE = "eval.json"
 
 
-def train(config: Config | None = None, run_dir: str | Path | None = None, resume: bool = False, *,
-          overwrite: bool = False, runs_root: str | Path = "runs", show_progress: bool = True,
-          on_eval: Callable[[int, float], bool] | None = None, track: Tracking | None = None) -> TrainResult:
+def train(
+    config: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    overwrite: bool = False,
+    runs_root: str | Path = "runs",
+    show_progress: bool = True,
+    on_eval: Callable[[int, float], bool] | None = None,
+    track: Tracking | None = None,
+) -> TrainResult:
     """Train a DQN agent and return how the run went (its run dir holds checkpoints, logs and metrics).
 
     A new run writes to `run_dir` (default `runs_root/<env>-s<seed>-<time>`), which must be empty unless
@@ -67,8 +75,7 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
             raise ConfigError("resume=True continues a run in place: pass its run_dir")
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
-            raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn "
-                                  "train`")
+            raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn train`")
         _, cfg = _resume_config(run_dir, config)  # a config the run cannot take fails here, before anything is written
         with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
             trainer = _resumed_trainer(run_dir, config, show_progress)
@@ -80,8 +87,10 @@ def train(config: Config | None = None, run_dir: str | Path | None = None, resum
     resolve_device(cfg.device)  # fail before touching the disk
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
     if run_dir.exists() and _contents(run_dir) and not overwrite:
-        raise ConfigError(f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-                          "--overwrite to replace it, or another --run-dir")
+        raise ConfigError(
+            f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+            "--overwrite to replace it, or another --run-dir"
+        )
     trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,11 +130,18 @@ def disk_full_fix(run_dir: Path, cfg: Config) -> Iterator[None]:
             raise exc.with_fix("free space there and run the command again") from exc
         found = list_checkpoints(run_dir)
         since = f"from {found[-1].name} " if found else ""
-        smaller = [flag for flag, applies in (("--keep-checkpoints 1", cfg.keep_checkpoints > 1),
-                                               ("--no-save-replay", cfg.save_replay)) if applies]
+        smaller = [
+            flag
+            for flag, applies in (
+                ("--keep-checkpoints 1", cfg.keep_checkpoints > 1),
+                ("--no-save-replay", cfg.save_replay),
+            )
+            if applies
+        ]
         room = f" (add {' or '.join(smaller)} to keep fewer or smaller checkpoints)" if smaller else ""
-        raise exc.with_fix(f"free space there, then resume {since}with: fastdqn train --resume {run_dir}{room}") \
-            from exc
+        raise exc.with_fix(
+            f"free space there, then resume {since}with: fastdqn train --resume {run_dir}{room}"
+        ) from exc
 
 
 def _contents(run_dir: Path) -> list[Path]:
@@ -155,8 +171,10 @@ def _resumed_trainer(run_dir: Path, config: Config | None, show_progress: bool) 
             trainer.close()
             raise
     if trainer.counters.env_step >= cfg.total_steps:  # e.g. killed between its last checkpoint and exiting
-        console.print(f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
-                      "larger --total-steps to train it further[/]")
+        console.print(
+            f"[yellow]{run_dir} already reached total_steps={cfg.total_steps}: evaluating it again; pass a "
+            "larger --total-steps to train it further[/]"
+        )
     write_config(cfg, run_dir)
     return trainer
 
@@ -202,8 +220,9 @@ def checkpoint_of(path: str | Path, checkpoint: str | None = None) -> Path:
     if checkpoint not in (None, "best", "last"):
         chosen = Path(checkpoint)
         if not chosen.is_file():
-            raise CheckpointError(f"checkpoint '{checkpoint}' does not exist: use best, last or the path of a "
-                                  "ckpt-*.pt or best.pt file")
+            raise CheckpointError(
+                f"checkpoint '{checkpoint}' does not exist: use best, last or the path of a ckpt-*.pt or best.pt file"
+            )
         return chosen
     newest = latest_checkpoint(target)  # a clear error for a dir that is no run
     best = target / BEST_FILE
@@ -226,8 +245,9 @@ def load_policy(path: str | Path, device: str | None = None, checkpoint: str | N
     try:
         policy.q.load_state_dict(strip_compile_prefix(state["learner"]["q"]))
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config's network "
-                              f"({str(exc).splitlines()[0][:100]})") from None
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' does not match its config's network ({str(exc).splitlines()[0][:100]})"
+        ) from None
     return policy
 
 
@@ -247,8 +267,15 @@ class EvalResult:
     video_return: float | None = None
 
 
-def evaluate(path: str | Path, episodes: int = 10, seed: int | None = None, epsilon: float | None = None,
-             device: str | None = None, video: bool = False, checkpoint: str | None = None) -> EvalResult:
+def evaluate(
+    path: str | Path,
+    episodes: int = 10,
+    seed: int | None = None,
+    epsilon: float | None = None,
+    device: str | None = None,
+    video: bool = False,
+    checkpoint: str | None = None,
+) -> EvalResult:
     """Evaluate a run's best.pt (or `checkpoint`: "last", a file; see `checkpoint_of`), or one checkpoint file,
     and write `eval.json` into its run dir.
 
@@ -262,8 +289,16 @@ def evaluate(path: str | Path, episodes: int = 10, seed: int | None = None, epsi
     epsilon = cfg.eval_epsilon if epsilon is None else epsilon
     seed = cfg.seed if seed is None else seed
     returns = run_episodes(lambda o: policy.act(o, epsilon), cfg, episodes, seed, policy.device)
-    result = EvalResult(policy.checkpoint.name, policy.env_step, episodes, seed, epsilon, float(np.mean(returns)),
-                        float(np.std(returns)), returns.tolist())
+    result = EvalResult(
+        policy.checkpoint.name,
+        policy.env_step,
+        episodes,
+        seed,
+        epsilon,
+        float(np.mean(returns)),
+        float(np.std(returns)),
+        returns.tolist(),
+    )
     run_dir = policy.checkpoint.parent
     if video:
         from fastdqn.video import record_episode, write_video

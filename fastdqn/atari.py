@@ -66,10 +66,16 @@ class FireReset(gym.Wrapper):
 def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
     """One preprocessed pixel env through gymnasium wrappers: (frame_stack, 84, 84) uint8 observations."""
     if is_atari_id(cfg.env_id):
-        env = gym.make(cfg.env_id, frameskip=1, repeat_action_probability=cfg.repeat_action_probability,
-                       full_action_space=cfg.full_action_space, render_mode=render_mode)
-        env = gym.wrappers.AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip,
-                                              screen_size=SCREEN, terminal_on_life_loss=False)
+        env = gym.make(
+            cfg.env_id,
+            frameskip=1,
+            repeat_action_probability=cfg.repeat_action_probability,
+            full_action_space=cfg.full_action_space,
+            render_mode=render_mode,
+        )
+        env = gym.wrappers.AtariPreprocessing(
+            env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip, screen_size=SCREEN, terminal_on_life_loss=False
+        )
         ale: Any = env.unwrapped  # ale-py's AtariEnv, which carries no type information
         if cfg.fire_reset and ale.get_action_meanings()[1:2] == ["FIRE"]:
             env = FireReset(env)
@@ -81,8 +87,10 @@ def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
             kwargs["render_mode"] = render_mode
         env = gym.make(cfg.env_id, **kwargs)
         if not is_image_space(env.observation_space):
-            raise EnvError(f"env '{cfg.env_id}' has observation space {env.observation_space}: the pixel path needs "
-                           "uint8 (H, W) or (H, W, C) screens")
+            raise EnvError(
+                f"env '{cfg.env_id}' has observation space {env.observation_space}: the pixel path needs "
+                "uint8 (H, W) or (H, W, C) screens"
+            )
         if len(obs_shape(env.observation_space)) == 3:
             env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (SCREEN, SCREEN))
@@ -97,16 +105,31 @@ def make_ale_vector_env(cfg: Config, num_envs: int) -> gym.vector.VectorEnv:
 
     game = rom_name(cfg.env_id)
     if roms.get_rom_path(game) is None:
-        raise EnvError(f"ale-py has no ROM '{game}' for env '{cfg.env_id}': check the id, or use "
-                       "--atari-backend gymnasium")
+        raise EnvError(
+            f"ale-py has no ROM '{game}' for env '{cfg.env_id}': check the id, or use --atari-backend gymnasium"
+        )
     threads = cfg.env_threads or min(num_envs, os.cpu_count() or 1)
     frames = cfg.max_episode_steps * cfg.frame_skip if cfg.max_episode_steps else 108_000
     return AtariVectorEnv(
-        game, num_envs, num_threads=threads, max_num_frames_per_episode=frames,
-        repeat_action_probability=cfg.repeat_action_probability, full_action_space=cfg.full_action_space,
-        autoreset_mode=AutoresetMode.NEXT_STEP, img_height=SCREEN, img_width=SCREEN, grayscale=True,
-        stack_num=cfg.frame_stack, frameskip=cfg.frame_skip, maxpool=True, noop_max=cfg.noop_max,
-        episodic_life=False, life_loss_info=False, reward_clipping=False, use_fire_reset=cfg.fire_reset)
+        game,
+        num_envs,
+        num_threads=threads,
+        max_num_frames_per_episode=frames,
+        repeat_action_probability=cfg.repeat_action_probability,
+        full_action_space=cfg.full_action_space,
+        autoreset_mode=AutoresetMode.NEXT_STEP,
+        img_height=SCREEN,
+        img_width=SCREEN,
+        grayscale=True,
+        stack_num=cfg.frame_stack,
+        frameskip=cfg.frame_skip,
+        maxpool=True,
+        noop_max=cfg.noop_max,
+        episodic_life=False,
+        life_loss_info=False,
+        reward_clipping=False,
+        use_fire_reset=cfg.fire_reset,
+    )
 
 
 def make_pixel_vector_env(cfg: Config, num_envs: int, *, asynchronous: bool | None = None) -> gym.vector.VectorEnv:
@@ -143,8 +166,9 @@ class GameTracker:
     def _lives(infos: dict[str, Any]) -> np.ndarray | None:
         return np.asarray(infos["lives"]).copy() if "lives" in infos else None
 
-    def step(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
-             infos: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[float, int]]]:
+    def step(
+        self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[float, int]]]:
         """Account one vector step of raw rewards.
 
         Returns (train_terminated, starts, finished): `starts[e]` says env e returned a reset observation (its slot
@@ -167,8 +191,9 @@ class GameTracker:
         return train_terminated, starts, finished
 
 
-def evaluate_games(envs: gym.vector.VectorEnv, policy: Callable[[torch.Tensor], torch.Tensor],
-                   seeds: list[int], device: torch.device) -> np.ndarray:
+def evaluate_games(
+    envs: gym.vector.VectorEnv, policy: Callable[[torch.Tensor], torch.Tensor], seeds: list[int], device: torch.device
+) -> np.ndarray:
     """Raw score of the first whole game of each env of a NEXT_STEP pixel vector env, env i reset with seeds[i]."""
     gymnasium_envs = isinstance(envs, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
     seed: Any = list(seeds) if gymnasium_envs else np.asarray(seeds, dtype=np.int64)  # one per env; VectorEnv says int

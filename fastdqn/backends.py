@@ -111,4 +111,3 @@ class LocalBackend:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-

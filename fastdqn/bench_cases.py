@@ -11,13 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Config changes of each update-step variant of the update suites, as the update runner reads them.
-VARIANTS: dict[str, dict[str, Any]] = {"eager": {"cuda_graph": "never"},
-                                       "compiled": {"compile": True, "cuda_graph": "never"},
-                                       "compiled+amp": {"compile": True, "amp": True, "cuda_graph": "never"},
-                                       "cuda-graph": {"compile": True, "amp": True, "cuda_graph": "always"}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "eager": {"cuda_graph": "never"},
+    "compiled": {"compile": True, "cuda_graph": "never"},
+    "compiled+amp": {"compile": True, "amp": True, "cuda_graph": "never"},
+    "cuda-graph": {"compile": True, "amp": True, "cuda_graph": "always"},
+}
 # Config changes of the training suites' variants: the flags a user adds (on CUDA, compile brings the CUDA graph).
-TRAIN_VARIANTS: dict[str, dict[str, Any]] = {"eager": {}, "compiled": {"compile": True},
-                                             "compiled+amp": {"compile": True, "amp": True}}
+TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "compiled": {"compile": True},
+    "compiled+amp": {"compile": True, "amp": True},
+}
 
 
 @dataclass
@@ -50,11 +55,11 @@ RUN_FIELDS = {
     "whole_s": "wall-clock seconds from starting the process to its exit: what a user waits",
     "cpu_s": "CPU seconds (user + system) of the process and its children",
     "first_update_s": "seconds from process start to the end of the first gradient update: interpreter, imports, "
-                      "env start, warm-up steps, compile",
+    "env start, warm-up steps, compile",
     "steady_sps": "env steps per second from the end of the first update to the end of training (no final "
-                  "evaluation, no set-up)",
+    "evaluation, no set-up)",
     "reported_sps": "env steps per second as the run itself reports it: env steps over its training loop, "
-                    "warm-up steps included",
+    "warm-up steps included",
 }
 
 

@@ -35,8 +35,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def filled_replay(obs_shape: tuple[int, ...], n_actions: int, capacity: int, device: torch.device,
-                  num_envs: int = 1) -> ReplayBuffer:
+def filled_replay(
+    obs_shape: tuple[int, ...], n_actions: int, capacity: int, device: torch.device, num_envs: int = 1
+) -> ReplayBuffer:
     """A full replay of random transitions (uint8 frames for pixel shapes)."""
     pixels = len(obs_shape) == 3
     dtype = torch.uint8 if pixels else torch.float32
@@ -49,16 +50,24 @@ def filled_replay(obs_shape: tuple[int, ...], n_actions: int, capacity: int, dev
         return torch.randn((replay.capacity, *obs_shape), generator=g)
 
     zeros = torch.zeros(replay.capacity)
-    replay.load_state_dict({"pos": 0, "size": replay.capacity, "obs": obs(), "next_obs": obs(),
-                            "actions": torch.randint(0, n_actions, (replay.capacity,), generator=g),
-                            "rewards": torch.randn(replay.capacity, generator=g),
-                            "terminated": (torch.rand(replay.capacity, generator=g) < 0.05).float(),
-                            "truncated": zeros})
+    replay.load_state_dict(
+        {
+            "pos": 0,
+            "size": replay.capacity,
+            "obs": obs(),
+            "next_obs": obs(),
+            "actions": torch.randint(0, n_actions, (replay.capacity,), generator=g),
+            "rewards": torch.randn(replay.capacity, generator=g),
+            "terminated": (torch.rand(replay.capacity, generator=g) < 0.05).float(),
+            "truncated": zeros,
+        }
+    )
     return replay
 
 
-def update_fn(cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: int, replay: ReplayBuffer,
-              device: torch.device) -> Callable[[], Any]:
+def update_fn(
+    cfg: Config, variant: str, obs_shape: tuple[int, ...], n_actions: int, replay: ReplayBuffer, device: torch.device
+) -> Callable[[], Any]:
     """One update of `variant` on a new batch. The update step alone is timed: eager and compiled cycle through
     batches sampled beforehand (the replay suite times sampling); the CUDA graph samples inside its graph, so
     its time includes sampling."""
@@ -77,8 +86,14 @@ def clock(opts: argparse.Namespace) -> Callable[[], float]:
     return time.process_time if opts.clock == "cpu" else time.perf_counter
 
 
-def round_robin(cases: dict[str, Callable[[], Any]], iters: int, rounds: int, warmup: int,
-                device: torch.device, now: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def round_robin(
+    cases: dict[str, Callable[[], Any]],
+    iters: int,
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    now: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds per call of each case, one sample per round; cases alternate within every round."""
     for fn in cases.values():
         for _ in range(warmup):
@@ -115,9 +130,13 @@ def bench_replay(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     """Adding one vector step of 16 CartPole envs, and sampling a batch of 128."""
     num_envs = 16
     replay = filled_replay((4,), 2, 100_000, device, num_envs)
-    step = (torch.randn(num_envs, 4, device=device), torch.zeros(num_envs, dtype=torch.int64, device=device),
-            torch.ones(num_envs, device=device), torch.randn(num_envs, 4, device=device),
-            torch.zeros(num_envs, device=device))
+    step = (
+        torch.randn(num_envs, 4, device=device),
+        torch.zeros(num_envs, dtype=torch.int64, device=device),
+        torch.ones(num_envs, device=device),
+        torch.randn(num_envs, 4, device=device),
+        torch.zeros(num_envs, device=device),
+    )
     fns = {"add (16 envs)": lambda: replay.add(*step), "sample (batch 128)": lambda: replay.sample(128)}
     samples = round_robin(fns, opts.iters, opts.rounds, opts.warmup, device, clock(opts))
     return [Case("replay", name, "call", samples[name]) for name in fns]
@@ -149,9 +168,17 @@ def bench_loop(device: torch.device, opts: argparse.Namespace) -> list[Case]:
     timers: dict[str, TimedStep] = {}
     with tempfile.TemporaryDirectory(prefix="fastdqn-bench-loop-") as scratch:
         for n in opts.envs:
-            cfg = Config(num_envs=n, device=str(device), learning_starts=10**9, total_steps=10**9,
-                         epsilon_start=0.05, epsilon_end=0.05, eval_every=0, checkpoint_every=0,
-                         buffer_size=100_000).validate()
+            cfg = Config(
+                num_envs=n,
+                device=str(device),
+                learning_starts=10**9,
+                total_steps=10**9,
+                epsilon_start=0.05,
+                epsilon_end=0.05,
+                eval_every=0,
+                checkpoint_every=0,
+                buffer_size=100_000,
+            ).validate()
             trainer = Trainer(cfg, Path(scratch) / f"{n}", show_progress=False)
             name = f"{n} envs"
             trainers[name] = trainer
@@ -174,6 +201,13 @@ def bench_loop(device: torch.device, opts: argparse.Namespace) -> list[Case]:
         for trainer in trainers.values():
             trainer.close()
     steps = opts.rounds * opts.iters
-    return [Case("loop", name, "vector step", samples[name],
-                 info={"what": "vector_step minus envs.step, no update",
-                       "env_step_us": 1e6 * env_seconds[name] / steps}) for name in trainers]
+    return [
+        Case(
+            "loop",
+            name,
+            "vector step",
+            samples[name],
+            info={"what": "vector_step minus envs.step, no update", "env_step_us": 1e6 * env_seconds[name] / steps},
+        )
+        for name in trainers
+    ]

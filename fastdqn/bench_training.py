@@ -42,15 +42,31 @@ from fastdqn.errors import ConfigError, FastDQNError
 from fastdqn.logs import console
 
 # CleanRL dqn.py's defaults (its Args), which fastdqn's side of the comparison copies.
-CLEANRL_DQN = {"hidden_sizes": [120, 84], "batch_size": 128, "train_every": 10, "gradient_steps": 1, "loss": "mse",
-               "double_dqn": False, "max_grad_norm": 0.0, "learning_rate": 2.5e-4, "buffer_size": 10_000,
-               "target_update_interval": 500, "gamma": 0.99, "epsilon_start": 1.0, "epsilon_end": 0.05, "seed": 1,
-               "n_step": 1, "lr_schedule": "constant"}
+CLEANRL_DQN = {
+    "hidden_sizes": [120, 84],
+    "batch_size": 128,
+    "train_every": 10,
+    "gradient_steps": 1,
+    "loss": "mse",
+    "double_dqn": False,
+    "max_grad_norm": 0.0,
+    "learning_rate": 2.5e-4,
+    "buffer_size": 10_000,
+    "target_update_interval": 500,
+    "gamma": 0.99,
+    "epsilon_start": 1.0,
+    "epsilon_end": 0.05,
+    "seed": 1,
+    "n_step": 1,
+    "lr_schedule": "constant",
+}
 CLEANRL_SPS_EVERY = 100  # dqn.py prints "SPS: <int>" in each update at an env step that is a multiple of this
 SPS_LINE = re.compile(r"^SPS: (\d+)\s*$")
-PROBE = ("import json, sys, numpy, torch, gymnasium; print(json.dumps({'python': sys.version.split()[0], "
-         "'torch': torch.__version__, 'gymnasium': gymnasium.__version__, 'numpy': numpy.__version__, "
-         "'torch_threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))")
+PROBE = (
+    "import json, sys, numpy, torch, gymnasium; print(json.dumps({'python': sys.version.split()[0], "
+    "'torch': torch.__version__, 'gymnasium': gymnasium.__version__, 'numpy': numpy.__version__, "
+    "'torch_threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))"
+)
 
 
 class BenchError(FastDQNError):
@@ -93,9 +109,17 @@ def failure(case: TrainingCase, done: Finished, what: str) -> BenchError:
 def training_config(opts: Any, variant: str, **changes: Any) -> Config:
     """CartPole training for opts.steps env steps; no evaluation but the final one (1 episode), one checkpoint
     at the end, one log line; torch threads from --threads where given, else the config's."""
-    base = dict(device=opts.device, total_steps=opts.steps, learning_starts=opts.learning_starts,
-                epsilon_decay_steps=opts.steps // 2, eval_every=0, eval_episodes=1, checkpoint_every=0,
-                log_every=opts.steps, **TRAIN_VARIANTS[variant])
+    base = dict(
+        device=opts.device,
+        total_steps=opts.steps,
+        learning_starts=opts.learning_starts,
+        epsilon_decay_steps=opts.steps // 2,
+        eval_every=0,
+        eval_episodes=1,
+        checkpoint_every=0,
+        log_every=opts.steps,
+        **TRAIN_VARIANTS[variant],
+    )
     if opts.threads > 0:
         base["torch_threads"] = opts.threads
     return Config(**{**base, **changes}).validate()
@@ -112,8 +136,17 @@ class FastDQNRun:
         self.cfg, self.cache = cfg, cache
 
     def command(self, scratch: Path) -> list[str]:
-        return [sys.executable, "-m", "fastdqn", "train", "--config", str(scratch / "config.yaml"),
-                "--run-dir", str(scratch / "run"), "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "fastdqn",
+            "train",
+            "--config",
+            str(scratch / "config.yaml"),
+            "--run-dir",
+            str(scratch / "run"),
+            "--quiet",
+        ]
 
     def prepare(self, scratch: Path) -> dict[str, str]:
         (scratch / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -124,10 +157,12 @@ class FastDQNRun:
         if done.returncode != 0 or result is None:
             raise failure(case, done, "failed" if done.returncode else "printed no JSON result")
         if result["first_update_time"] is None or result["steady_sps"] is None:
-            raise failure(case, done, "reported no first update (no update ran, or the OS gives no process "
-                                      "start time)")
-        return {"first_update_s": result["first_update_time"], "steady_sps": result["steady_sps"],
-                "reported_sps": result["env_steps"] / result["wall_time"]}
+            raise failure(case, done, "reported no first update (no update ran, or the OS gives no process start time)")
+        return {
+            "first_update_s": result["first_update_time"],
+            "steady_sps": result["steady_sps"],
+            "reported_sps": result["env_steps"] / result["wall_time"],
+        }
 
 
 # --- CleanRL ----------------------------------------------------------------------------------------------
@@ -136,8 +171,14 @@ class CleanRLRun:
 
     def __init__(self, python: Path, script: Path, steps: int, learning_starts: int, device: str, threads: int):
         self.python, self.script, self.threads = python, script, threads
-        self.flags = ["--total-timesteps", str(steps), "--learning-starts", str(learning_starts),
-                      "--seed", str(CLEANRL_DQN["seed"])]
+        self.flags = [
+            "--total-timesteps",
+            str(steps),
+            "--learning-starts",
+            str(learning_starts),
+            "--seed",
+            str(CLEANRL_DQN["seed"]),
+        ]
         if device == "cpu":
             self.flags.append("--no-cuda")
         # The first update is at the first multiple of 10 past learning_starts; SPS lines come from the first
@@ -162,31 +203,44 @@ class CleanRLRun:
             raise failure(case, done, "failed")
         sps = [(t, int(m.group(1))) for t, line in done.lines if (m := SPS_LINE.match(line))]
         if len(sps) != len(self.sps_steps) or len(sps) < 2:
-            raise failure(case, done, f"printed {len(sps)} 'SPS:' lines where CleanRL's dqn.py prints "
-                                      f"{len(self.sps_steps)} for these flags (at least 2 are needed)")
+            raise failure(
+                case,
+                done,
+                f"printed {len(sps)} 'SPS:' lines where CleanRL's dqn.py prints "
+                f"{len(self.sps_steps)} for these flags (at least 2 are needed)",
+            )
         (first_arrival, first_sps), (_, last_sps) = sps[0], sps[-1]
         first_step, last_step = self.sps_steps[0], self.sps_steps[-1]
         loop_time = last_step / last_sps - first_step / first_sps
-        return {"first_update_s": first_arrival, "steady_sps": (last_step - first_step) / loop_time,
-                "reported_sps": float(last_sps)}
+        return {
+            "first_update_s": first_arrival,
+            "steady_sps": (last_step - first_step) / loop_time,
+            "reported_sps": float(last_sps),
+        }
 
 
 def check_cleanrl(opts: Any) -> None:
     if not opts.cleanrl_script or not opts.cleanrl_python:
-        raise ConfigError("the cleanrl suite runs CleanRL's own dqn.py: pass --cleanrl-script PATH/cleanrl/dqn.py "
-                          "and --cleanrl-python PATH/TO/ITS/ENV/bin/python (docs/performance.md: comparing with CleanRL)")
+        raise ConfigError(
+            "the cleanrl suite runs CleanRL's own dqn.py: pass --cleanrl-script PATH/cleanrl/dqn.py "
+            "and --cleanrl-python PATH/TO/ITS/ENV/bin/python (docs/performance.md: comparing with CleanRL)"
+        )
     for flag, path in (("--cleanrl-script", opts.cleanrl_script), ("--cleanrl-python", opts.cleanrl_python)):
         if not Path(path).is_file():
-            raise ConfigError(f"{flag} {path} is not a file: point it at CleanRL's dqn.py and at the python of "
-                              "the environment it is installed in")
+            raise ConfigError(
+                f"{flag} {path} is not a file: point it at CleanRL's dqn.py and at the python of "
+                "the environment it is installed in"
+            )
 
 
 def interpreter(python: str | Path) -> dict[str, Any]:
     """Versions and default torch threads of an interpreter, asked in a fresh process of it."""
     done = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True)
     if done.returncode != 0:
-        raise BenchError(f"{python} cannot import torch, gymnasium and numpy: "
-                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise BenchError(
+            f"{python} cannot import torch, gymnasium and numpy: "
+            f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     return json.loads(done.stdout)
 
 
@@ -213,8 +267,10 @@ def measure_cases(cases: list[tuple[TrainingCase, Any]], repeats: int) -> list[T
         for case, runner in cases:
             run = run_once(case, runner)
             case.runs.append(run)
-            console.print(f"  run {r + 1}/{repeats} {case.name}: {run['whole_s']:.1f} s whole, first update at "
-                          f"{run['first_update_s']:.1f} s, {run['steady_sps']:,.0f} env steps/s after it")
+            console.print(
+                f"  run {r + 1}/{repeats} {case.name}: {run['whole_s']:.1f} s whole, first update at "
+                f"{run['first_update_s']:.1f} s, {run['steady_sps']:,.0f} env steps/s after it"
+            )
     return [case for case, _ in cases]
 
 
@@ -227,17 +283,24 @@ def fastdqn_cases(suite: str, name: str, cfg: Config, opts: Any, caches: Path) -
         label = f"{name}, {mode} compile cache" if mode else name
         cache = caches / re.sub(r"[^A-Za-z0-9]+", "-", f"{suite}-{label}") if mode == "warm" else None
         runner = FastDQNRun(cfg, cache)
-        info = {"config": cfg.to_dict(), "inductor_cache": "kept between runs, filled by one untimed run"
-                if cache else "fresh per run"}
+        info = {
+            "config": cfg.to_dict(),
+            "inductor_cache": "kept between runs, filled by one untimed run" if cache else "fresh per run",
+        }
         out.append((TrainingCase(suite, label, runner.command(Path("<scratch>")), info), runner))
     return out
 
 
 def e2e_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     """fastdqn on CartPole with each env count of --envs at replay ratio 1/4 (one update every 4 env steps)."""
-    return [case for v in opts.train_variants for n in opts.envs
-            for case in fastdqn_cases("e2e", f"{n} envs, {v}", training_config(opts, v, num_envs=n, train_every=4,
-                                                                             gradient_steps=1), opts, caches)]
+    return [
+        case
+        for v in opts.train_variants
+        for n in opts.envs
+        for case in fastdqn_cases(
+            "e2e", f"{n} envs, {v}", training_config(opts, v, num_envs=n, train_every=4, gradient_steps=1), opts, caches
+        )
+    ]
 
 
 def cleanrl_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
@@ -249,17 +312,29 @@ def cleanrl_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     cases: list[tuple[TrainingCase, Any]] = []
     for threads in opts.cleanrl_threads:
         runner = CleanRLRun(Path(opts.cleanrl_python), script, opts.steps, opts.learning_starts, opts.device, threads)
-        info = {"script": str(script), "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
-                "flags": runner.flags, "interpreter": python, "OMP_NUM_THREADS": threads or None}
-        name = (f"cleanrl dqn.py, 1 env, OMP_NUM_THREADS={threads}" if threads else
-                f"cleanrl dqn.py, 1 env, torch's default {python['torch_threads']} threads")
+        info = {
+            "script": str(script),
+            "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+            "flags": runner.flags,
+            "interpreter": python,
+            "OMP_NUM_THREADS": threads or None,
+        }
+        name = (
+            f"cleanrl dqn.py, 1 env, OMP_NUM_THREADS={threads}"
+            if threads
+            else f"cleanrl dqn.py, 1 env, torch's default {python['torch_threads']} threads"
+        )
         cases.append((TrainingCase("cleanrl", name, runner.command(Path("<scratch>")), info), runner))
     for v in opts.train_variants:
         same = training_config(opts, v, **CLEANRL_DQN)
-        for name, cfg in ((f"fastdqn 1 env, 1 update / 10 steps, {v}", same.updated(num_envs=1)),
-                          (f"fastdqn 16 envs, 1 update / 10 steps, {v}", same.updated(num_envs=16)),
-                          (f"fastdqn 16 envs, 64 updates / 640 steps, {v}",
-                           same.updated(num_envs=16, train_every=640, gradient_steps=64))):
+        for name, cfg in (
+            (f"fastdqn 1 env, 1 update / 10 steps, {v}", same.updated(num_envs=1)),
+            (f"fastdqn 16 envs, 1 update / 10 steps, {v}", same.updated(num_envs=16)),
+            (
+                f"fastdqn 16 envs, 64 updates / 640 steps, {v}",
+                same.updated(num_envs=16, train_every=640, gradient_steps=64),
+            ),
+        ):
             cases += fastdqn_cases("cleanrl", name, cfg, opts, caches)
     return cases
 
@@ -271,11 +346,23 @@ def overlap_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     CPU a Pong env step took about 0.5 ms on one ALE thread and an eager update about 30 ms on one torch thread
     (60 ms under load), so 64 envs step in about as long as one update takes."""
     n = opts.overlap_envs
-    cfg = training_config(opts, "eager", env_id="ALE/Pong-v5", num_envs=n, env_threads=1, torch_threads=1,
-                          train_every=n, gradient_steps=1, batch_size=32, buffer_size=max(opts.steps, 10_000))
-    return [case for mode in ("never", "always")
-            for case in fastdqn_cases("overlap", f"Pong, {n} envs, overlap {mode}", cfg.updated(overlap=mode), opts,
-                                      caches)]
+    cfg = training_config(
+        opts,
+        "eager",
+        env_id="ALE/Pong-v5",
+        num_envs=n,
+        env_threads=1,
+        torch_threads=1,
+        train_every=n,
+        gradient_steps=1,
+        batch_size=32,
+        buffer_size=max(opts.steps, 10_000),
+    )
+    return [
+        case
+        for mode in ("never", "always")
+        for case in fastdqn_cases("overlap", f"Pong, {n} envs, overlap {mode}", cfg.updated(overlap=mode), opts, caches)
+    ]
 
 
 SUITE_CASES = {"e2e": e2e_cases, "cleanrl": cleanrl_cases, "overlap": overlap_cases}

@@ -34,13 +34,40 @@ CHECKPOINT_OVERHEAD, PER_TENSOR_OVERHEAD = 32 * 1024, 512
 # Config keys a resumed run may change: run length, schedules that are pure functions of the step, logging,
 # evaluation, checkpointing, device and speed, and the fault settings. Every other key (env, network, replay
 # layout, update cadence, objective, and any key added later) defines what the checkpoint holds and is fixed.
-RESUME_CHANGEABLE = frozenset({
-    "total_steps", "learning_rate", "lr_schedule", "lr_end", "max_grad_norm", "clip_rewards",
-    "epsilon_schedule", "epsilon_start", "epsilon_end", "epsilon_decay_steps", "epsilon_step_factor",
-    "eval_every", "eval_episodes", "eval_epsilon", "solved_return", "log_every", "checkpoint_every",
-    "keep_checkpoints", "save_replay", "device", "compile", "compile_strict", "amp", "tf32", "torch_threads",
-    "env_restarts", "env_step_timeout", "nonfinite_skips", "env_threads", "overlap",
-})
+RESUME_CHANGEABLE = frozenset(
+    {
+        "total_steps",
+        "learning_rate",
+        "lr_schedule",
+        "lr_end",
+        "max_grad_norm",
+        "clip_rewards",
+        "epsilon_schedule",
+        "epsilon_start",
+        "epsilon_end",
+        "epsilon_decay_steps",
+        "epsilon_step_factor",
+        "eval_every",
+        "eval_episodes",
+        "eval_epsilon",
+        "solved_return",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "save_replay",
+        "device",
+        "compile",
+        "compile_strict",
+        "amp",
+        "tf32",
+        "torch_threads",
+        "env_restarts",
+        "env_step_timeout",
+        "nonfinite_skips",
+        "env_threads",
+        "overlap",
+    }
+)
 
 
 BEST_FILE = "best.pt"
@@ -70,7 +97,9 @@ def strip_compile_prefix(state: Any) -> Any:
     modules, whether `state` is one module's state_dict or the learner's (networks and optimizer)."""
     if not isinstance(state, dict):
         return state
-    return {k.replace(COMPILE_PREFIX, "") if isinstance(k, str) else k: strip_compile_prefix(v) for k, v in state.items()}
+    return {
+        k.replace(COMPILE_PREFIX, "") if isinstance(k, str) else k: strip_compile_prefix(v) for k, v in state.items()
+    }
 
 
 def fixed_keys_that_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -83,22 +112,28 @@ def check_run_owns(checkpoint: Path, saved: dict[str, Any], run_config: dict[str
     foreign = fixed_keys_that_differ(run_config, saved)
     if foreign:
         diffs = ", ".join(f"{k} {saved[k]!r} (run: {run_config[k]!r})" for k in foreign)
-        raise CheckpointError(f"checkpoint '{checkpoint}' is not from this run, it has {diffs}: move it away, or "
-                              "resume the run it came from")
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' is not from this run, it has {diffs}: move it away, or "
+            "resume the run it came from"
+        )
 
 
 def check_resume_config(saved: dict[str, Any], cfg: Any) -> None:
     """Raise CheckpointError if `cfg` changes a key of the saved run's config that a resume cannot change."""
     unknown = sorted(k for k in saved if k not in FIELDS)
     if unknown:
-        raise CheckpointError(f"the checkpoint's config has keys this fastdqn does not know ({', '.join(unknown)}): "
-                              "resume it with the fastdqn version that wrote it")
+        raise CheckpointError(
+            f"the checkpoint's config has keys this fastdqn does not know ({', '.join(unknown)}): "
+            "resume it with the fastdqn version that wrote it"
+        )
     current = cfg.to_dict()
     changed = fixed_keys_that_differ(saved, current)
     if changed:
         diffs = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise CheckpointError(f"cannot change {diffs} when resuming (it defines what the checkpoint holds): drop "
-                              "those flags to continue the run, or start a new run with another --run-dir")
+        raise CheckpointError(
+            f"cannot change {diffs} when resuming (it defines what the checkpoint holds): drop "
+            "those flags to continue the run, or start a new run with another --run-dir"
+        )
 
 
 def save_checkpoint(payload: dict[str, Any], run_dir: Path, env_step: int, keep: int) -> Path:

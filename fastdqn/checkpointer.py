@@ -46,8 +46,16 @@ CHECKPOINT_FORMAT = 1
 class Checkpointer:
     """Saves the state of a run's units into `run_dir` and restores them; owns the run's finite guard."""
 
-    def __init__(self, cfg: Config, run_dir: Path, learner: DQNLearner, replay: Replay, collector: Collector,
-                 evaluator: Evaluator, counters: Counters):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        learner: DQNLearner,
+        replay: Replay,
+        collector: Collector,
+        evaluator: Evaluator,
+        counters: Counters,
+    ):
         self.cfg, self.run_dir, self.counters = cfg, Path(run_dir), counters
         self.learner, self.replay, self.collector, self.evaluator = learner, replay, collector, evaluator
         self.finite = FiniteGuard(learner)
@@ -88,11 +96,14 @@ class Checkpointer:
         if copies * size <= free + replaced:
             return None
         have = format_bytes(free) + (f" (+{format_bytes(replaced)} in checkpoints it replaces)" if replaced else "")
-        return (f"warning: checkpoints of this run take up to {format_bytes(size)} and {copies} exist at once "
-                f"(keep_checkpoints={self.cfg.keep_checkpoints} and the one being written): "
-                f"{format_bytes(copies * size)}, but {self.run_dir} has {have} free; free space, lower keep_checkpoints"
-                + (" or set save_replay: false" if self.cfg.save_replay else "") + ", or the run will stop when the "
-                "disk is full")
+        return (
+            f"warning: checkpoints of this run take up to {format_bytes(size)} and {copies} exist at once "
+            f"(keep_checkpoints={self.cfg.keep_checkpoints} and the one being written): "
+            f"{format_bytes(copies * size)}, but {self.run_dir} has {have} free; free space, lower keep_checkpoints"
+            + (" or set save_replay: false" if self.cfg.save_replay else "")
+            + ", or the run will stop when the "
+            "disk is full"
+        )
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` with a compatible config."""
@@ -100,8 +111,10 @@ class Checkpointer:
         try:
             self.learner.load_state_dict(strip_compile_prefix(state["learner"]))
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
-                                  "resume with the run's own config") from None
+            raise CheckpointError(
+                f"checkpoint does not match this network ({str(exc).splitlines()[0][:100]}): "
+                "resume with the run's own config"
+            ) from None
         self.counters.load(state["counters"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.learner.device.type == "cuda":
@@ -119,9 +132,13 @@ class Checkpointer:
         """Write best.pt: the online network now, with the evaluation (Evaluator.best) that it just scored."""
         assert self.evaluator.best is not None, "save_best follows an evaluation that set Evaluator.best"
         step, mean, std = self.evaluator.best
-        payload = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "counters": vars(self.counters).copy(),
-                   "learner": {"q": strip_compile_prefix(self.learner.q.state_dict())},
-                   "eval": {"env_step": step, "mean": mean, "std": std, "returns": list(returns)}}
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "counters": vars(self.counters).copy(),
+            "learner": {"q": strip_compile_prefix(self.learner.q.state_dict())},
+            "eval": {"env_step": step, "mean": mean, "std": std, "returns": list(returns)},
+        }
         return write_atomically(payload, self.run_dir / BEST_FILE, "the best checkpoint")
 
     def save(self) -> Path:
@@ -143,13 +160,17 @@ class Checkpointer:
         message = divergence_message(self.cfg, metrics, guard.step, c.env_step)
         if c.nonfinite_skips < self.cfg.nonfinite_skips:
             c.nonfinite_skips += 1
-            console.print(f"[yellow]{message}; rolled back to the weights of env step {guard.step} and going on "
-                          f"({c.nonfinite_skips} of nonfinite_skips={self.cfg.nonfinite_skips})[/]")
+            console.print(
+                f"[yellow]{message}; rolled back to the weights of env step {guard.step} and going on "
+                f"({c.nonfinite_skips} of nonfinite_skips={self.cfg.nonfinite_skips})[/]"
+            )
             return
         path = self.write()
-        raise TrainingDiverged(f"{message}. Saved the last finite weights (env step {guard.step}) as {path}: resume "
-                               f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
-                               "nonfinite_skips to roll back and go on")
+        raise TrainingDiverged(
+            f"{message}. Saved the last finite weights (env step {guard.step}) as {path}: resume "
+            f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
+            "nonfinite_skips to roll back and go on"
+        )
 
 
 def read_best(run_dir: Path) -> tuple[int, float, float] | None:
@@ -165,6 +186,8 @@ def load_run_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any
     """A checkpoint file of this fastdqn's format, or CheckpointError naming the format it has."""
     state = load_checkpoint(path, map_location=device)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' has format {state.get('format')}, this fastdqn reads "
-                              f"{CHECKPOINT_FORMAT}: evaluate it with the fastdqn version that wrote it")
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {state.get('format')}, this fastdqn reads "
+            f"{CHECKPOINT_FORMAT}: evaluate it with the fastdqn version that wrote it"
+        )
     return state

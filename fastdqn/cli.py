@@ -38,9 +38,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
-            group.add_argument(*flags, dest=name, default=None, choices=choices, metavar=None if choices else "V",
-                               help=help_text)
-
+            group.add_argument(
+                *flags, dest=name, default=None, choices=choices, metavar=None if choices else "V", help=help_text
+            )
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> C.Config:
@@ -81,8 +81,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = api.train(cfg, args.resume, resume=True, show_progress=not args.quiet, track=track)
     else:
         cfg = config_from_args(args)
-        result = api.train(cfg, args.run_dir, overwrite=args.overwrite, runs_root=args.runs_root,
-                           show_progress=not args.quiet, track=track)
+        result = api.train(
+            cfg,
+            args.run_dir,
+            overwrite=args.overwrite,
+            runs_root=args.runs_root,
+            show_progress=not args.quiet,
+            track=track,
+        )
     if args.quiet:
         print(json.dumps(result.summary()))
     return 0
@@ -92,8 +98,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastdqn import api
     from fastdqn.logs import console, summary_table
 
-    result = api.evaluate(args.run, episodes=args.episodes, seed=args.seed, epsilon=args.epsilon,
-                          device=args.device, video=args.video, checkpoint=args.checkpoint)
+    result = api.evaluate(
+        args.run,
+        episodes=args.episodes,
+        seed=args.seed,
+        epsilon=args.epsilon,
+        device=args.device,
+        video=args.video,
+        checkpoint=args.checkpoint,
+    )
     rows = {k: v for k, v in asdict(result).items() if k != "returns" and v is not None}
     run = Path(args.run)
     console.print(summary_table(f"eval {(run if run.is_dir() else run.parent).name}", rows))
@@ -138,17 +151,33 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.search is None:
         if args.trials is not None:
             raise ConfigError("--trials counts the runs of a search: add --search tpe (or random, grid)")
-        return run_experiment(args, lambda cfg: sweep_plan(cfg, parse_grid(args.grid or []), 3 if args.seeds is None else args.seeds,
-                                                           args.metric))
+        return run_experiment(
+            args,
+            lambda cfg: sweep_plan(
+                cfg, parse_grid(args.grid or []), 3 if args.seeds is None else args.seeds, args.metric
+            ),
+        )
     if args.seeds not in (None, 1):
-        raise ConfigError(f"--search trains one run (the config's seed) per trial, each pruned on its own "
-                          f"evaluations: drop --seeds {args.seeds}, then train the best point over seeds with "
-                          "`fastdqn sweep --grid ... --seeds N`")
+        raise ConfigError(
+            f"--search trains one run (the config's seed) per trial, each pruned on its own "
+            f"evaluations: drop --seeds {args.seeds}, then train the best point over seeds with "
+            "`fastdqn sweep --grid ... --seeds N`"
+        )
     from fastdqn.search import search_plan
 
-    return run_experiment(args, lambda cfg: search_plan(cfg, parse_grid(args.grid or []), args.search, args.trials,
-                                                        args.pruner, args.startup_trials, args.search_seed,
-                                                        args.metric))
+    return run_experiment(
+        args,
+        lambda cfg: search_plan(
+            cfg,
+            parse_grid(args.grid or []),
+            args.search,
+            args.trials,
+            args.pruner,
+            args.startup_trials,
+            args.search_seed,
+            args.metric,
+        ),
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -163,39 +192,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tracking (Weights & Biases, pip install 'fastdqn[wandb]')")
-    group.add_argument("--track", action="store_true",
-                       help="also send each run's scalars, config and result to W&B (WANDB_MODE=offline keeps them "
-                            "on disk)")
+    group.add_argument(
+        "--track",
+        action="store_true",
+        help="also send each run's scalars, config and result to W&B (WANDB_MODE=offline keeps them on disk)",
+    )
     group.add_argument("--wandb-project", default="fastdqn", help="W&B project (default: fastdqn)")
     group.add_argument("--wandb-entity", default=None, help="W&B entity (team or user; default: yours)")
-    group.add_argument("--wandb-group", default=None,
-                       help="W&B group of the runs (default: the experiment dir's name for ablate and sweep)")
+    group.add_argument(
+        "--wandb-group",
+        default=None,
+        help="W&B group of the runs (default: the experiment dir's name for ablate and sweep)",
+    )
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--config", metavar="YAML", help="base config file; flags and --set override it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key of the base")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per point: the config's seed, seed+1, ... (default: "
-                             + ("5)" if kind == "ablate" else "3; a --search trains 1 per trial)"))
-    parser.add_argument("--out", help=f"experiment dir (default: RUNS_ROOT/{kind}-<time>); with --backend ray, on "
-                                      "storage every node sees at the same absolute path")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per point: the config's seed, seed+1, ... (default: "
+        + ("5)" if kind == "ablate" else "3; a --search trains 1 per trial)"),
+    )
+    parser.add_argument(
+        "--out",
+        help=f"experiment dir (default: RUNS_ROOT/{kind}-<time>); with --backend ray, on "
+        "storage every node sees at the same absolute path",
+    )
     parser.add_argument("--runs-root", default="runs", help="parent of new experiment dirs")
     parser.add_argument("--resume", metavar="DIR", help="continue an experiment dir: finished runs are not run again")
     backend = parser.add_argument_group("where the runs train")
-    backend.add_argument("--backend", choices=["local", "ray"], default="local",
-                         help="local: worker processes on this machine; ray: Ray tasks on a Ray cluster "
-                              "(pip install 'fastdqn[ray]') (default: local)")
-    backend.add_argument("--workers", type=int, default=None,
-                         help="runs trained at the same time (local default: 2, one process each; ray default: as "
-                              "many as the cluster's CPUs and GPUs hold)")
-    backend.add_argument("--address", default=None,
-                         help="ray: the cluster, auto or HOST:PORT (from `ray start --head`) or ray://HOST:PORT (Ray "
-                              "client); default: RAY_ADDRESS, else the cluster `ray start` began here, else a new "
-                              "one on this machine")
+    backend.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: worker processes on this machine; ray: Ray tasks on a Ray cluster "
+        "(pip install 'fastdqn[ray]') (default: local)",
+    )
+    backend.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="runs trained at the same time (local default: 2, one process each; ray default: as "
+        "many as the cluster's CPUs and GPUs hold)",
+    )
+    backend.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster, auto or HOST:PORT (from `ray start --head`) or ray://HOST:PORT (Ray "
+        "client); default: RAY_ADDRESS, else the cluster `ray start` began here, else a new "
+        "one on this machine",
+    )
     backend.add_argument("--cpus-per-run", type=float, default=1.0, help="ray: CPUs each run reserves (default: 1)")
-    backend.add_argument("--gpus-per-run", type=float, default=0.0,
-                         help="ray: GPUs each run reserves; a fraction (0.25) lets several runs share a GPU (default: 0)")
+    backend.add_argument(
+        "--gpus-per-run",
+        type=float,
+        default=0.0,
+        help="ray: GPUs each run reserves; a fraction (0.25) lets several runs share a GPU (default: 0)",
+    )
     add_tracking_flags(parser)
     add_config_flags(parser)
 
@@ -224,8 +280,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """The options of `fastdqn train` (also taken by `fastdqn profile`)."""
     parser.add_argument("--config", metavar="YAML", help="config file (see configs/); flags override it")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set learning_rate=3e-4 --set hidden_sizes=[256,256]")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set learning_rate=3e-4 --set hidden_sizes=[256,256]",
+    )
     parser.add_argument("--run-dir", help="where to write this run (default: RUNS_ROOT/<env>-s<seed>-<time>)")
     parser.add_argument("--runs-root", default="runs", help="parent dir of new run dirs (default: runs)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
@@ -260,85 +320,139 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="fastdqn", description="The fastest correct DQN trainer for PyTorch.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(
+        prog="fastdqn",
+        description="The fastest correct DQN trainer for PyTorch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train a DQN agent (CartPole-v1 by default)",
-                           description="Train a DQN agent. Steps are env steps: a vector step of N envs is N.")
+    train = sub.add_parser(
+        "train",
+        help="train a DQN agent (CartPole-v1 by default)",
+        description="Train a DQN agent. Steps are env steps: a vector step of N envs is N.",
+    )
     add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="greedy, seeded evaluation of a run's best policy (best.pt)",
-                        description="Evaluate a run (its best.pt, the network of its best evaluation, unless "
-                                    "--checkpoint says otherwise) or one checkpoint file.")
+    ev = sub.add_parser(
+        "eval",
+        help="greedy, seeded evaluation of a run's best policy (best.pt)",
+        description="Evaluate a run (its best.pt, the network of its best evaluation, unless "
+        "--checkpoint says otherwise) or one checkpoint file.",
+    )
     ev.add_argument("run", metavar="RUN_DIR_OR_CKPT", help="a run dir under runs/ or a ckpt-*.pt / best.pt file")
-    ev.add_argument("--checkpoint", default=None, metavar="best|last|PATH",
-                    help="which of the run's checkpoints: best (default), last (the newest ckpt-*.pt) or a file")
+    ev.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="best|last|PATH",
+        help="which of the run's checkpoints: best (default), last (the newest ckpt-*.pt) or a file",
+    )
     ev.add_argument("--episodes", type=int, default=10, help="episodes, each on its own seeded env (default: 10)")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")
     ev.add_argument("--device", default=None, help="device to evaluate on (default: the run's)")
-    ev.add_argument("--video", action="store_true",
-                    help="also record one episode (a whole game for Atari) to RUN_DIR/<ckpt>-seed<seed>.mp4 (.gif "
-                         "if no mp4 codec)")
+    ev.add_argument(
+        "--video",
+        action="store_true",
+        help="also record one episode (a whole game for Atari) to RUN_DIR/<ckpt>-seed<seed>.mp4 (.gif if no mp4 codec)",
+    )
     ev.set_defaults(func=cmd_eval)
 
-    ab = sub.add_parser("ablate", help="the DQN ablation table: variants x seeds, a Markdown table and a plot",
-                        description="Train the ablation variants (full DQN, no target network, no replay buffer, "
-                                    "small buffer, no exploration decay, MSE loss, Double DQN) over several seeds "
-                                    "in worker processes or on a Ray cluster, then write results.md and curves.png.")
-    ab.add_argument("--variants", metavar="ID,ID", help="variant ids to run instead of the seven classic rows: full, "
-                    "no-target, no-replay, small-buffer, no-decay, mse, double, dueling, nstep, per")
+    ab = sub.add_parser(
+        "ablate",
+        help="the DQN ablation table: variants x seeds, a Markdown table and a plot",
+        description="Train the ablation variants (full DQN, no target network, no replay buffer, "
+        "small buffer, no exploration decay, MSE loss, Double DQN) over several seeds "
+        "in worker processes or on a Ray cluster, then write results.md and curves.png.",
+    )
+    ab.add_argument(
+        "--variants",
+        metavar="ID,ID",
+        help="variant ids to run instead of the seven classic rows: full, "
+        "no-target, no-replay, small-buffer, no-decay, mse, double, dueling, nstep, per",
+    )
     add_experiment_flags(ab, "ablate")
     ab.set_defaults(func=cmd_ablate)
 
-    sw = sub.add_parser("sweep", help="grid over config keys with seeds per point, or an Optuna search; resumable",
-                        description="Train every point of a grid over several seeds, or --trials points picked by "
-                                    "an Optuna search (TPE, random or grid) that prunes bad runs early; write "
-                                    "results.md/results.csv sorted by --metric and best.yaml.")
-    sw.add_argument("--grid", nargs="+", metavar="KEY=SPEC", help="the values or range of each key: a,b,c (listed "
-                    "values, e.g. learning_rate=1e-3,3e-4 hidden_sizes=[64],[64,64]); with --search also lo:hi "
-                    "(log-uniform when lo > 0, e.g. learning_rate=1e-4:1e-2) and int:lo:hi (uniform integers)")
-    sw.add_argument("--search", choices=["tpe", "random", "grid"], default=None,
-                    help="let Optuna pick the points (pip install 'fastdqn[optuna]'); the study lives in the sweep dir, "
-                         "so --resume (on any machine that shares it) goes on with it")
+    sw = sub.add_parser(
+        "sweep",
+        help="grid over config keys with seeds per point, or an Optuna search; resumable",
+        description="Train every point of a grid over several seeds, or --trials points picked by "
+        "an Optuna search (TPE, random or grid) that prunes bad runs early; write "
+        "results.md/results.csv sorted by --metric and best.yaml.",
+    )
+    sw.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="KEY=SPEC",
+        help="the values or range of each key: a,b,c (listed "
+        "values, e.g. learning_rate=1e-3,3e-4 hidden_sizes=[64],[64,64]); with --search also lo:hi "
+        "(log-uniform when lo > 0, e.g. learning_rate=1e-4:1e-2) and int:lo:hi (uniform integers)",
+    )
+    sw.add_argument(
+        "--search",
+        choices=["tpe", "random", "grid"],
+        default=None,
+        help="let Optuna pick the points (pip install 'fastdqn[optuna]'); the study lives in the sweep dir, "
+        "so --resume (on any machine that shares it) goes on with it",
+    )
     sw.add_argument("--trials", type=int, default=None, help="--search: runs in all (grid: every point by default)")
-    sw.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
-                    help="--search: stop a run whose evaluations fall behind (median of earlier trials at the same "
-                         "step, or successive halving); never in a run's first quarter (default: median)")
-    sw.add_argument("--startup-trials", type=int, default=5,
-                    help="--search: trials TPE samples at random, and that end before the median pruner prunes "
-                         "(default: 5)")
+    sw.add_argument(
+        "--pruner",
+        choices=["median", "halving", "none"],
+        default="median",
+        help="--search: stop a run whose evaluations fall behind (median of earlier trials at the same "
+        "step, or successive halving); never in a run's first quarter (default: median)",
+    )
+    sw.add_argument(
+        "--startup-trials",
+        type=int,
+        default=5,
+        help="--search: trials TPE samples at random, and that end before the median pruner prunes (default: 5)",
+    )
     sw.add_argument("--search-seed", type=int, default=0, help="--search: seed of the sampler (default: 0)")
-    sw.add_argument("--metric", default="final_return",
-                    choices=list(METRICS), help="what ranks the points (median over seeds; best_return = the best "
-                    "evaluation's, auc = mean greedy return over all evaluations)")
+    sw.add_argument(
+        "--metric",
+        default="final_return",
+        choices=list(METRICS),
+        help="what ranks the points (median over seeds; best_return = the best "
+        "evaluation's, auc = mean greedy return over all evaluations)",
+    )
     add_experiment_flags(sw, "sweep")
     sw.set_defaults(func=cmd_sweep)
 
-    bench = sub.add_parser("bench", help="time update-step variants, replay and training; table + JSON",
-                           description="Benchmark the update step (eager / compiled / compiled+AMP / CUDA graph), "
-                                       "replay add and sample, end-to-end CartPole training with 1, 16, 64 envs, "
-                                       "and fastdqn against CleanRL's own dqn.py at its settings. Every training "
-                                       "run is a new process; each reports its whole run, its time to the first "
-                                       "update and its steady-state rate. Prints medians and speed-ups measured in "
-                                       "this run; writes benchmarks/results/bench-<time>.json and .md.")
+    bench = sub.add_parser(
+        "bench",
+        help="time update-step variants, replay and training; table + JSON",
+        description="Benchmark the update step (eager / compiled / compiled+AMP / CUDA graph), "
+        "replay add and sample, end-to-end CartPole training with 1, 16, 64 envs, "
+        "and fastdqn against CleanRL's own dqn.py at its settings. Every training "
+        "run is a new process; each reports its whole run, its time to the first "
+        "update and its steady-state rate. Prints medians and speed-ups measured in "
+        "this run; writes benchmarks/results/bench-<time>.json and .md.",
+    )
     from fastdqn.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    prof = sub.add_parser("profile", help="a short `fastdqn train --profile` run: trace files and top operators",
-                          description="Train with torch.profiler on (every `fastdqn train` option is accepted) for "
-                                      "just the steps its profile_schedule needs after the first update, unless "
-                                      "--total-steps is given. Writes RUN_DIR/profile/ and prints the top operators.")
+    prof = sub.add_parser(
+        "profile",
+        help="a short `fastdqn train --profile` run: trace files and top operators",
+        description="Train with torch.profiler on (every `fastdqn train` option is accepted) for "
+        "just the steps its profile_schedule needs after the first update, unless "
+        "--total-steps is given. Writes RUN_DIR/profile/ and prints the top operators.",
+    )
     add_train_flags(prof)
     prof.set_defaults(func=cmd_profile)
 
-    rep = sub.add_parser("report", help="rebuild an ablation's or sweep's table and plot from its dir",
-                         description="Rebuild results.md (and curves.png or results.csv/best.yaml) from what is on disk.")
+    rep = sub.add_parser(
+        "report",
+        help="rebuild an ablation's or sweep's table and plot from its dir",
+        description="Rebuild results.md (and curves.png or results.csv/best.yaml) from what is on disk.",
+    )
     rep.add_argument("dir", metavar="DIR", help="an experiment dir made by `fastdqn ablate` or `fastdqn sweep`")
     rep.set_defaults(func=cmd_report)
     return parser

@@ -57,9 +57,13 @@ class TransitionWriter:
     @staticmethod
     def fields(n: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype) -> Fields:
         """What a vector step stages: the observations acted on next, the true next ones, rewards and flags."""
-        return {"obs": ((n, *obs_shape), obs_dtype), "next_obs": ((n, *obs_shape), obs_dtype),
-                "rewards": ((n,), torch.float32), "terminated": ((n,), torch.float32),
-                "truncated": ((n,), torch.float32)}
+        return {
+            "obs": ((n, *obs_shape), obs_dtype),
+            "next_obs": ((n, *obs_shape), obs_dtype),
+            "rewards": ((n,), torch.float32),
+            "terminated": ((n,), torch.float32),
+            "truncated": ((n,), torch.float32),
+        }
 
     def fill(self, host: dict[str, np.ndarray], stepped: Stepped) -> list[tuple[float, int]]:
         """Write the vector step into the staging buffer; returns (raw return, length) of each episode that ended."""
@@ -88,8 +92,12 @@ class FrameWriter:
     def fields(n: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype) -> Fields:
         """What a vector step stages: the frame stacks acted on next (their last frames are stored), rewards,
         training terminations and episode starts."""
-        return {"obs": ((n, *obs_shape), obs_dtype), "rewards": ((n,), torch.float32),
-                "terminated": ((n,), torch.uint8), "starts": ((n,), torch.bool)}
+        return {
+            "obs": ((n, *obs_shape), obs_dtype),
+            "rewards": ((n,), torch.float32),
+            "terminated": ((n,), torch.uint8),
+            "starts": ((n,), torch.bool),
+        }
 
     def fill(self, host: dict[str, np.ndarray], stepped: Stepped) -> list[tuple[float, int]]:
         """Write the vector step into the staging buffer; returns (raw whole-game score, length) of each game that
@@ -118,8 +126,16 @@ class Collector:
     caller runs the updates (stepping.py).
     """
 
-    def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, replay: Replay, learner: DQNLearner,
-                 counters: Counters, device: torch.device, overlap: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        envs: gym.vector.VectorEnv,
+        replay: Replay,
+        learner: DQNLearner,
+        counters: Counters,
+        device: torch.device,
+        overlap: bool = False,
+    ):
         self.cfg, self.envs, self.replay, self.learner, self.counters = cfg, envs, replay, learner, counters
         space = envs.single_observation_space
         shape = obs_shape(space)
@@ -186,9 +202,11 @@ class Collector:
 
     def state_dict(self) -> dict[str, Any]:
         """The envs' last observations, their exact state where it can be read, and the recent returns."""
-        return {"obs": self.obs_t.cpu().clone(),
-                "env_state": get_env_state(self.envs) if self.snapshot_envs else {},
-                "recent_returns": list(self.recent_returns)}
+        return {
+            "obs": self.obs_t.cpu().clone(),
+            "env_state": get_env_state(self.envs) if self.snapshot_envs else {},
+            "recent_returns": list(self.recent_returns),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict`; envs without a saved state keep their fresh reset."""

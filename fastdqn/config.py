@@ -42,8 +42,10 @@ class Config:
     env_id: str = _f("CartPole-v1", "gymnasium environment id (Discrete action space)")
     num_envs: int = _f(8, "environments stepped together in one vector step")
     vector_mode: Literal["auto", "sync", "async", "native"] = _f(
-        "auto", "sync: the envs in-process, one after another; async: one process per env; native: gymnasium's "
-        "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one, else sync")
+        "auto",
+        "sync: the envs in-process, one after another; async: one process per env; native: gymnasium's "
+        "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one, else sync",
+    )
     seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
     total_steps: int = _f(50_000, "env steps to train for (all envs together)")
     max_episode_steps: int = _f(0, "time limit per episode, 0 = the env's own")
@@ -53,9 +55,14 @@ class Config:
     learning_starts: int = _f(1_000, "env steps collected before the first gradient update (warm-up)")
     batch_size: int = _f(64, "transitions per gradient update")
     train_every: int = _f(256, "env steps between training phases; with N envs a vector step is N env steps")
-    gradient_steps: int = _f(64, "gradient updates per training phase; updates per env step = gradient_steps/train_every")
-    replay_buffer: bool = _f(True, "false = the no-replay ablation: each update trains once on the newest vector step "
-                             "(needs buffer_size = batch_size = train_every = num_envs, gradient_steps = 1)")
+    gradient_steps: int = _f(
+        64, "gradient updates per training phase; updates per env step = gradient_steps/train_every"
+    )
+    replay_buffer: bool = _f(
+        True,
+        "false = the no-replay ablation: each update trains once on the newest vector step "
+        "(needs buffer_size = batch_size = train_every = num_envs, gradient_steps = 1)",
+    )
 
     # --- learning ----------------------------------------------------------------------------------------
     gamma: float = _f(0.99, "discount factor, in [0, 1]")
@@ -68,8 +75,10 @@ class Config:
     double_dqn: bool = _f(True, "Double DQN: online net picks a', target net evaluates it")
     max_grad_norm: float = _f(10.0, "clip the global gradient norm to this; 0 = no clipping")
     target_update: Literal["hard", "soft", "none"] = _f(
-        "hard", "target net: hard copy every target_update_interval, Polyak soft update each gradient step, "
-        "or none (target = online net)")
+        "hard",
+        "target net: hard copy every target_update_interval, Polyak soft update each gradient step, "
+        "or none (target = online net)",
+    )
     target_update_interval: int = _f(256, "env steps between hard target copies")
     tau: float = _f(0.005, "Polyak coefficient of the soft target update, in (0, 1]")
     hidden_sizes: list[int] = _f([256, 256], "MLP hidden layer widths")
@@ -77,7 +86,9 @@ class Config:
     # --- extensions (dueling and prioritized off; n_step 1, double_dqn false and all off = the classic DQN) ---
     dueling: bool = _f(False, "dueling head: Q = V(s) + A(s, a) - mean_a A(s, a)")
     n_step: int = _f(3, "n-step returns: sum n discounted rewards, then bootstrap gamma^n * V (cut at episode ends)")
-    prioritized: bool = _f(False, "proportional prioritized replay: sample with probability p^per_alpha, p = |TD error| + per_eps")
+    prioritized: bool = _f(
+        False, "proportional prioritized replay: sample with probability p^per_alpha, p = |TD error| + per_eps"
+    )
     per_alpha: float = _f(0.6, "prioritized replay: how strongly priorities shape sampling (0 = uniform)")
     per_beta_start: float = _f(0.4, "prioritized replay: importance-weight exponent at step 0")
     per_beta_end: float = _f(1.0, "prioritized replay: importance-weight exponent reached (linearly) at total_steps")
@@ -85,10 +96,13 @@ class Config:
 
     # --- exploration -------------------------------------------------------------------------------------
     epsilon_schedule: Literal["linear", "exponential", "step", "constant"] = _f(
-        "linear", "epsilon-greedy schedule over env steps")
+        "linear", "epsilon-greedy schedule over env steps"
+    )
     epsilon_start: float = _f(1.0, "epsilon at step 0, in [0, 1]")
     epsilon_end: float = _f(0.04, "epsilon floor, in [0, 1]")
-    epsilon_decay_steps: int = _f(8_000, "linear: steps to reach epsilon_end; exponential: time constant; step: steps between drops")
+    epsilon_decay_steps: int = _f(
+        8_000, "linear: steps to reach epsilon_end; exponential: time constant; step: steps between drops"
+    )
     epsilon_step_factor: float = _f(0.5, "step schedule: epsilon is multiplied by this at every drop")
 
     # --- preprocessing -----------------------------------------------------------------------------------
@@ -97,12 +111,15 @@ class Config:
 
     # --- Atari and other pixel envs (84x84 grayscale frame stacks; ignored for vector observations) ------
     atari_backend: Literal["ale_vector", "gymnasium"] = _f(
-        "ale_vector", "ALE/* ids: ale-py's C++ vector env (threads) or gymnasium AtariPreprocessing (one env each)")
+        "ale_vector", "ALE/* ids: ale-py's C++ vector env (threads) or gymnasium AtariPreprocessing (one env each)"
+    )
     env_threads: int = _f(0, "ale_vector backend: C++ threads stepping the envs; 0 = one per env, up to the CPU count")
     frame_stack: int = _f(4, "pixel envs: frames stacked into one observation (zero-padded at episode starts)")
     frame_skip: int = _f(4, "Atari: emulator frames per action (max-pooled over the last two)")
     noop_max: int = _f(30, "Atari: at most this many no-op actions at each reset (random start states)")
-    episodic_life: bool = _f(True, "Atari: a lost life ends the training episode (no bootstrap); scores stay whole-game")
+    episodic_life: bool = _f(
+        True, "Atari: a lost life ends the training episode (no bootstrap); scores stay whole-game"
+    )
     fire_reset: bool = _f(True, "Atari: press FIRE after reset in games that need it to start")
     repeat_action_probability: float = _f(0.25, "Atari: sticky actions, chance the previous action repeats (v5: 0.25)")
     full_action_space: bool = _f(False, "Atari: all 18 actions instead of the game's minimal set")
@@ -110,34 +127,56 @@ class Config:
     # --- speed -------------------------------------------------------------------------------------------
     device: str = _f("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N")
     compile: bool = _f(False, "torch.compile the update step")
-    compile_strict: bool = _f(False, "with compile: fail if torch.compile cannot run here, instead of warning and running eager")
-    amp: bool = _f(False, "bf16 autocast for the CNNs' convolutions in the update step; fully connected layers "
-                   "(all of an MLP), Q-values, targets, loss, acting and optimizer stay fp32")
-    tf32: bool = _f(False, "CUDA only: TF32 tensor cores for float32 matmuls and convolutions (10-bit mantissa, faster); "
-                    "false = full float32 for both")
+    compile_strict: bool = _f(
+        False, "with compile: fail if torch.compile cannot run here, instead of warning and running eager"
+    )
+    amp: bool = _f(
+        False,
+        "bf16 autocast for the CNNs' convolutions in the update step; fully connected layers "
+        "(all of an MLP), Q-values, targets, loss, acting and optimizer stay fp32",
+    )
+    tf32: bool = _f(
+        False,
+        "CUDA only: TF32 tensor cores for float32 matmuls and convolutions (10-bit mantissa, faster); "
+        "false = full float32 for both",
+    )
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
-        "auto", "torch.compile mode; auto = default (max-autotune's first compile can take minutes; reduce-overhead "
-        "and max-autotune bring inductor's own CUDA graphs, so cuda_graph auto then stays off)")
+        "auto",
+        "torch.compile mode; auto = default (max-autotune's first compile can take minutes; reduce-overhead "
+        "and max-autotune bring inductor's own CUDA graphs, so cuda_graph auto then stays off)",
+    )
     cuda_graph: Literal["auto", "always", "never"] = _f(
-        "auto", "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA "
-        "where the replay allows it (uniform, one-step)")
+        "auto",
+        "CUDA only: capture sampling + update in one CUDA graph and replay it; auto = with compile on CUDA "
+        "where the replay allows it (uniform, one-step)",
+    )
     overlap: Literal["auto", "always", "never"] = _f(
-        "auto", "step the envs while the updates of the same vector step run; those updates then sample the replay "
+        "auto",
+        "step the envs while the updates of the same vector step run; those updates then sample the replay "
         "without that step (one vector step of data delay). always: ale-py's threads, async processes, sync and "
         "native envs in a worker thread (inline on CUDA); auto: where the envs step outside this thread or the "
-        "updates run on a GPU, not for sync and native envs on a CPU; never: the sequential loop")
+        "updates run on a GPU, not for sync and native envs on a CPU; never: the sequential loop",
+    )
     profile: bool = _f(False, "torch.profiler trace of the training loop into the run dir (off = zero cost)")
-    profile_schedule: list[int] = _f([10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]")
-    torch_threads: int = _f(1, "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes "
-                               "share the cores; 0 = torch's default")
+    profile_schedule: list[int] = _f(
+        [10, 5, 20, 1], "profiler schedule in loop iterations: [wait, warmup, active, repeat]"
+    )
+    torch_threads: int = _f(
+        1,
+        "CPU threads for torch; 1 is fastest for small MLPs and robust when other processes "
+        "share the cores; 0 = torch's default",
+    )
 
     # --- evaluation --------------------------------------------------------------------------------------
     eval_every: int = _f(2_500, "env steps between greedy evaluations; 0 = only at the end")
     eval_episodes: int = _f(10, "episodes per evaluation, each on its own seeded env")
     eval_epsilon: float = _f(0.0, "epsilon during evaluation (0 = greedy)")
-    solved_return: float | None = _f(None, "evaluation mean return that counts as solved (for reports); null = the "
-                                     "env's own solve line (CartPole-v1 475, Acrobot-v1 -100, MountainCar-v0 -110, "
-                                     "LunarLander-v3 200), none for other envs: their reports show scores only")
+    solved_return: float | None = _f(
+        None,
+        "evaluation mean return that counts as solved (for reports); null = the "
+        "env's own solve line (CartPole-v1 475, Acrobot-v1 -100, MountainCar-v0 -110, "
+        "LunarLander-v3 200), none for other envs: their reports show scores only",
+    )
 
     # --- logging and checkpoints -------------------------------------------------------------------------
     log_every: int = _f(1_000, "env steps between reading device counters into logs and console")
@@ -146,14 +185,23 @@ class Config:
     save_replay: bool = _f(False, "put the replay buffer in checkpoints (exact resume, larger files)")
 
     # --- faults ------------------------------------------------------------------------------------------
-    env_restarts: int = _f(0, "an env that raises in step, or whose async worker process dies or hangs, is rebuilt "
-                           "(its episode cut) up to this many times a run, per env; 0 = stop with a checkpoint at the "
-                           "first failure")
-    env_step_timeout: float = _f(60.0, "vector_mode async: seconds a worker may take to answer a step or reset; one "
-                                 "that takes longer hangs and is treated as dead (restarted or reported, like a "
-                                 "worker that was killed)")
-    nonfinite_skips: int = _f(0, "a non-finite loss, Q-value or weight rolls training back to the last finite state "
-                              "and goes on, up to this many times; 0 = stop with a checkpoint of that state")
+    env_restarts: int = _f(
+        0,
+        "an env that raises in step, or whose async worker process dies or hangs, is rebuilt "
+        "(its episode cut) up to this many times a run, per env; 0 = stop with a checkpoint at the "
+        "first failure",
+    )
+    env_step_timeout: float = _f(
+        60.0,
+        "vector_mode async: seconds a worker may take to answer a step or reset; one "
+        "that takes longer hangs and is treated as dead (restarted or reported, like a "
+        "worker that was killed)",
+    )
+    nonfinite_skips: int = _f(
+        0,
+        "a non-finite loss, Q-value or weight rolls training back to the last finite state "
+        "and goes on, up to this many times; 0 = stop with a checkpoint of that state",
+    )
 
     # ---------------------------------------------------------------------------------------------------
     def __init__(self, **values: Any) -> None:
@@ -184,28 +232,43 @@ class Config:
             (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
             (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.batch_size <= self.buffer_size,
-             f"batch_size ({self.batch_size}) is larger than buffer_size ({self.buffer_size}): "
-             "lower batch_size or raise buffer_size"),
+            (
+                self.batch_size <= self.buffer_size,
+                f"batch_size ({self.batch_size}) is larger than buffer_size ({self.buffer_size}): "
+                "lower batch_size or raise buffer_size",
+            ),
             (self.learning_starts >= 0, f"learning_starts must be >= 0, got {self.learning_starts}"),
             (self.train_every >= 1, f"train_every must be >= 1, got {self.train_every}"),
             (self.gradient_steps >= 1, f"gradient_steps must be >= 1, got {self.gradient_steps}"),
             (0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}"),
-            (0 < self.learning_rate < float("inf"), f"learning_rate must be a finite number > 0, got {self.learning_rate}"),
+            (
+                0 < self.learning_rate < float("inf"),
+                f"learning_rate must be a finite number > 0, got {self.learning_rate}",
+            ),
             (0 < self.lr_end < float("inf"), f"lr_end must be a finite number > 0, got {self.lr_end}"),
-            (self.adam_eps > 0, f"adam_eps must be > 0 (with 0, a weight whose gradient stays 0 becomes NaN), "
-                                f"got {self.adam_eps}"),
+            (
+                self.adam_eps > 0,
+                f"adam_eps must be > 0 (with 0, a weight whose gradient stays 0 becomes NaN), got {self.adam_eps}",
+            ),
             (self.huber_delta > 0, f"huber_delta must be > 0, got {self.huber_delta}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
-            (self.target_update_interval >= 1, f"target_update_interval must be >= 1, got {self.target_update_interval}"),
+            (
+                self.target_update_interval >= 1,
+                f"target_update_interval must be >= 1, got {self.target_update_interval}",
+            ),
             (0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}"),
-            (len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
-             f"hidden_sizes must be a non-empty list of positive widths, got {self.hidden_sizes}"),
+            (
+                len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+                f"hidden_sizes must be a non-empty list of positive widths, got {self.hidden_sizes}",
+            ),
             (0.0 <= self.epsilon_start <= 1.0, f"epsilon_start must be in [0, 1], got {self.epsilon_start}"),
             (0.0 <= self.epsilon_end <= 1.0, f"epsilon_end must be in [0, 1], got {self.epsilon_end}"),
             (0.0 <= self.eval_epsilon <= 1.0, f"eval_epsilon must be in [0, 1], got {self.eval_epsilon}"),
             (self.epsilon_decay_steps >= 1, f"epsilon_decay_steps must be >= 1, got {self.epsilon_decay_steps}"),
-            (0.0 < self.epsilon_step_factor <= 1.0, f"epsilon_step_factor must be in (0, 1], got {self.epsilon_step_factor}"),
+            (
+                0.0 < self.epsilon_step_factor <= 1.0,
+                f"epsilon_step_factor must be in (0, 1], got {self.epsilon_step_factor}",
+            ),
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_episodes >= 1, f"eval_episodes must be >= 1, got {self.eval_episodes}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
@@ -215,27 +278,38 @@ class Config:
             (self.env_step_timeout > 0, f"env_step_timeout must be > 0 seconds, got {self.env_step_timeout}"),
             (self.nonfinite_skips >= 0, f"nonfinite_skips must be >= 0, got {self.nonfinite_skips}"),
             (self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}"),
-            (len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,
-             "profile_schedule must be [wait, warmup, active, repeat] with active >= 1, "
-             f"got {self.profile_schedule}"),
+            (
+                len(self.profile_schedule) == 4 and min(self.profile_schedule) >= 0 and self.profile_schedule[2] >= 1,
+                "profile_schedule must be [wait, warmup, active, repeat] with active >= 1, "
+                f"got {self.profile_schedule}",
+            ),
             (self.max_episode_steps >= 0, f"max_episode_steps must be >= 0, got {self.max_episode_steps}"),
             (self.env_threads >= 0, f"env_threads must be >= 0, got {self.env_threads}"),
             (self.frame_stack >= 1, f"frame_stack must be >= 1, got {self.frame_stack}"),
             (self.frame_skip >= 1, f"frame_skip must be >= 1, got {self.frame_skip}"),
             (self.noop_max >= 0, f"noop_max must be >= 0, got {self.noop_max}"),
-            (0.0 <= self.repeat_action_probability <= 1.0,
-             f"repeat_action_probability must be in [0, 1], got {self.repeat_action_probability}"),
+            (
+                0.0 <= self.repeat_action_probability <= 1.0,
+                f"repeat_action_probability must be in [0, 1], got {self.repeat_action_probability}",
+            ),
             (self.n_step >= 1, f"n_step must be >= 1, got {self.n_step}"),
             (0.0 <= self.per_alpha <= 1.0, f"per_alpha must be in [0, 1], got {self.per_alpha}"),
-            (0.0 <= self.per_beta_start <= 1.0 and 0.0 <= self.per_beta_end <= 1.0,
-             f"per_beta_start and per_beta_end must be in [0, 1], got {self.per_beta_start}, {self.per_beta_end}"),
+            (
+                0.0 <= self.per_beta_start <= 1.0 and 0.0 <= self.per_beta_end <= 1.0,
+                f"per_beta_start and per_beta_end must be in [0, 1], got {self.per_beta_start}, {self.per_beta_end}",
+            ),
             (self.per_eps > 0, f"per_eps must be > 0, got {self.per_eps}"),
-            (self.replay_buffer or all(v == self.num_envs for v in (self.buffer_size, self.batch_size, self.train_every))
-             and self.gradient_steps == 1,
-             f"replay_buffer: false trains once on each vector step: set buffer_size, batch_size and train_every to "
-             f"num_envs ({self.num_envs}) and gradient_steps to 1"),
-            (self.replay_buffer or not self.prioritized and self.n_step == 1,
-             "replay_buffer: false keeps one vector step only: it cannot be combined with prioritized or n_step > 1"),
+            (
+                self.replay_buffer
+                or all(v == self.num_envs for v in (self.buffer_size, self.batch_size, self.train_every))
+                and self.gradient_steps == 1,
+                f"replay_buffer: false trains once on each vector step: set buffer_size, batch_size and train_every to "
+                f"num_envs ({self.num_envs}) and gradient_steps to 1",
+            ),
+            (
+                self.replay_buffer or not self.prioritized and self.n_step == 1,
+                "replay_buffer: false keeps one vector step only: it cannot be combined with prioritized or n_step > 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,8 +24,10 @@ def resolve_device(name: str) -> torch.device:
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= count:
-        raise DeviceError(f"device '{name}' was asked for but this machine has {count} CUDA GPU(s): use "
-                          f"cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}")
+        raise DeviceError(
+            f"device '{name}' was asked for but this machine has {count} CUDA GPU(s): use "
+            f"cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}"
+        )
     return torch.device("cuda", index)
 
 

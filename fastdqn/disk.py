@@ -65,8 +65,13 @@ def run_write(path: Path, what: str, need: int | None = None, opaque: bool = Fal
             space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if space is None:
             raise
-        raise DiskFull(path, what, need_text(need, Path(path)), format_bytes(free_bytes(Path(path))),
-                       quota=space.errno == errno.EDQUOT) from exc
+        raise DiskFull(
+            path,
+            what,
+            need_text(need, Path(path)),
+            format_bytes(free_bytes(Path(path))),
+            quota=space.errno == errno.EDQUOT,
+        ) from exc
 
 
 def check_space(path: Path, what: str, need: int) -> None:

@@ -29,8 +29,11 @@ from fastdqn.config import Config
 from fastdqn.faults import EnvFailure, EnvRestarts, cut_episode
 
 CHECK_EVERY = 1.0  # seconds between checks that a worker which has not answered yet is alive
-SIGNAL_CAUSES = {signal.SIGKILL: "as the kernel's OOM killer does: check `dmesg`",
-                 signal.SIGSEGV: "a crash in native code", signal.SIGABRT: "an abort in native code"}
+SIGNAL_CAUSES = {
+    signal.SIGKILL: "as the kernel's OOM killer does: check `dmesg`",
+    signal.SIGSEGV: "a crash in native code",
+    signal.SIGABRT: "an abort in native code",
+}
 
 
 def quiet_worker(*args: Any) -> None:
@@ -87,8 +90,13 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
 
     parent_pipes: list[Any]  # each worker's pipe wrapped in _Pipe, or None once its worker died
 
-    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], cfg: Config,
-                 restarts: list[EnvRestarts] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        env_fns: Sequence[Callable[[], gym.Env]],
+        cfg: Config,
+        restarts: list[EnvRestarts] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(env_fns, worker=quiet_worker, **kwargs)
         self.parent_pipes = [_Pipe(pipe) for pipe in self.parent_pipes]
         self.env_id, self.step_timeout, self.restarts = cfg.env_id, cfg.env_step_timeout, restarts
@@ -106,11 +114,15 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
             infos = self._add_info(infos, info, i)
         return self._observations(), infos
 
-    def step_wait(self, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                                dict[str, Any]]:
+    def step_wait(
+        self, timeout: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         answers = self._gather(AsyncState.WAITING_STEP, "step")
-        rewards, terminated, truncated = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=np.bool_), \
-            np.zeros(self.num_envs, dtype=np.bool_)
+        rewards, terminated, truncated = (
+            np.zeros(self.num_envs),
+            np.zeros(self.num_envs, dtype=np.bool_),
+            np.zeros(self.num_envs, dtype=np.bool_),
+        )
         infos: dict[str, Any] = {}
         for i in range(self.num_envs):
             obs, rewards[i], terminated[i], truncated[i], info = answers[i]
@@ -182,8 +194,10 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
         self.parent_pipes[i] = None  # gymnasium's close skips it; the survivors close normally
         what = f"worker process {death} in {call}"
         if self.restarts is None:
-            raise EnvFailure(f"env {i} ({self.env_id}) {what}: pixel envs are not restarted; fix the env or what "
-                             "killed it, then resume")
+            raise EnvFailure(
+                f"env {i} ({self.env_id}) {what}: pixel envs are not restarted; fix the env or what "
+                "killed it, then resume"
+            )
         raise self.restarts[i].failure(what)
 
     def _restart(self, i: int, death: str) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -196,9 +210,20 @@ class WatchedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
         # copies them into the shared array the other workers write to.
         # Every concrete context has Process; typeshed's BaseContext, which get_context returns, lacks it.
         process = ctx.Process(  # type: ignore[attr-defined]
-            target=quiet_worker, name=f"Worker<{type(self).__name__}>-{i}", daemon=self.daemon,
-            args=(i, CloudpickleWrapper(self.env_fns[i]), child, parent, None, self.error_queue, self.autoreset_mode,
-                  None))
+            target=quiet_worker,
+            name=f"Worker<{type(self).__name__}>-{i}",
+            daemon=self.daemon,
+            args=(
+                i,
+                CloudpickleWrapper(self.env_fns[i]),
+                child,
+                parent,
+                None,
+                self.error_queue,
+                self.autoreset_mode,
+                None,
+            ),
+        )
         process.start()
         child.close()
         self.parent_pipes[i], self.processes[i] = _Pipe(parent), process

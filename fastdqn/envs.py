@@ -37,8 +37,10 @@ def check_env_id(env_id: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise EnvError(f"cannot import module '{module}' of env '{env_id}' ({exc}): check its name and "
-                           "that it is on PYTHONPATH") from None
+            raise EnvError(
+                f"cannot import module '{module}' of env '{env_id}' ({exc}): check its name and "
+                "that it is on PYTHONPATH"
+            ) from None
         env_id = name
     if env_id in gym.registry:
         return
@@ -65,28 +67,36 @@ def check_env_id(env_id: str) -> None:
     raise EnvError(f"unknown env id '{env_id}': {hint}")
 
 
-OBSERVATIONS_TAKEN = ("fastdqn takes a flat Box (a vector, to an MLP), an (H, W, C) Box grid of at least 3x3 cells "
-                      "(bool, integer or float, to the MinAtar CNN) or a uint8 screen, (H, W) or (H, W, C) and larger "
-                      f"than {GRID_MAX_SIDE}x{GRID_MAX_SIDE} (to the Nature CNN, as 84x84 grayscale frame stacks)")
+OBSERVATIONS_TAKEN = (
+    "fastdqn takes a flat Box (a vector, to an MLP), an (H, W, C) Box grid of at least 3x3 cells "
+    "(bool, integer or float, to the MinAtar CNN) or a uint8 screen, (H, W) or (H, W, C) and larger "
+    f"than {GRID_MAX_SIDE}x{GRID_MAX_SIDE} (to the Nature CNN, as 84x84 grayscale frame stacks)"
+)
 
 
 def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
     """DQN needs a Discrete action space; fastdqn's networks take a flat Box observation, an (H, W, C) grid or a
     uint8 (C, 84, 84) frame stack (what the pixel envs make of screens)."""
     if not isinstance(action_space, gym.spaces.Discrete):
-        raise EnvError(f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
-                       "(use SAC/TD3 for continuous actions, or discretize the env)")
+        raise EnvError(
+            f"env '{env_id}' has action space {action_space}: DQN needs a Discrete action space "
+            "(use SAC/TD3 for continuous actions, or discretize the env)"
+        )
     if int(action_space.start) != 0:  # the Q-network's argmax picks actions 0..n-1
-        raise EnvError(f"env '{env_id}' has action space {action_space}, whose actions start at {action_space.start}: "
-                       "fastdqn's actions are 0..n-1; wrap the env to shift them (gymnasium.wrappers.TransformAction)")
+        raise EnvError(
+            f"env '{env_id}' has action space {action_space}, whose actions start at {action_space.start}: "
+            "fastdqn's actions are 0..n-1; wrap the env to shift them (gymnasium.wrappers.TransformAction)"
+        )
     if isinstance(observation_space, gym.spaces.Box):
         shape = tuple(observation_space.shape)
         if is_pixel_shape(shape) and observation_space.dtype == np.uint8:
             return  # frame stacks from fastdqn.atari, for the Nature CNN
         if len(shape) == 1 or is_grid_shape(shape) and not is_image_space(observation_space):
             return  # vectors for the MLP, grids for the MinAtar CNN (screens have become frame stacks)
-    raise EnvError(f"env '{env_id}' has observation space {observation_space}: {OBSERVATIONS_TAKEN}; wrap the env to "
-                   "give one of them (e.g. gymnasium.wrappers.FlattenObservation)")
+    raise EnvError(
+        f"env '{env_id}' has observation space {observation_space}: {OBSERVATIONS_TAKEN}; wrap the env to "
+        "give one of them (e.g. gymnasium.wrappers.FlattenObservation)"
+    )
 
 
 def _env_factory(cfg: Config, index: int) -> Callable[[], gym.Env]:
@@ -134,8 +144,12 @@ class SameStepCartPole(CartPoleVectorEnv):
         episode = {"r": self.episode_returns.copy(), "l": self.episode_lengths.copy()}
         self.episode_returns[done] = 0.0
         self.episode_lengths[done] = 0
-        info = {"final_obs": final_obs, "_final_obs": done,
-                "final_info": {"episode": episode, "_episode": done}, "_final_info": done}
+        info = {
+            "final_obs": final_obs,
+            "_final_obs": done,
+            "final_info": {"episode": episode, "_episode": done},
+            "_final_info": done,
+        }
         return obs, reward, terminated, truncated, info
 
 
@@ -149,8 +163,10 @@ def has_native_vector_env(env_id: str) -> bool:
 
 def make_native_vector_env(cfg: Config, num_envs: int) -> gym.vector.VectorEnv:
     if not has_native_vector_env(cfg.env_id):
-        raise EnvError(f"env '{cfg.env_id}' has no native vectorized implementation (gymnasium has one for CartPole "
-                       "only): use vector_mode auto or sync")
+        raise EnvError(
+            f"env '{cfg.env_id}' has no native vectorized implementation (gymnasium has one for CartPole "
+            "only): use vector_mode auto or sync"
+        )
     spec = gym.spec(cfg.env_id)
     limit = cfg.max_episode_steps or spec.max_episode_steps
     assert limit is not None, "gymnasium's CartPole ids have a time limit"
@@ -174,8 +190,10 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
     check_env_id(cfg.env_id)
     mode = mode or resolve_vector_mode(cfg)
     if mode == "native" and cfg.env_restarts > 0:
-        console.print("[yellow]warning: env_restarts guards sync and async envs; the native vector env steps all "
-                      "envs as one array and is not guarded (use vector_mode sync to guard each env)[/]")
+        console.print(
+            "[yellow]warning: env_restarts guards sync and async envs; the native vector env steps all "
+            "envs as one array and is not guarded (use vector_mode sync to guard each env)[/]"
+        )
     use_async = mode == "async"
     try:
         if mode == "native":
@@ -185,8 +203,11 @@ def make_vector_env(cfg: Config, num_envs: int, *, mode: str | None = None) -> g
         else:
             restarts = [EnvRestarts(i, cfg) for i in range(num_envs)]
             fns = [guarded(_env_factory(cfg, i), restarts[i]) for i in range(num_envs)]
-            envs = (WatchedAsyncVectorEnv(fns, cfg, restarts, autoreset_mode=AutoresetMode.SAME_STEP) if use_async
-                    else gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP))
+            envs = (
+                WatchedAsyncVectorEnv(fns, cfg, restarts, autoreset_mode=AutoresetMode.SAME_STEP)
+                if use_async
+                else gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+            )
             if is_image_space(envs.single_observation_space):
                 envs.close()
                 envs = make_pixel_vector_env(cfg, num_envs, asynchronous=use_async)

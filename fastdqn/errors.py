@@ -46,8 +46,15 @@ class DiskFull(FastDQNError):
 
     exit_code = 1
 
-    def __init__(self, path: object, what: str, need: str, free: str, quota: bool = False,
-                 fix: str = "free space there and run the command again"):
+    def __init__(
+        self,
+        path: object,
+        what: str,
+        need: str,
+        free: str,
+        quota: bool = False,
+        fix: str = "free space there and run the command again",
+    ):
         self.path, self.what, self.need, self.free, self.quota, self.fix = path, what, need, free, quota, fix
         problem = "disk quota exceeded" if quota else "no space left on device"
         super().__init__(f"{problem} writing {what} '{path}' (it needs {need}, {free} free there): {fix}")
@@ -65,8 +72,9 @@ def import_extra(module: str, extra: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtra(f"{feature} needs {module.split('.')[0]}, which is not installed: "
-                           f"pip install 'fastdqn[{extra}]'") from None
+        raise MissingExtra(
+            f"{feature} needs {module.split('.')[0]}, which is not installed: pip install 'fastdqn[{extra}]'"
+        ) from None
 
 
 class TrainingDiverged(FastDQNError):

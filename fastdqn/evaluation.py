@@ -35,8 +35,9 @@ def own_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def evaluate(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episodes: int, seed: int,
-             device: torch.device) -> np.ndarray:
+def evaluate(
+    policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episodes: int, seed: int, device: torch.device
+) -> np.ndarray:
     """Returns of `episodes` episodes, episode i on an env reset with seed `seed + EVAL_SEED_OFFSET + i`.
 
     `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
@@ -74,8 +75,9 @@ class Evaluator:
     def evaluate(self, step: int) -> np.ndarray:
         """Evaluate now, at env step `step`, and record it; returns each episode's return."""
         cfg = self.cfg
-        returns = evaluate(lambda obs: self.learner.act(obs, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed,
-                           self.learner.device)
+        returns = evaluate(
+            lambda obs: self.learner.act(obs, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed, self.learner.device
+        )
         self.evals.append((step, float(returns.mean()), float(returns.std())))
         return returns
 

@@ -91,8 +91,9 @@ class StudyRuns:
         return None
 
     def job(self, number: int, point: Point) -> RunJob:
-        return replace(make_job(self.plan, self.out, point, self.plan.seeds[0], self.track),
-                       trial=self.driver.ref(number))
+        return replace(
+            make_job(self.plan, self.out, point, self.plan.seeds[0], self.track), trial=self.driver.ref(number)
+        )
 
     def ended(self, job: RunJob, result: dict[str, Any]) -> None:
         assert job.trial is not None
@@ -107,9 +108,13 @@ def make_job(plan: Plan, out: Path, point: Point, seed: int, track: Tracking | N
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(plan.config(point, seed).to_dict(), sort_keys=False))
     if track is not None:
-        track = replace(track, group=track.group or out.resolve().name, job_type=plan.kind,
-                        name=f"{out.resolve().name}/{point.slug}/seed-{seed}",
-                        extra={"study": out.resolve().name, "point": point.name})
+        track = replace(
+            track,
+            group=track.group or out.resolve().name,
+            job_type=plan.kind,
+            name=f"{out.resolve().name}/{point.slug}/seed-{seed}",
+            extra={"study": out.resolve().name, "point": point.name},
+        )
     return RunJob(point, seed, str(cfg_path), str(rdir), track=track)
 
 
@@ -129,8 +134,10 @@ def run_line(job: RunJob, result: dict[str, Any], elapsed: float) -> str:
         return f"[yellow]pruned[/] {what} at env step {result['env_steps']:,} (checkpoint kept)"
     if result["interrupted"]:
         return f"[yellow]stopped[/] {what} at env step {result['env_steps']:,}"
-    return (f"done {what}: final greedy return {result['final_eval_mean']:.1f}, {result['wall_time']:.0f} s "
-            f"({elapsed:.0f} s elapsed)")
+    return (
+        f"done {what}: final greedy return {result['final_eval_mean']:.1f}, {result['wall_time']:.0f} s "
+        f"({elapsed:.0f} s elapsed)"
+    )
 
 
 def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: Tracking | None = None) -> int:
@@ -147,10 +154,15 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
         prepare_dir(plan, out)
         workers.start(out)
         runs: PlanRuns | StudyRuns = StudyRuns(plan, out, track) if plan.search else PlanRuns(plan, out, track)
-        what = (f"{plan.search.trials} trials of Optuna's {plan.search.sampler} search" if plan.search else
-                f"{len(plan.points)} points x {len(plan.seeds)} seeds = {runs.total} runs")
-        console.print(f"[bold]fastdqn {plan.kind}[/]: {what}, {workers.describe()}, in {out} (stop with Ctrl-C; "
-                      f"`fastdqn {plan.kind} --resume {out}` goes on)")
+        what = (
+            f"{plan.search.trials} trials of Optuna's {plan.search.sampler} search"
+            if plan.search
+            else f"{len(plan.points)} points x {len(plan.seeds)} seeds = {runs.total} runs"
+        )
+        console.print(
+            f"[bold]fastdqn {plan.kind}[/]: {what}, {workers.describe()}, in {out} (stop with Ctrl-C; "
+            f"`fastdqn {plan.kind} --resume {out}` goes on)"
+        )
         start = time.perf_counter()
         while True:
             while workers.running() < workers.capacity() and (job := runs.next()) is not None:
@@ -163,13 +175,16 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
                     failures.append(f"{job.point.name} seed {job.seed}: {result['error']}")
                 queued = max(0, runs.total - runs.done - workers.running())
                 best = best_so_far(plan, out) if plan.kind == "sweep" else ""
-                console.print(f"[{runs.done}/{runs.total} done, {workers.running()} running, {queued} queued] "
-                              f"{run_line(job, result, time.perf_counter() - start)}{best}")
+                console.print(
+                    f"[{runs.done}/{runs.total} done, {workers.running()} running, {queued} queued] "
+                    f"{run_line(job, result, time.perf_counter() - start)}{best}"
+                )
     except KeyboardInterrupt:
         console.print("[yellow]stopping: each running run saves a checkpoint[/]")
         workers.stop()
-        console.print(f"[yellow]interrupted: finished runs are kept; continue with: "
-                      f"fastdqn {plan.kind} --resume {out}[/]")
+        console.print(
+            f"[yellow]interrupted: finished runs are kept; continue with: fastdqn {plan.kind} --resume {out}[/]"
+        )
         return 130
     finally:
         workers.close()
@@ -177,8 +192,14 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
     written = report(out)
     console.print(written.table)
     console.print(written.note)
-    console.print(f"table: {out / TABLE_FILE}" + (f", plot: {out / PLOT_FILE}" if plan.kind == "ablate" else
-                                                  f", csv: {out / CSV_FILE}, best config: {out / BEST_FILE}"))
+    console.print(
+        f"table: {out / TABLE_FILE}"
+        + (
+            f", plot: {out / PLOT_FILE}"
+            if plan.kind == "ablate"
+            else f", csv: {out / CSV_FILE}, best config: {out / BEST_FILE}"
+        )
+    )
     if failures:
         console.print(f"[red]{len(failures)} run(s) failed[/]: " + "; ".join(failures))
         return 1

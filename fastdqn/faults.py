@@ -62,8 +62,10 @@ class EnvRestarts:
         return EnvFailure(f"env {self.index} ({self.env_id}) {what}: {hint}")
 
     def warn(self, what: str, done: str) -> None:
-        console.print(f"[yellow]warning: env {self.index} ({self.env_id}) {what}; {done} and cut its episode "
-                      f"({self.left} of env_restarts left)[/]")
+        console.print(
+            f"[yellow]warning: env {self.index} ({self.env_id}) {what}; {done} and cut its episode "
+            f"({self.left} of env_restarts left)[/]"
+        )
 
 
 def cut_episode(last_obs: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -84,8 +86,10 @@ class GuardedEnv(gym.Wrapper):
         except gym.error.Error:
             raise  # gymnasium's own message (unknown id, missing dependency) is already the clearest
         except Exception as exc:
-            raise EnvFailure(f"env {restarts.index} ({restarts.env_id}) raised {_describe(exc)} while being "
-                             "created: fix the env or its arguments") from exc
+            raise EnvFailure(
+                f"env {restarts.index} ({restarts.env_id}) raised {_describe(exc)} while being "
+                "created: fix the env or its arguments"
+            ) from exc
         super().__init__(env)
         self.make, self.restarts = make, restarts
         self.last_obs: Any = None
@@ -138,8 +142,11 @@ class FiniteGuard:
         """Are the given metrics (loss, Q), every weight and every optimizer moment finite? One host sync."""
         if not all(math.isfinite(v) for v in metrics.values()):
             return False
-        tensors = [t for t in tree_leaves(self.learner.state_dict())
-                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        tensors = [
+            t
+            for t in tree_leaves(self.learner.state_dict())
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
+        ]
         norms = [norm.to(self.learner.device) for norm in torch._foreach_norm(tensors)]  # e.g. Adam's step on CPU
         return bool(torch.isfinite(torch.stack(norms)).all())
 
@@ -167,8 +174,9 @@ def divergence_message(cfg: Config, metrics: dict[str, float], since: int, step:
         causes.append("large or non-finite rewards (check the env's reward scale, or use clip_rewards)")
     if cfg.max_grad_norm == 0:
         causes.append("unclipped gradients (set max_grad_norm, e.g. 10)")
-    return f"training diverged: {seen} became non-finite between env steps {since} and {step}; likely " + \
-        " or ".join(causes)
+    return f"training diverged: {seen} became non-finite between env steps {since} and {step}; likely " + " or ".join(
+        causes
+    )
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -197,6 +205,7 @@ def compile_or_eager(cfg: Config, device: torch.device) -> Config:
         return cfg
     if cfg.compile_strict:
         raise DeviceError(f"{reason}: install it, or drop compile_strict to fall back to eager with a warning")
-    console.print(f"[yellow]warning: {reason}; running the update step eagerly "
-                  "(set compile_strict to make this an error)[/]")
+    console.print(
+        f"[yellow]warning: {reason}; running the update step eagerly (set compile_strict to make this an error)[/]"
+    )
     return cfg.updated(compile=False)

@@ -31,14 +31,17 @@ NEIGHBOURS = (1, -1, 2, -2)  # rows tried around the first draw when all CANDIDA
 class FrameStorage(RingStorage):
     """Single frames plus per-slot metadata in the ring layout; `gather` rebuilds the frame stacks."""
 
-    def __init__(self, capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_stack: int,
-                 device: torch.device):
+    def __init__(
+        self, capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_stack: int, device: torch.device
+    ):
         super().__init__(capacity, num_envs, device)
         capacity, self.stack = self.capacity, frame_stack
         if self.rows < frame_stack + 2:
-            raise ConfigError(f"buffer_size {capacity} holds {self.rows} vector steps of {num_envs} envs; a frame "
-                              f"stack of {frame_stack} needs at least {frame_stack + 2}: raise buffer_size to "
-                              f">= {(frame_stack + 2) * num_envs}")
+            raise ConfigError(
+                f"buffer_size {capacity} holds {self.rows} vector steps of {num_envs} envs; a frame "
+                f"stack of {frame_stack} needs at least {frame_stack + 2}: raise buffer_size to "
+                f">= {(frame_stack + 2) * num_envs}"
+            )
         # One spare all-zero frame after the ring: padded stack positions index it, so no masking is needed.
         self.frames = torch.zeros((capacity + 1, *frame_shape), dtype=torch.uint8, device=device)
         self.actions = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -50,25 +53,38 @@ class FrameStorage(RingStorage):
         self.bounds = torch.zeros(3, dtype=torch.int64, device=device)
 
     def columns(self) -> dict[str, torch.Tensor]:
-        return {"frames": self.frames, "actions": self.actions, "rewards": self.rewards,
-                "terminated": self.terminated, "starts": self.starts}
+        return {
+            "frames": self.frames,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "terminated": self.terminated,
+            "starts": self.starts,
+        }
 
     # --- writing ----------------------------------------------------------------------------------------
-    def add(self, frames: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
-            starts: torch.Tensor) -> None:
+    def add(
+        self,
+        frames: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        terminated: torch.Tensor,
+        starts: torch.Tensor,
+    ) -> None:
         """Store one vector step: each env's newest frame and the transition that produced it (device tensors).
 
         `starts[e]` marks a reset observation: its slot begins an episode and holds no transition.
         """
-        self.write({"frames": frames, "actions": actions, "rewards": rewards, "terminated": terminated,
-                    "starts": starts})
+        self.write(
+            {"frames": frames, "actions": actions, "rewards": rewards, "terminated": terminated, "starts": starts}
+        )
 
     def add_resets(self, frames: torch.Tensor) -> None:
         """Store the newest frames of freshly reset observations (after `envs.reset()`): episode starts only."""
         n = self.num_envs
         zeros = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.add(frames, zeros, zeros.float(), zeros.to(torch.uint8), torch.ones(n, dtype=torch.bool,
-                                                                                  device=self.device))
+        self.add(
+            frames, zeros, zeros.float(), zeros.to(torch.uint8), torch.ones(n, dtype=torch.bool, device=self.device)
+        )
 
     def _refresh_fill(self) -> None:
         super()._refresh_fill()
@@ -100,8 +116,9 @@ class FrameStorage(RingStorage):
         pad = torch.zeros((last.shape[0], 2), dtype=torch.int32, device=self.device)
         keep = torch.cat([later_starts[:, 1:], pad], dim=1) == 0  # (B, C+1)
         frames = self.frames[torch.where(keep, slots, self.capacity)]  # (B, C+1, H, W); index capacity is zeros
-        return Batch(frames[:, :c], self.actions[last], self.rewards[last], frames[:, 1:],
-                     self.terminated[last].float())
+        return Batch(
+            frames[:, :c], self.actions[last], self.rewards[last], frames[:, 1:], self.terminated[last].float()
+        )
 
 
 class FrameReplay(FrameStorage):
@@ -109,8 +126,9 @@ class FrameReplay(FrameStorage):
 
     graph_sampling = True  # `sample` reads only device tensors (`bounds`, `starts`)
 
-    def __init__(self, capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_stack: int,
-                 device: torch.device):
+    def __init__(
+        self, capacity: int, num_envs: int, frame_shape: tuple[int, ...], frame_stack: int, device: torch.device
+    ):
         super().__init__(capacity, num_envs, frame_shape, frame_stack, device)
         self.near = torch.tensor(NEIGHBOURS, dtype=torch.int64, device=device)
 

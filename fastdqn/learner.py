@@ -30,8 +30,13 @@ from fastdqn.replay import Batch
 METRICS = ("loss", "q_mean", "grad_norm")
 
 
-def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float | torch.Tensor,
-               next_q_target: torch.Tensor, next_q_online: torch.Tensor | None = None) -> torch.Tensor:
+def td_targets(
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    gamma: float | torch.Tensor,
+    next_q_target: torch.Tensor,
+    next_q_online: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * V(s'); for n-step returns r is the discounted sum and gamma is gamma^k.
 
     DQN:        V(s') = max_a' Q_target(s', a').
@@ -45,8 +50,9 @@ def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, gamma: float | t
     return rewards + gamma * (1.0 - terminated) * next_v
 
 
-def td_loss(q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float,
-            weights: torch.Tensor | None = None) -> torch.Tensor:
+def td_loss(
+    q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean Huber or squared TD error; with `weights` (prioritized replay) the mean of weight * loss."""
     if weights is None:
         if kind == "huber":
@@ -71,10 +77,18 @@ def autocast(cfg: Config, device_type: str) -> contextlib.AbstractContextManager
     return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def batch_td_loss(cfg: Config, q_net: Callable[[torch.Tensor], torch.Tensor], target_net: nn.Module | None,
-                  obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
-                  terminated: torch.Tensor, discounts: torch.Tensor | None,
-                  weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def batch_td_loss(
+    cfg: Config,
+    q_net: Callable[[torch.Tensor], torch.Tensor],
+    target_net: nn.Module | None,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
     """(loss, Q(s,a), TD targets) of one batch. `q_net` gives the online Q-values (the module itself, or the module
     on stand-in parameter tensors in the single-graph step); `target_net` None is the no-target-network ablation."""
     with autocast(cfg, obs.device.type):  # the networks return float32 Q-values: only convolutions run in bf16
@@ -110,11 +124,22 @@ def soft_update_(target: nn.Module, q: nn.Module, tau: float) -> None:
         torch._foreach_copy_(buffers, list(q.buffers()))
 
 
-def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_avgs: list[torch.Tensor],
-                      exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor,
-                      obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
-                      terminated: torch.Tensor, discounts: torch.Tensor | None = None,
-                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def single_graph_step(
+    cfg: Config,
+    q: nn.Module,
+    target: nn.Module | None,
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: torch.Tensor,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The update step written for torch.compile to trace as ONE graph: gradients by torch.func instead of the
     autograd engine, clipping as in clip_grad_norm_, and torch's own functional Adam on the optimizer's state
     tensors (so checkpoints are unchanged), updating the weights in place through detached aliases.
@@ -127,8 +152,18 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
 
     def loss_of(stand_ins: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         by_name = dict(zip(names, stand_ins))
-        loss, q_sa, y = batch_td_loss(cfg, lambda x: functional_call(q, by_name, (x,)), target, obs, actions,
-                                      rewards, next_obs, terminated, discounts, weights)
+        loss, q_sa, y = batch_td_loss(
+            cfg,
+            lambda x: functional_call(q, by_name, (x,)),
+            target,
+            obs,
+            actions,
+            rewards,
+            next_obs,
+            terminated,
+            discounts,
+            weights,
+        )
         return loss, (q_sa.detach(), y)
 
     grads, (loss, (q_sa, y)) = grad_and_value(loss_of, has_aux=True)(tuple(params))
@@ -138,9 +173,23 @@ def single_graph_step(cfg: Config, q: nn.Module, target: nn.Module | None, exp_a
     # On CUDA the step counts live on the device and must stay there: with capturable=False torch runs this Adam
     # outside the compiled graph (a graph break) and reads each step count with .item(), a host sync per tensor
     # that also makes the step impossible to capture in a CUDA graph.
-    adam(params, list(grads), exp_avgs, exp_avg_sqs, [], steps, foreach=False, amsgrad=False, beta1=ADAM_BETAS[0],
-         beta2=ADAM_BETAS[1], lr=lr, weight_decay=0.0, eps=cfg.adam_eps, maximize=False,
-         capturable=params[0].device.type == "cuda")
+    adam(
+        params,
+        list(grads),
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        foreach=False,
+        amsgrad=False,
+        beta1=ADAM_BETAS[0],
+        beta2=ADAM_BETAS[1],
+        lr=lr,
+        weight_decay=0.0,
+        eps=cfg.adam_eps,
+        maximize=False,
+        capturable=params[0].device.type == "cuda",
+    )
     if cfg.target_update == "soft":
         assert target is not None, "a soft target update has a target net"
         soft_update_(target, q, cfg.tau)
@@ -162,9 +211,12 @@ class DQNLearner:
         self.optimizer = FusedAdam(list(self.q.parameters()), self.lr, ADAM_BETAS, cfg.adam_eps)
         convolutions = any(isinstance(m, nn.Conv2d) for m in self.q.modules())  # all that amp runs in bf16
         if cfg.amp and convolutions and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16/AMX), so convolutions under bf16 autocast "
-                          "are several times slower than fp32 here; leave amp off on this machine", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "amp: this CPU has no native bf16 (AVX512-BF16/AMX), so convolutions under bf16 autocast "
+                "are several times slower than fp32 here; leave amp off on this machine",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def target_net(self) -> nn.Module | None:
@@ -179,8 +231,18 @@ class DQNLearner:
         The batch's `discounts` (gamma^k of n-step returns) replace gamma and its `weights` (prioritized replay)
         weight the loss; both are tensors or None.
         """
-        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, batch.obs, batch.actions, batch.rewards,
-                                   batch.next_obs, batch.terminated, batch.discounts, batch.weights)
+        loss, q, y = batch_td_loss(
+            self.cfg,
+            self.q,
+            self.target_net,
+            batch.obs,
+            batch.actions,
+            batch.rewards,
+            batch.next_obs,
+            batch.terminated,
+            batch.discounts,
+            batch.weights,
+        )
         self.optimizer.zero_grad()
         loss.backward()
         grads = cast(list[torch.Tensor], [p.grad for p in self.optimizer.params])  # backward set every one

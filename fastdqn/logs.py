@@ -35,8 +35,9 @@ class ScalarSink(Protocol):
 class RunLogger:
     """Writes scalars to TensorBoard, metrics.jsonl and any sinks, and drives the console progress bar."""
 
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True,
-                 sinks: Sequence[ScalarSink] = ()):
+    def __init__(
+        self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True, sinks: Sequence[ScalarSink] = ()
+    ):
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
         self.run_dir, self.cfg, self.sinks = Path(run_dir), cfg, list(sinks)
@@ -57,13 +58,21 @@ class RunLogger:
         self.progress: Progress | None = None
         if show_progress:
             self.progress = Progress(
-                TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[sps]:>6} sps"), TextColumn("return {task.fields[ret]:>7}"),
-                TextColumn("eps {task.fields[eps]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=console, transient=False,
+                TextColumn("[bold]train[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[sps]:>6} sps"),
+                TextColumn("return {task.fields[ret]:>7}"),
+                TextColumn("eps {task.fields[eps]:.3f}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
             )
-            self.task = self.progress.add_task("train", total=cfg.total_steps, completed=start_step,
-                                               sps="-", ret="-", eps=cfg.epsilon_start)
+            self.task = self.progress.add_task(
+                "train", total=cfg.total_steps, completed=start_step, sps="-", ret="-", eps=cfg.epsilon_start
+            )
             self.progress.start()
 
     def tensorboard_write(self) -> contextlib.AbstractContextManager[None]:
@@ -96,22 +105,37 @@ class RunLogger:
         for step, ret, length in finished:
             self.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
 
-    def training(self, step: int, sps: float, epsilon: float, learning_rate: float, metrics: dict[str, float],
-                 recent_return: float | None, episodes: int) -> None:
+    def training(
+        self,
+        step: int,
+        sps: float,
+        epsilon: float,
+        learning_rate: float,
+        metrics: dict[str, float],
+        recent_return: float | None,
+        episodes: int,
+    ) -> None:
         """The periodic training record: schedules, speed and the update metrics averaged since the last one."""
         scalars = {"charts/epsilon": epsilon, "charts/learning_rate": learning_rate, "charts/SPS": sps}
         scalars.update({f"losses/{k}": v for k, v in metrics.items()})
         self.scalars(scalars, step)
-        self.record("train", step, sps=sps, epsilon=epsilon, recent_return=recent_return, episodes=episodes,
-                    **metrics)
+        self.record("train", step, sps=sps, epsilon=epsilon, recent_return=recent_return, episodes=episodes, **metrics)
         self.advance(step, sps, recent_return, epsilon)
 
     def evaluation(self, step: int, returns: np.ndarray, episodes: int, best: tuple[int, float, float]) -> None:
         """One evaluation's returns, with their mean and std, and the best evaluation so far (step, mean, std)."""
         mean, std = float(returns.mean()), float(returns.std())
         self.scalars({"eval/mean_return": mean, "eval/std_return": std, "eval/best_mean_return": best[1]}, step)
-        self.record("eval", step, mean=mean, std=std, returns=returns.tolist(), episodes=episodes, best_mean=best[1],
-                    best_step=best[0])
+        self.record(
+            "eval",
+            step,
+            mean=mean,
+            std=std,
+            returns=returns.tolist(),
+            episodes=episodes,
+            best_mean=best[1],
+            best_step=best[0],
+        )
         self.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {len(returns)} episodes")
 
     def message(self, text: str) -> None:
@@ -128,8 +152,10 @@ class RunLogger:
         if self.progress is not None:
             self.progress.stop()
         errors = []
-        for path, what, close in ((self.run_dir, "TensorBoard events in", self.writer.close),
-                                  (self.metrics_path, "metrics", self.metrics_file.close)):
+        for path, what, close in (
+            (self.run_dir, "TensorBoard events in", self.writer.close),
+            (self.metrics_path, "metrics", self.metrics_file.close),
+        ):
             try:
                 with run_write(path, what):
                     close()

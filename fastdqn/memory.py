@@ -36,8 +36,12 @@ def check_replay_fits(nbytes: int, capacity: int, device: torch.device) -> str:
     per = nbytes / capacity
     if nbytes > HEADROOM * free:
         most = int(HEADROOM * free / per)
-        raise ConfigError(f"replay buffer of {capacity:,} transitions needs {format_bytes(nbytes)} on {device} "
-                          f"({per:,.0f} B per transition) but only {format_bytes(free)} is free: lower buffer_size "
-                          f"to at most {most:,} or use a device with more memory")
-    return (f"replay: {capacity:,} transitions x {per:,.0f} B = {format_bytes(nbytes)} on {device} "
-            f"({format_bytes(free)} free)")
+        raise ConfigError(
+            f"replay buffer of {capacity:,} transitions needs {format_bytes(nbytes)} on {device} "
+            f"({per:,.0f} B per transition) but only {format_bytes(free)} is free: lower buffer_size "
+            f"to at most {most:,} or use a device with more memory"
+        )
+    return (
+        f"replay: {capacity:,} transitions x {per:,.0f} B = {format_bytes(nbytes)} on {device} "
+        f"({format_bytes(free)} free)"
+    )

@@ -40,7 +40,9 @@ class RunningNormalizer(nn.Module):
         total = self.count + b_count
         delta = b_mean - self.mean
         self.mean += delta * (b_count / total)
-        self.var.copy_((self.var * self.count + b_var * b_count + delta.square() * self.count * b_count / total) / total)
+        self.var.copy_(
+            (self.var * self.count + b_var * b_count + delta.square() * self.count * b_count / total) / total
+        )
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +81,9 @@ class MLPQNetwork(nn.Module):
     """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers, then a linear or dueling head; all of
     it in float32, also under autocast (see the module doc)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False,
-                 dueling: bool = False):
+    def __init__(
+        self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False, dueling: bool = False
+    ):
         super().__init__()
         self.normalizer = RunningNormalizer((obs_dim,)) if normalize_obs else None
         layers: list[nn.Module] = []
@@ -109,13 +112,20 @@ class NatureCNN(nn.Module):
     def __init__(self, in_channels: int, n_actions: int, dueling: bool = False):
         super().__init__()
         self.torso = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-            nn.Flatten())
+            nn.Conv2d(in_channels, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
         features = 64 * 7 * 7
-        self.head = (DuelingHead(features, n_actions, hidden=512) if dueling else
-                     nn.Sequential(nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, n_actions)))
+        self.head = (
+            DuelingHead(features, n_actions, hidden=512)
+            if dueling
+            else nn.Sequential(nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, n_actions))
+        )
         self.channels_last: bool | None = None  # None: only on CUDA
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -139,8 +149,11 @@ class MinAtarCNN(nn.Module):
         height, width, channels = grid_shape
         self.torso = nn.Sequential(nn.Conv2d(channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
         features = 16 * (height - 2) * (width - 2)
-        self.head = (DuelingHead(features, n_actions, hidden=128) if dueling else
-                     nn.Sequential(nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, n_actions)))
+        self.head = (
+            DuelingHead(features, n_actions, hidden=128)
+            if dueling
+            else nn.Sequential(nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, n_actions))
+        )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return in_float32(self.head, self.torso(obs.permute(0, 3, 1, 2).float()))

@@ -13,9 +13,16 @@ from __future__ import annotations
 import torch
 
 
-def nstep_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor, idx: torch.Tensor,
-                  write_pos: torch.Tensor | int, num_envs: int, n: int, gamma: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nstep_returns(
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    idx: torch.Tensor,
+    write_pos: torch.Tensor | int,
+    num_envs: int,
+    n: int,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For start slots `idx`: (discounted reward sums, slot whose next_obs/terminated bootstrap, gamma^k).
 
     `rewards`, `terminated`, `truncated` are the buffer's whole (capacity,) columns; `write_pos` is the next

@@ -53,6 +53,14 @@ def read_run(run_dir: Path, solve_line: float | None) -> RunSummary | None:
                 solved = (rec["step"], rec.get("episodes", math.inf))
         elif rec["kind"] == "train" and rec.get("recent_return") is not None:
             train.append((rec["step"], rec["recent_return"]))
-    return RunSummary(evals[-1][1], max(m for _, m in evals), statistics.fmean(m for _, m in evals), solved[0] if solved else math.inf,
-                      solved[1] if solved else math.inf, result["wall_time"], evals, train,
-                      bool(result.get("pruned")))
+    return RunSummary(
+        evals[-1][1],
+        max(m for _, m in evals),
+        statistics.fmean(m for _, m in evals),
+        solved[0] if solved else math.inf,
+        solved[1] if solved else math.inf,
+        result["wall_time"],
+        evals,
+        train,
+        bool(result.get("pruned")),
+    )

@@ -21,9 +21,13 @@ from fastdqn.errors import ConfigError
 PLAN_FILE, RESULT_FILE = "plan.json", "result.json"
 
 # Metric name -> (column title, higher is better).
-METRICS = {"final_return": ("final greedy return", True), "best_return": ("best greedy return", True),
-           "auc": ("mean eval return", True),
-           "steps_to_solve": ("env steps to solve", False), "episodes_to_solve": ("episodes to solve", False)}
+METRICS = {
+    "final_return": ("final greedy return", True),
+    "best_return": ("best greedy return", True),
+    "auc": ("mean eval return", True),
+    "steps_to_solve": ("env steps to solve", False),
+    "episodes_to_solve": ("episodes to solve", False),
+}
 SOLVE_METRICS = ("steps_to_solve", "episodes_to_solve")  # meaningless for an env without a solve line
 
 # Each variant changes "full DQN": the config with Double DQN and every extension off.
@@ -41,9 +45,18 @@ def ablation_variants(base: C.Config) -> dict[str, tuple[str, dict[str, Any]]]:
         "full": ("full DQN", {}),
         "no-target": ("no target network", {"target_update": "none"}),  # TD targets from the online net
         # A buffer of one vector step: each transition trains exactly one update, in the order it came.
-        "no-replay": ("no replay buffer", {"replay_buffer": False, "buffer_size": n, "batch_size": n,
-                                           "train_every": n, "gradient_steps": 1, "learning_starts": 0,
-                                           "n_step": 1}),
+        "no-replay": (
+            "no replay buffer",
+            {
+                "replay_buffer": False,
+                "buffer_size": n,
+                "batch_size": n,
+                "train_every": n,
+                "gradient_steps": 1,
+                "learning_starts": 0,
+                "n_step": 1,
+            },
+        ),
         "small-buffer": ("small buffer (1,000)", {"buffer_size": max(1_000, base.batch_size)}),
         "no-decay": ("no exploration decay", {"epsilon_schedule": "constant"}),  # epsilon stays at its start
         "mse": ("MSE loss (not Huber)", {"loss": "mse"}),
@@ -89,8 +102,13 @@ class Plan:
     search: Search | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = {"kind": self.kind, "base": self.base, "seeds": self.seeds, "metric": self.metric,
-                "points": [{"name": p.name, "changes": p.changes} for p in self.points]}
+        data = {
+            "kind": self.kind,
+            "base": self.base,
+            "seeds": self.seeds,
+            "metric": self.metric,
+            "points": [{"name": p.name, "changes": p.changes} for p in self.points],
+        }
         if self.search is not None:
             data["search"] = asdict(self.search)
         return data
@@ -98,8 +116,14 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
         search = Search(**data["search"]) if data.get("search") else None
-        return cls(data["kind"], data["base"], [Point(p["name"], p["changes"]) for p in data["points"]],
-                   data["seeds"], data.get("metric", "final_return"), search)
+        return cls(
+            data["kind"],
+            data["base"],
+            [Point(p["name"], p["changes"]) for p in data["points"]],
+            data["seeds"],
+            data.get("metric", "final_return"),
+            search,
+        )
 
     def config(self, point: Point, seed: int) -> C.Config:
         return C.from_dict({**self.base, **point.changes, "seed": seed}, where=f"point '{point.name}'")
@@ -153,8 +177,9 @@ def parse_range(key: str, values: list[str]) -> tuple[bool, float, float] | None
     if not lo < hi:
         raise ConfigError(f"--grid {key}={values[0]}: a range is lo:hi with lo < hi")
     if integer and C._HINTS[key] is not int:
-        raise ConfigError(f"--grid {key}={values[0]}: int:lo:hi is for integer keys; {key} is a "
-                          f"{C.field_type_name(key)}, give lo:hi")
+        raise ConfigError(
+            f"--grid {key}={values[0]}: int:lo:hi is for integer keys; {key} is a {C.field_type_name(key)}, give lo:hi"
+        )
     return integer, lo, hi
 
 
@@ -170,8 +195,10 @@ def check_metric(metric: str) -> None:
 def check_solve_metric(plan: Plan) -> None:
     """A metric that counts steps to solve needs the env to have a solve line."""
     if plan.metric in SOLVE_METRICS and plan.solve_line is None:
-        raise ConfigError(f"--metric {plan.metric} needs a solve line, and {plan.base['env_id']} has none: set "
-                          "solved_return or use --metric final_return")
+        raise ConfigError(
+            f"--metric {plan.metric} needs a solve line, and {plan.base['env_id']} has none: set "
+            "solved_return or use --metric final_return"
+        )
 
 
 def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, metric: str = "final_return") -> Plan:
@@ -201,8 +228,10 @@ def prepare_dir(plan: Plan, out: Path) -> None:
     path = out / PLAN_FILE
     if path.is_file():
         if json.loads(path.read_text()) != json.loads(json.dumps(plan.to_json())):
-            raise ConfigError(f"'{out}' holds a different experiment: resume it with `fastdqn {plan.kind} --resume "
-                              f"{out}` or pass another --out")
+            raise ConfigError(
+                f"'{out}' holds a different experiment: resume it with `fastdqn {plan.kind} --resume "
+                f"{out}` or pass another --out"
+            )
         return
     path.write_text(json.dumps(plan.to_json(), indent=2))
 

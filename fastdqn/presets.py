@@ -12,18 +12,38 @@ from typing import Any
 # The published DQN settings (Mnih et al. 2015, as in CleanRL's dqn_atari). In env steps: 1 env step is
 # frame_skip emulator frames.
 ATARI: dict[str, Any] = {
-    "buffer_size": 1_000_000, "learning_starts": 80_000, "target_update_interval": 1_000, "learning_rate": 1e-4,
-    "batch_size": 32, "train_every": 4, "gradient_steps": 1, "epsilon_start": 1.0, "epsilon_end": 0.01,
-    "epsilon_decay_steps": 1_000_000, "total_steps": 10_000_000, "clip_rewards": True, "max_grad_norm": 10.0,
-    "gamma": 0.99, "loss": "huber", "lr_schedule": "constant", "n_step": 1, "eval_every": 250_000, "eval_episodes": 10, "log_every": 10_000,
+    "buffer_size": 1_000_000,
+    "learning_starts": 80_000,
+    "target_update_interval": 1_000,
+    "learning_rate": 1e-4,
+    "batch_size": 32,
+    "train_every": 4,
+    "gradient_steps": 1,
+    "epsilon_start": 1.0,
+    "epsilon_end": 0.01,
+    "epsilon_decay_steps": 1_000_000,
+    "total_steps": 10_000_000,
+    "clip_rewards": True,
+    "max_grad_norm": 10.0,
+    "gamma": 0.99,
+    "loss": "huber",
+    "lr_schedule": "constant",
+    "n_step": 1,
+    "eval_every": 250_000,
+    "eval_episodes": 10,
+    "log_every": 10_000,
     "checkpoint_every": 500_000,
 }
 
 
 # The mean evaluation return at which an env counts as solved (gymnasium's reward_threshold for these ids). Envs
 # not listed (Atari, MinAtar, any other) have no solve line: their reports and summaries show scores only.
-SOLVE_LINES: dict[str, float] = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "MountainCar-v0": -110.0,
-                                 "LunarLander-v3": 200.0}
+SOLVE_LINES: dict[str, float] = {
+    "CartPole-v1": 475.0,
+    "Acrobot-v1": -100.0,
+    "MountainCar-v0": -110.0,
+    "LunarLander-v3": 200.0,
+}
 
 
 def solve_line_of(env_id: str) -> float | None:
@@ -38,11 +58,28 @@ def solve_line_of(env_id: str) -> float | None:
 # Adam at the same lr, with the larger epsilon Dopamine's Adam agents use (0.01 / batch size) in the role of
 # RMSprop's. configs/minatar.yaml spells it out.
 MINATAR: dict[str, Any] = {
-    "buffer_size": 100_000, "batch_size": 32, "train_every": 1, "gradient_steps": 1, "target_update_interval": 1_000,
-    "learning_rate": 2.5e-4, "adam_eps": 3.125e-4, "learning_starts": 5_000, "epsilon_start": 1.0, "epsilon_end": 0.1,
-    "epsilon_decay_steps": 100_000, "gamma": 0.99, "loss": "huber", "max_grad_norm": 0.0, "double_dqn": False,
-    "lr_schedule": "constant", "n_step": 1, "total_steps": 5_000_000, "eval_every": 100_000, "eval_episodes": 10,
-    "log_every": 10_000, "checkpoint_every": 500_000,
+    "buffer_size": 100_000,
+    "batch_size": 32,
+    "train_every": 1,
+    "gradient_steps": 1,
+    "target_update_interval": 1_000,
+    "learning_rate": 2.5e-4,
+    "adam_eps": 3.125e-4,
+    "learning_starts": 5_000,
+    "epsilon_start": 1.0,
+    "epsilon_end": 0.1,
+    "epsilon_decay_steps": 100_000,
+    "gamma": 0.99,
+    "loss": "huber",
+    "max_grad_norm": 0.0,
+    "double_dqn": False,
+    "lr_schedule": "constant",
+    "n_step": 1,
+    "total_steps": 5_000_000,
+    "eval_every": 100_000,
+    "eval_episodes": 10,
+    "log_every": 10_000,
+    "checkpoint_every": 500_000,
 }
 
 

@@ -39,23 +39,39 @@ class PrioritizedReplayBuffer(TransitionStorage):
 
     graph_sampling = False  # the draw reads the fill level on the host
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
-                 device: torch.device, n_step: int = 1, gamma: float = 0.99, alpha: float = 0.6,
-                 eps: float = 1e-6):
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: torch.dtype,
+        device: torch.device,
+        n_step: int = 1,
+        gamma: float = 0.99,
+        alpha: float = 0.6,
+        eps: float = 1e-6,
+    ):
         super().__init__(capacity, num_envs, obs_shape, obs_dtype, device, n_step, gamma)
         self.alpha, self.eps, self.beta = alpha, eps, 1.0
         self.priorities = torch.zeros(self.capacity, dtype=torch.float32, device=device)  # p^alpha per slot
         self.max_priority = torch.ones((), dtype=torch.float32, device=device)  # largest p^alpha so far
 
-    def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
-            terminated: torch.Tensor, truncated: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        next_obs: torch.Tensor,
+        terminated: torch.Tensor,
+        truncated: torch.Tensor | None = None,
+    ) -> None:
         """Store one vector step (as TransitionStorage.add) at the largest priority seen so far."""
         start = self.pos
         super().add(obs, actions, rewards, next_obs, terminated, truncated)
-        self.priorities[start:start + self.num_envs] = self.max_priority
+        self.priorities[start : start + self.num_envs] = self.max_priority
 
     def sample(self, batch_size: int) -> Batch:
-        idx, weights = proportional_sample(self.priorities[:self.size], batch_size, self.beta)
+        idx, weights = proportional_sample(self.priorities[: self.size], batch_size, self.beta)
         return self.gather(idx)._replace(weights=weights, indices=idx)
 
     @torch.no_grad()
@@ -66,10 +82,13 @@ class PrioritizedReplayBuffer(TransitionStorage):
         torch.maximum(self.max_priority, new.max(), out=self.max_priority)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "priorities": self.priorities[:self.size].clone(),
-                "max_priority": self.max_priority.clone()}
+        return {
+            **super().state_dict(),
+            "priorities": self.priorities[: self.size].clone(),
+            "max_priority": self.max_priority.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.priorities[:self.size] = state["priorities"].to(self.device)
+        self.priorities[: self.size] = state["priorities"].to(self.device)
         self.max_priority.copy_(state["max_priority"])

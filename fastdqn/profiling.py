@@ -30,8 +30,16 @@ from fastdqn.disk import run_write
 from fastdqn.errors import DiskFull
 from fastdqn.logs import console
 
-RANGES = ("env.step", "env.in_flight", "env.wait", "replay.add", "replay.sample", "learner.update", "target.sync",
-          "act")
+RANGES = (
+    "env.step",
+    "env.in_flight",
+    "env.wait",
+    "replay.add",
+    "replay.sample",
+    "learner.update",
+    "target.sync",
+    "act",
+)
 TOP_OPS = 15
 
 
@@ -48,9 +56,13 @@ def traced(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def targets(trainer: Any) -> list[tuple[object, str, str]]:
     """(object, method, range name) for each wrapped method of a Trainer."""
-    found = [(trainer.envs, "step", "env.step"), (trainer.replay, "add", "replay.add"),
-             (trainer.replay, "sample", "replay.sample"), (trainer.learner, "sync_target", "target.sync"),
-             (trainer.learner, "act", "act")]
+    found = [
+        (trainer.envs, "step", "env.step"),
+        (trainer.replay, "add", "replay.add"),
+        (trainer.replay, "sample", "replay.sample"),
+        (trainer.learner, "sync_target", "target.sync"),
+        (trainer.learner, "act", "act"),
+    ]
     # The runner's `update` is one update on a sampled batch; a graphed runner's `step` samples and updates.
     update = "step" if trainer.updates.kind == "graphed" else "update"
     return found + [(trainer.updates, update, "learner.update")]
@@ -104,8 +116,7 @@ def sort_key(device: torch.device) -> str:
     return "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
 
 
-def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: int,
-                  device: torch.device) -> profile:
+def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: int, device: torch.device) -> profile:
     """A scheduled profiler that writes a Chrome trace, a TensorBoard trace and top_ops.txt per active window."""
     tensorboard = out_dir / "tensorboard"
     with run_write(tensorboard, "the profile's dir"):
@@ -129,9 +140,12 @@ def make_profiler(out_dir: Path, wait: int, warmup: int, active: int, repeat: in
                 partial.unlink(missing_ok=True)
             raise
 
-    return profile(activities=activities(device), on_trace_ready=on_trace_ready,
-                   schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
-                   experimental_config=_ExperimentalConfig(profile_all_threads=True))  # the stepping thread too
+    return profile(
+        activities=activities(device),
+        on_trace_ready=on_trace_ready,
+        schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
+        experimental_config=_ExperimentalConfig(profile_all_threads=True),
+    )  # the stepping thread too
 
 
 def check_complete(trace: Path) -> None:
@@ -175,6 +189,12 @@ def profiled(trainer: Any) -> Iterator[None]:
             if started:
                 prof.stop()
     top = out_dir / "top_ops.txt"
-    summary = top.read_text() if top.is_file() else "no profiler window completed: run more steps or lower profile_schedule"
-    console.print(f"profile written to {out_dir} (open trace_*.json in https://ui.perfetto.dev)\n{summary}",
-                  markup=False, highlight=False, soft_wrap=True)
+    summary = (
+        top.read_text() if top.is_file() else "no profiler window completed: run more steps or lower profile_schedule"
+    )
+    console.print(
+        f"profile written to {out_dir} (open trace_*.json in https://ui.perfetto.dev)\n{summary}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

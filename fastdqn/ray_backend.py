@@ -52,22 +52,23 @@ class RayBackend:
     def __init__(self, spec: BackendSpec, out: Path):
         self.ray = ray = import_extra("ray", "ray", "--backend ray")
         if not spec.cpus_per_run > 0 or spec.gpus_per_run < 0:
-            raise ConfigError(f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, got {spec.cpus_per_run} and "
-                              f"{spec.gpus_per_run}")
+            raise ConfigError(
+                f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, got {spec.cpus_per_run} and {spec.gpus_per_run}"
+            )
         if spec.workers is not None and spec.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {spec.workers}")
         self.spec = spec
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(address=spec.address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            ray.init(address=spec.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         try:
             self._check_cluster(Path(out))
         except BaseException:
             self.close()
             raise
-        self.task = ray.remote(ray_job).options(num_cpus=spec.cpus_per_run, num_gpus=spec.gpus_per_run,
-                                                max_retries=RETRIES, retry_exceptions=[RunStopped])
+        self.task = ray.remote(ray_job).options(
+            num_cpus=spec.cpus_per_run, num_gpus=spec.gpus_per_run, max_retries=RETRIES, retry_exceptions=[RunStopped]
+        )
         self.threads = max(1, math.floor(spec.cpus_per_run))
         self.refs: dict[Any, RunJob] = {}
 
@@ -76,11 +77,15 @@ class RayBackend:
         ray = self.ray
         nodes = sum(n["Alive"] for n in ray.nodes())
         if nodes > 1 and not out.is_absolute():
-            raise ConfigError(f"--out {out} is a relative path, but the Ray cluster has {nodes} nodes: give an "
-                              "absolute path on storage that every node mounts at that path (e.g. an NFS share)")
+            raise ConfigError(
+                f"--out {out} is a relative path, but the Ray cluster has {nodes} nodes: give an "
+                "absolute path on storage that every node mounts at that path (e.g. an NFS share)"
+            )
         if self.spec.gpus_per_run > 0 and not ray.cluster_resources().get("GPU"):
-            raise ConfigError(f"--gpus-per-run {self.spec.gpus_per_run}, but the Ray cluster has no GPU: use "
-                              "--gpus-per-run 0, or add GPU nodes")
+            raise ConfigError(
+                f"--gpus-per-run {self.spec.gpus_per_run}, but the Ray cluster has no GPU: use "
+                "--gpus-per-run 0, or add GPU nodes"
+            )
 
     def start(self, out: Path) -> None:
         """Refuse an --out that some node does not see: a probe task on each node looks for its plan.json."""
@@ -89,21 +94,28 @@ class RayBackend:
 
         nodes = [n for n in ray.nodes() if n["Alive"]]
         probe = ray.remote(_sees_plan)
-        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            str(out.resolve())) for n in nodes}
+        refs = {
+            n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(out.resolve()))
+            for n in nodes
+        }
         blind = [node for node, ref in refs.items() if not ray.get(ref)]
         if blind:
-            raise ConfigError(f"Ray node {blind[0]} does not see {out.resolve()}: put --out on storage that every "
-                              "node mounts at the same path (e.g. an NFS share)")
+            raise ConfigError(
+                f"Ray node {blind[0]} does not see {out.resolve()}: put --out on storage that every "
+                "node mounts at the same path (e.g. an NFS share)"
+            )
 
     def describe(self) -> str:
         resources = self.ray.cluster_resources()
         nodes = sum(n["Alive"] for n in self.ray.nodes())
         gpus = f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""
-        return (f"as Ray tasks on {nodes} node(s) with {resources.get('CPU', 0):g} CPUs{gpus}, "
-                f"{self.spec.cpus_per_run:g} CPU and {self.spec.gpus_per_run:g} GPU per run, "
-                f"{self.capacity()} at a time")
+        return (
+            f"as Ray tasks on {nodes} node(s) with {resources.get('CPU', 0):g} CPUs{gpus}, "
+            f"{self.spec.cpus_per_run:g} CPU and {self.spec.gpus_per_run:g} GPU per run, "
+            f"{self.capacity()} at a time"
+        )
 
     def capacity(self) -> int:
         resources = self.ray.cluster_resources()
@@ -121,8 +133,7 @@ class RayBackend:
 
     def wait(self) -> list[tuple[RunJob, dict[str, Any]]]:
         ready, _ = self.ray.wait(list(self.refs), num_returns=1)
-        ready += [r for r in self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)[0]
-                  if r not in ready]
+        ready += [r for r in self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)[0] if r not in ready]
         ended = []
         for ref in ready:
             job = self.refs.pop(ref)
@@ -141,13 +152,14 @@ class RayBackend:
         if held:
             from fastdqn.logs import console
 
-            console.print(f"[yellow]{len(held)} run(s) did not stop within {STOP_WAIT_S:.0f} s (e.g. {held[0]}): "
-                          "they resume from their newest checkpoint with --resume[/]")
+            console.print(
+                f"[yellow]{len(held)} run(s) did not stop within {STOP_WAIT_S:.0f} s (e.g. {held[0]}): "
+                "they resume from their newest checkpoint with --resume[/]"
+            )
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
-
 
 
 def wait_until_released(run_dirs: list[Path], timeout: float = STOP_WAIT_S) -> list[Path]:

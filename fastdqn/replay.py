@@ -101,7 +101,7 @@ class RingStorage:
         if width != n:
             raise ValueError(f"add expects one entry per env ({n}), got {width}")
         for name, dest in self.columns().items():
-            dest[start:start + n] = new[name]
+            dest[start : start + n] = new[name]
         self.pos = (start + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self._refresh_fill()
@@ -113,7 +113,7 @@ class RingStorage:
 
     def state_dict(self) -> dict:
         """Filled part of the storage plus its position, for checkpoints (tensors and ints only)."""
-        return {"pos": self.pos, "size": self.size, **{k: v[:self.size].clone() for k, v in self.columns().items()}}
+        return {"pos": self.pos, "size": self.size, **{k: v[: self.size].clone() for k, v in self.columns().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         size = state["size"]
@@ -129,8 +129,16 @@ class TransitionStorage(RingStorage):
     """Whole transitions: obs, action, reward, true next obs, terminated and truncated per slot. `gather` reads
     one-step transitions, or n-step returns when n_step > 1 (nstep.py)."""
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
-                 device: torch.device, n_step: int = 1, gamma: float = 0.99):
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: torch.dtype,
+        device: torch.device,
+        n_step: int = 1,
+        gamma: float = 0.99,
+    ):
         super().__init__(capacity, num_envs, device)
         capacity = self.capacity
         self.n_step, self.gamma = n_step, gamma
@@ -142,29 +150,49 @@ class TransitionStorage(RingStorage):
         self.truncated = torch.zeros(capacity, dtype=torch.float32, device=device)
 
     def columns(self) -> dict[str, torch.Tensor]:
-        return {"obs": self.obs, "next_obs": self.next_obs, "actions": self.actions,
-                "rewards": self.rewards, "terminated": self.terminated, "truncated": self.truncated}
+        return {
+            "obs": self.obs,
+            "next_obs": self.next_obs,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "terminated": self.terminated,
+            "truncated": self.truncated,
+        }
 
-    def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
-            terminated: torch.Tensor, truncated: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        next_obs: torch.Tensor,
+        terminated: torch.Tensor,
+        truncated: torch.Tensor | None = None,
+    ) -> None:
         """Store one vector step: one transition per env (leading dim num_envs), tensors already on the device.
 
         `truncated` (episode cut by a time limit) only matters to n-step returns, which stop there.
         """
         if truncated is None:
             truncated = torch.zeros_like(terminated)
-        self.write({"obs": obs, "next_obs": next_obs, "actions": actions, "rewards": rewards,
-                           "terminated": terminated, "truncated": truncated})
+        self.write(
+            {
+                "obs": obs,
+                "next_obs": next_obs,
+                "actions": actions,
+                "rewards": rewards,
+                "terminated": terminated,
+                "truncated": truncated,
+            }
+        )
 
     def gather(self, idx: torch.Tensor) -> Batch:
         """The transitions starting at slots `idx`: one-step, or n-step returns when n_step > 1."""
         if self.n_step == 1:
-            return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx],
-                         self.terminated[idx])
-        returns, last, discounts = nstep_returns(self.rewards, self.terminated, self.truncated, idx, self.head,
-                                                 self.num_envs, self.n_step, self.gamma)
-        return Batch(self.obs[idx], self.actions[idx], returns, self.next_obs[last], self.terminated[last],
-                     discounts)
+            return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx])
+        returns, last, discounts = nstep_returns(
+            self.rewards, self.terminated, self.truncated, idx, self.head, self.num_envs, self.n_step, self.gamma
+        )
+        return Batch(self.obs[idx], self.actions[idx], returns, self.next_obs[last], self.terminated[last], discounts)
 
     def newest(self) -> Batch:
         """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""

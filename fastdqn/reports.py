@@ -93,14 +93,20 @@ def _status(s: PointSummary) -> str:
 
 def solved_definition(plan: Plan) -> str:
     b, line = plan.base, plan.solve_line
-    evals = f"greedy evaluation ({b['eval_episodes']} episodes, every {b['eval_every']:,} env steps and at the end of " \
-            f"{b['total_steps']:,})"
-    rest = ("Final greedy return: mean +- std over seeds of each run's last evaluation; best greedy return: of each "
-            "run's best evaluation (the policy its best.pt keeps). Wall time: mean per run.")
+    evals = (
+        f"greedy evaluation ({b['eval_episodes']} episodes, every {b['eval_every']:,} env steps and at the end of "
+        f"{b['total_steps']:,})"
+    )
+    rest = (
+        "Final greedy return: mean +- std over seeds of each run's last evaluation; best greedy return: of each "
+        "run's best evaluation (the policy its best.pt keeps). Wall time: mean per run."
+    )
     if line is None:
         return f"{b['env_id']} has no solve line: scores only. Each {evals} is the mean return. {rest}"
-    return (f"Solved: a {evals} with mean return >= {line:g}. Episodes to solve: training episodes finished by that "
-            f"evaluation, median (min-max) over seeds. {rest}")
+    return (
+        f"Solved: a {evals} with mean return >= {line:g}. Episodes to solve: training episodes finished by that "
+        f"evaluation, median (min-max) over seeds. {rest}"
+    )
 
 
 def search_note(plan: Plan, summaries: list[PointSummary]) -> str:
@@ -108,10 +114,12 @@ def search_note(plan: Plan, summaries: list[PointSummary]) -> str:
     assert search is not None
     pruned = sum(s.ranked == 1 for s in summaries)
     pruner = {"median": "the median pruner", "halving": "successive halving", "none": "no pruner"}[search.pruner]
-    return (f" Points picked by Optuna's {search.sampler} sampler (seed {search.seed}, {search.startup_trials} "
-            f"random start-up trials), {len(summaries)} of {search.trials} trials so far, one run each (seed "
-            f"{plan.seeds[0]}); {pruner} stopped {pruned}: a pruned run's numbers cover only the env steps it "
-            f"ran, and it ranks below the finished ones.")
+    return (
+        f" Points picked by Optuna's {search.sampler} sampler (seed {search.seed}, {search.startup_trials} "
+        f"random start-up trials), {len(summaries)} of {search.trials} trials so far, one run each (seed "
+        f"{plan.seeds[0]}); {pruner} stopped {pruned}: a pruned run's numbers cover only the env steps it "
+        f"ran, and it ranks below the finished ones."
+    )
 
 
 def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], list[list[str]]]:
@@ -124,15 +132,26 @@ def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], li
         ordered = summaries
     else:
         keys = list(search.space) if search else list(dict.fromkeys(k for p in plan.points for k in p.changes))
-        header = ["rank", *(["trial"] if search else []), *keys, *(["status"] if search else []), *solve_cols,
-                  "final greedy return", "mean eval return", "wall time (s)"]
+        header = [
+            "rank",
+            *(["trial"] if search else []),
+            *keys,
+            *(["status"] if search else []),
+            *solve_cols,
+            "final greedy return",
+            "mean eval return",
+            "wall time (s)",
+        ]
         ordered = sorted(summaries, key=lambda s: _sort_key(s, plan.metric))
     rows = []
     for rank, s in enumerate(ordered, 1):
         done = f" ({len(s.runs)} of {s.seeds} runs done)" if len(s.runs) < s.seeds else ""
         if has_line:
-            cells = [f"{s.solved}/{len(s.runs)}{done}", _median_range(s.values("episodes_to_solve")),
-                     _median_range(s.values("steps_to_solve"))]
+            cells = [
+                f"{s.solved}/{len(s.runs)}{done}",
+                _median_range(s.values("episodes_to_solve")),
+                _median_range(s.values("steps_to_solve")),
+            ]
         else:
             cells = [f"{len(s.runs)}{done}"]
         cells += [_mean_std(s.values("final_return")), _mean_std(s.values("best_return"))]
@@ -141,8 +160,17 @@ def table_rows(plan: Plan, summaries: list[PointSummary]) -> tuple[list[str], li
         else:
             trial = [s.point.name.removeprefix("trial ")] if search else []
             status = [_status(s)] if search else []
-            rows.append([str(rank), *trial, *(_value(s.point.changes.get(k)) for k in keys), *status, *cells,
-                         _mean_std(s.values("auc")), _wall(s)])
+            rows.append(
+                [
+                    str(rank),
+                    *trial,
+                    *(_value(s.point.changes.get(k)) for k in keys),
+                    *status,
+                    *cells,
+                    _mean_std(s.values("auc")),
+                    _wall(s),
+                ]
+            )
     return header, rows
 
 
@@ -183,11 +211,15 @@ def importance_markdown(plan: Plan, out: Path) -> str:
 
     values, finished = importances(plan, out)
     if not values:
-        return (f"Parameter importance: after {IMPORTANCE_MIN_TRIALS} finished trials with different points "
-                f"({finished} so far).")
+        return (
+            f"Parameter importance: after {IMPORTANCE_MIN_TRIALS} finished trials with different points "
+            f"({finished} so far)."
+        )
     rows = [[key, f"{value:.3f}"] for key, value in values.items()]
-    return (f"Parameter importance (Optuna's default evaluator over {finished} finished trials; the shares sum "
-            f"to 1):\n\n{markdown_table(['parameter', 'importance'], rows)}")
+    return (
+        f"Parameter importance (Optuna's default evaluator over {finished} finished trials; the shares sum "
+        f"to 1):\n\n{markdown_table(['parameter', 'importance'], rows)}"
+    )
 
 
 # --- plot --------------------------------------------------------------------------------------------------
@@ -200,8 +232,10 @@ def plot_curves(plan: Plan, summaries: list[PointSummary], path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, attr, title in ((axes[0], "evals", "greedy evaluation return"),
-                            (axes[1], "train", "training return (mean of last 20 episodes)")):
+    for ax, attr, title in (
+        (axes[0], "evals", "greedy evaluation return"),
+        (axes[1], "train", "training return (mean of last 20 episodes)"),
+    ):
         for s in summaries:
             runs = [getattr(r, attr) for r in s.runs if getattr(r, attr)]
             if not runs:
@@ -209,7 +243,7 @@ def plot_curves(plan: Plan, summaries: list[PointSummary], path: Path) -> None:
             grid = np.linspace(max(run[0][0] for run in runs), min(run[-1][0] for run in runs), 101)
             curves = [np.interp(grid, [step for step, _ in run], [value for _, value in run]) for run in runs]
             stack = np.array(curves)
-            line, = ax.plot(grid, stack.mean(0), label=f"{s.point.name} ({len(curves)} seeds)")
+            (line,) = ax.plot(grid, stack.mean(0), label=f"{s.point.name} ({len(curves)} seeds)")
             ax.fill_between(grid, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
         if plan.solve_line is not None:
             ax.axhline(plan.solve_line, color="grey", linestyle="--", linewidth=0.8)
@@ -262,7 +296,8 @@ def report(out: Path) -> Report:
         best = best_point(plan, summaries)
         if best is not None:
             cfg = C.from_dict({**plan.base, **best.point.changes})
-            (out / BEST_FILE).write_text(f"# best point of the sweep in {out} by {plan.metric}; "
-                                         f"use with: fastdqn train --config {out / BEST_FILE}\n"
-                                         + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (out / BEST_FILE).write_text(
+                f"# best point of the sweep in {out} by {plan.metric}; "
+                f"use with: fastdqn train --config {out / BEST_FILE}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            )
     return Report(markdown, rich_table(title, header, rows), note)

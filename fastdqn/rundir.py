@@ -83,9 +83,11 @@ class RunDirLock:
             holder = os.read(fd, 200).decode(errors="replace").split()
             os.close(fd)
             pid, host = (holder + ["?", "?"])[:2]
-            raise RunDirLocked(f"run dir '{self.run_dir}' is in use by another fastdqn process (pid {pid} on host "
-                               f"{host}): let it finish or stop it first (a stopped run resumes with --resume), or "
-                               "train into another --run-dir") from None
+            raise RunDirLocked(
+                f"run dir '{self.run_dir}' is in use by another fastdqn process (pid {pid} on host "
+                f"{host}): let it finish or stop it first (a stopped run resumes with --resume), or "
+                "train into another --run-dir"
+            ) from None
         mine = f"{os.getpid()} {socket.gethostname()}\n".encode()
         try:
             with run_write(self.path, "the run-dir lock", len(mine)):

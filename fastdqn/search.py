@@ -54,8 +54,16 @@ def changes_of(params: dict[str, Any]) -> dict[str, Any]:
     return {k: C.coerce(k, v) for k, v in params.items()}
 
 
-def search_plan(base: C.Config, space: dict[str, list[str]], sampler: str, trials: int | None, pruner: str = "median",
-                startup_trials: int = 5, seed: int = 0, metric: str = "final_return") -> Plan:
+def search_plan(
+    base: C.Config,
+    space: dict[str, list[str]],
+    sampler: str,
+    trials: int | None,
+    pruner: str = "median",
+    startup_trials: int = 5,
+    seed: int = 0,
+    metric: str = "final_return",
+) -> Plan:
     """A sweep whose points an Optuna study picks: `trials` runs (a grid search: every grid point by default)."""
     check_metric(metric)
     if sampler not in SAMPLERS:
@@ -68,7 +76,9 @@ def search_plan(base: C.Config, space: dict[str, list[str]], sampler: str, trial
     if sampler == "grid":
         ranged = [k for k, v in space.items() if parse_range(k, v) is not None]
         if ranged:
-            raise ConfigError(f"--search grid takes listed values: {ranged[0]} gives a range; use --search tpe or random")
+            raise ConfigError(
+                f"--search grid takes listed values: {ranged[0]} gives a range; use --search tpe or random"
+            )
         size = math.prod(len(v) for v in space.values())
         trials = size if trials is None else min(trials, size)
     if trials is None or trials < 1:
@@ -118,10 +128,14 @@ def open_study(plan: Plan, out: Path):
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     assert plan.search is not None
-    return optuna.create_study(study_name=STUDY_NAME, storage=journal(Path(out) / STUDY_FILE),
-                               sampler=make_sampler(plan.search),
-                               pruner=make_pruner(plan.search, int(plan.base["total_steps"])),
-                               direction="maximize", load_if_exists=True)
+    return optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=journal(Path(out) / STUDY_FILE),
+        sampler=make_sampler(plan.search),
+        pruner=make_pruner(plan.search, int(plan.base["total_steps"])),
+        direction="maximize",
+        load_if_exists=True,
+    )
 
 
 def trial_point(number: int, params: dict[str, Any]) -> Point:
@@ -165,10 +179,15 @@ class TrialReporter:
         optuna = _optuna()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = journal(Path(ref.journal))
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=optuna.samplers.RandomSampler(),
-                                  pruner=make_pruner(ref.search, ref.total_steps))
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(STUDY_NAME),
-                                                                    ref.number)
+        study = optuna.load_study(
+            study_name=STUDY_NAME,
+            storage=storage,
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=make_pruner(ref.search, ref.total_steps),
+        )
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(STUDY_NAME), ref.number
+        )
         self.trial = optuna.trial.Trial(study, trial_id)
         self.reported = set(storage.get_trial(trial_id).intermediate_values)  # a resumed run's earlier evaluations
 
@@ -198,8 +217,9 @@ class StudyDriver:
     def remaining(self) -> int:
         """New trials still to ask: the plan's number less every trial that ran, runs or is done."""
         optuna = _optuna()
-        started = self.study.get_trials(deepcopy=False, states=tuple(s for s in optuna.trial.TrialState
-                                                                      if s != optuna.trial.TrialState.WAITING))
+        started = self.study.get_trials(
+            deepcopy=False, states=tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
+        )
         return max(0, self.search.trials - len(started))
 
     def ask(self) -> tuple[int, Point]:
@@ -207,8 +227,7 @@ class StudyDriver:
         return trial.number, trial_point(trial.number, trial.params)
 
     def ref(self, number: int) -> TrialRef:
-        return TrialRef(str((self.out / STUDY_FILE).resolve()), number, self.search,
-                        int(self.plan.base["total_steps"]))
+        return TrialRef(str((self.out / STUDY_FILE).resolve()), number, self.search, int(self.plan.base["total_steps"]))
 
     def tell(self, number: int, point: Point, result: dict[str, Any]) -> None:
         """Tell the study how the trial's run ended; a stopped run (resumed later) or one that another process

@@ -32,8 +32,10 @@ def layout(fields: Fields) -> tuple[dict[str, tuple[int, int]], int]:
 
 def views(buffer: torch.Tensor, fields: Fields, offsets: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
     """Each field as a typed tensor view of the byte buffer."""
-    return {name: buffer[start:start + size].view(dtype).view(shape)
-            for (name, (shape, dtype)), (start, size) in zip(fields.items(), offsets.values())}
+    return {
+        name: buffer[start : start + size].view(dtype).view(shape)
+        for (name, (shape, dtype)), (start, size) in zip(fields.items(), offsets.values())
+    }
 
 
 class Staging:

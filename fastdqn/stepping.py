@@ -140,8 +140,10 @@ def overlap_wanted(cfg: Config, envs: gym.vector.VectorEnv, device: torch.device
         return False
     if not cfg.replay_buffer:
         if cfg.overlap == "always":
-            raise ConfigError("overlap=always runs a vector step's updates on the replay without that step, but "
-                              "replay_buffer: false trains on the step just taken: set overlap to auto or never")
+            raise ConfigError(
+                "overlap=always runs a vector step's updates on the replay without that step, but "
+                "replay_buffer: false trains on the step just taken: set overlap to auto or never"
+            )
         return False
     if cfg.overlap == "always":
         return True

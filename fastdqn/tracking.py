@@ -48,10 +48,17 @@ class WandbRun:
         id_path = run_dir / ID_FILE
         run_id = id_path.read_text().strip() if id_path.is_file() else secrets.token_hex(6)
         id_path.write_text(run_id + "\n")
-        self.run = wandb.init(project=tracking.project, entity=tracking.entity, group=tracking.group,
-                              name=tracking.name or run_dir.name, job_type=tracking.job_type, id=run_id,
-                              resume="allow", config={**cfg.to_dict(), **tracking.extra},
-                              dir=os.environ.get("WANDB_DIR") or str(run_dir))
+        self.run = wandb.init(
+            project=tracking.project,
+            entity=tracking.entity,
+            group=tracking.group,
+            name=tracking.name or run_dir.name,
+            job_type=tracking.job_type,
+            id=run_id,
+            resume="allow",
+            config={**cfg.to_dict(), **tracking.extra},
+            dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        )
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 

@@ -60,12 +60,23 @@ def make_replay(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
     """
     if is_pixel_shape(obs_shape):
         if cfg.prioritized or cfg.n_step > 1 or not cfg.replay_buffer:
-            raise ConfigError("pixel envs use the frame replay, which does not support prioritized, n_step > 1 or "
-                              "replay_buffer: false yet: turn those off for this env")
+            raise ConfigError(
+                "pixel envs use the frame replay, which does not support prioritized, n_step > 1 or "
+                "replay_buffer: false yet: turn those off for this env"
+            )
         return FrameReplay(cfg.buffer_size, cfg.num_envs, obs_shape[1:], obs_shape[0], device)
     if cfg.prioritized:
-        return PrioritizedReplayBuffer(cfg.buffer_size, cfg.num_envs, obs_shape, obs_dtype, device, cfg.n_step,
-                                       cfg.gamma, cfg.per_alpha, cfg.per_eps)
+        return PrioritizedReplayBuffer(
+            cfg.buffer_size,
+            cfg.num_envs,
+            obs_shape,
+            obs_dtype,
+            device,
+            cfg.n_step,
+            cfg.gamma,
+            cfg.per_alpha,
+            cfg.per_eps,
+        )
     return ReplayBuffer(cfg.buffer_size, cfg.num_envs, obs_shape, obs_dtype, device, cfg.n_step, cfg.gamma)
 
 
@@ -97,19 +108,34 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
         best_step, best_mean = self.best_eval[:2] if self.best_eval else (None, None)
-        return {"run_dir": str(self.run_dir), "env_steps": self.env_steps, "final_eval_mean": self.final_eval_mean,
-                "best_eval_mean": best_mean, "best_eval_step": best_step, "steps_to_solve": self.steps_to_solve,
-                "wall_time": round(self.wall_time, 2), "first_update_time": self.first_update_time,
-                "steady_sps": self.steady_sps, "interrupted": self.interrupted, "stopped_early": self.stopped_early}
+        return {
+            "run_dir": str(self.run_dir),
+            "env_steps": self.env_steps,
+            "final_eval_mean": self.final_eval_mean,
+            "best_eval_mean": best_mean,
+            "best_eval_step": best_step,
+            "steps_to_solve": self.steps_to_solve,
+            "wall_time": round(self.wall_time, 2),
+            "first_update_time": self.first_update_time,
+            "steady_sps": self.steady_sps,
+            "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
+        }
 
     def table(self, cfg: Config) -> Table:
         """The console summary printed at the end of a run."""
         rows = {
-            "env steps": self.env_steps, "gradient updates": self.updates, "episodes": self.episodes,
-            "wall time (s)": round(self.wall_time, 1), "env steps / s": round(self.sps),
-            "final eval mean": self.final_eval_mean, "final eval std": self.final_eval_std,
-            "best eval mean (best.pt)": (f"{self.best_eval[1]:g} at env step {self.best_eval[0]}" if self.best_eval
-                                         else "no evaluation")}
+            "env steps": self.env_steps,
+            "gradient updates": self.updates,
+            "episodes": self.episodes,
+            "wall time (s)": round(self.wall_time, 1),
+            "env steps / s": round(self.sps),
+            "final eval mean": self.final_eval_mean,
+            "final eval std": self.final_eval_std,
+            "best eval mean (best.pt)": (
+                f"{self.best_eval[1]:g} at env step {self.best_eval[0]}" if self.best_eval else "no evaluation"
+            ),
+        }
         if cfg.solve_line is not None:  # envs without a solve line (Atari, MinAtar) show scores only
             rows[f"steps to eval >= {cfg.solve_line:g}"] = self.steps_to_solve or "not reached"
         return summary_table(f"fastdqn: {cfg.env_id}", {**rows, "run dir": str(self.run_dir)})
@@ -161,11 +187,11 @@ class Trainer:
         self.updates = make_update_runner(self.learner, self.replay)  # eager, compiled or CUDA-graphed
         self.counters = Counters()
         self.overlap = overlap_wanted(cfg, self.envs, self.device)
-        self.collector = Collector(cfg, self.envs, self.replay, self.learner, self.counters, self.device,
-                                   self.overlap)
+        self.collector = Collector(cfg, self.envs, self.replay, self.learner, self.counters, self.device, self.overlap)
         self.evaluator = Evaluator(cfg, self.learner)
-        self.checkpoints = Checkpointer(cfg, self.run_dir, self.learner, self.replay, self.collector, self.evaluator,
-                                        self.counters)
+        self.checkpoints = Checkpointer(
+            cfg, self.run_dir, self.learner, self.replay, self.collector, self.evaluator, self.counters
+        )
         self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
         self.first_update: tuple[float, int, float | None] | None = None  # see mark_first_update
 
@@ -174,8 +200,7 @@ class Trainer:
         self.checkpoints.restore(state)
 
     # --- the loop -------------------------------------------------------------------------------------
-    def run(self, on_eval: Callable[[int, float], bool] | None = None,
-            sinks: Sequence[ScalarSink] = ()) -> TrainResult:
+    def run(self, on_eval: Callable[[int, float], bool] | None = None, sinks: Sequence[ScalarSink] = ()) -> TrainResult:
         """Train to total_steps (or to a SIGINT/SIGTERM), evaluating and checkpointing on the way; then the final
         evaluation and checkpoint. `on_eval(env_step, mean_return)` runs after each periodic evaluation; when it
         returns True the run stops as on SIGINT (checkpoint saved, resumable). `sinks` get every scalar too."""
@@ -194,8 +219,10 @@ class Trainer:
                     before = c.env_step
                     episodes += [(c.env_step, ret, length) for ret, length in self.vector_step()]
                     done = c.env_step >= cfg.total_steps
-                    log, ckpt = crossed(before, c.env_step, cfg.log_every) or done, \
-                        crossed(before, c.env_step, cfg.checkpoint_every) and not done
+                    log, ckpt = (
+                        crossed(before, c.env_step, cfg.log_every) or done,
+                        crossed(before, c.env_step, cfg.checkpoint_every) and not done,
+                    )
                     if log:
                         sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
                         self.log(logger, sps)
@@ -216,8 +243,10 @@ class Trainer:
             with StopRequest():  # a stop asked for from here on waits for the last checkpoint
                 if interrupted:
                     self.checkpoints.save()
-                    logger.message(f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
-                                   f"Resume with: fastdqn train --resume {self.run_dir}[/]")
+                    logger.message(
+                        f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
+                        f"Resume with: fastdqn train --resume {self.run_dir}[/]"
+                    )
                 elif not self.evaluator.evals or self.evaluator.evals[-1][0] != c.env_step:
                     self.evaluate(logger)  # (a finished run resumed again has its final evaluation and checkpoint)
                     self.checkpoints.save()
@@ -226,17 +255,30 @@ class Trainer:
         except EnvFailure as exc:
             logger.episodes(episodes)
             path = self.checkpoints.save()
-            raise EnvFailure(f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
-                             f"fastdqn train --resume {self.run_dir}") from exc
+            raise EnvFailure(
+                f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
+                f"fastdqn train --resume {self.run_dir}"
+            ) from exc
         finally:
             logger.close(quiet=not finished)  # a failing run reports its own error, not a second one from closing
             self.close()
         evals = self.evaluator.evals
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))
-        result = TrainResult(self.run_dir, c.env_step, c.updates, c.episodes, wall,
-                             (c.env_step - start_step) / max(wall, 1e-9), final_mean, final_std,
-                             self.evaluator.steps_to_solve(), interrupted, list(evals), self.evaluator.best,
-                             stopped_early=stopped_early)
+        result = TrainResult(
+            self.run_dir,
+            c.env_step,
+            c.updates,
+            c.episodes,
+            wall,
+            (c.env_step - start_step) / max(wall, 1e-9),
+            final_mean,
+            final_std,
+            self.evaluator.steps_to_solve(),
+            interrupted,
+            list(evals),
+            self.evaluator.best,
+            stopped_early=stopped_early,
+        )
         if self.first_update is not None:
             first_clock, first_step, result.first_update_time = self.first_update
             result.steady_sps = (c.env_step - first_step) / max(end_time - first_clock, 1e-9)
@@ -301,8 +343,15 @@ class Trainer:
         cfg, c = self.cfg, self.counters
         metrics = self.updates.read_metrics()
         self.checkpoints.check_finite(metrics)
-        logger.training(c.env_step, sps, epsilon_at(cfg, c.env_step), learning_rate_at(cfg, c.env_step), metrics,
-                        self.collector.recent_return(), c.episodes)
+        logger.training(
+            c.env_step,
+            sps,
+            epsilon_at(cfg, c.env_step),
+            learning_rate_at(cfg, c.env_step),
+            metrics,
+            self.collector.recent_return(),
+            c.episodes,
+        )
 
     def evaluate(self, logger: RunLogger) -> None:
         """Evaluate the current policy, keep it as best.pt if it beats every earlier evaluation, and report it."""

@@ -55,8 +55,16 @@ def compiled_step(learner: DQNLearner) -> StepFn:
 
     def run(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return step(*learner.functional_state(), batch.obs, batch.actions, batch.rewards, batch.next_obs,
-                        batch.terminated, batch.discounts, batch.weights)
+            return step(
+                *learner.functional_state(),
+                batch.obs,
+                batch.actions,
+                batch.rewards,
+                batch.next_obs,
+                batch.terminated,
+                batch.discounts,
+                batch.weights,
+            )
 
     return run
 
@@ -182,11 +190,17 @@ class GraphedUpdate(UpdateRunner):
             self.graph, self.outputs = capture(self.body, self.device)
         except CaptureError as exc:
             if self.cfg.cuda_graph == "always":
-                raise DeviceError(f"CUDA graph capture of the update failed ({exc}): set cuda_graph to auto to run "
-                                  "it uncaptured with a warning, or never") from exc
+                raise DeviceError(
+                    f"CUDA graph capture of the update failed ({exc}): set cuda_graph to auto to run "
+                    "it uncaptured with a warning, or never"
+                ) from exc
             self.failed = True
-            warnings.warn(f"CUDA graph capture of the update failed ({exc}); running it uncaptured. Set "
-                          "cuda_graph=never to skip the attempt.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"CUDA graph capture of the update failed ({exc}); running it uncaptured. Set "
+                "cuda_graph=never to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         self.captures += 1
         self.held = [(t, t.data_ptr()) for t in self.graph_tensors()]
@@ -196,15 +210,19 @@ class GraphedUpdate(UpdateRunner):
         rollback could replace: weights and buffers of both networks, Adam's state, the learning rate."""
         learner = self.learner
         nets = (learner.q, learner.target)
-        return [learner.lr, *(t for net in nets for t in (*net.parameters(), *net.buffers())),
-                *(t for state in learner.optimizer.state.values() for t in state.values())]
+        return [
+            learner.lr,
+            *(t for net in nets for t in (*net.parameters(), *net.buffers())),
+            *(t for state in learner.optimizer.state.values() for t in state.values()),
+        ]
 
     def replaced(self) -> bool:
         """Whether any tensor of the capture was replaced, or given new storage, since. The captured ones stay
         referenced, so their memory cannot go to a new tensor and fool the comparison."""
         now = self.graph_tensors()
-        return len(now) != len(self.held) or any(t is not old or t.data_ptr() != ptr
-                                                 for t, (old, ptr) in zip(now, self.held))
+        return len(now) != len(self.held) or any(
+            t is not old or t.data_ptr() != ptr for t, (old, ptr) in zip(now, self.held)
+        )
 
 
 def make_update_runner(learner: DQNLearner, replay: Replay | None = None) -> UpdateRunner:

@@ -30,8 +30,9 @@ def make_render_env(cfg: Config) -> gym.Env:
     return env
 
 
-def record_episode(policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, seed: int,
-                   device: torch.device) -> tuple[list[np.ndarray], float]:
+def record_episode(
+    policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, seed: int, device: torch.device
+) -> tuple[list[np.ndarray], float]:
     """RGB frames of one episode played by `policy` from a reset with `seed`, and its raw return."""
     env = make_render_env(cfg)
     try:

@@ -20,9 +20,20 @@ def _single_thread():
 @pytest.fixture
 def tiny_cfg() -> Config:
     """CartPole with a small net and short schedules: a few seconds of training at most."""
-    return Config(total_steps=2_000, learning_starts=200, buffer_size=1_000, batch_size=32, hidden_sizes=[32, 32],
-                  eval_every=0, eval_episodes=2, log_every=500, checkpoint_every=0, epsilon_decay_steps=1_000,
-                  target_update_interval=100, device="cpu")
+    return Config(
+        total_steps=2_000,
+        learning_starts=200,
+        buffer_size=1_000,
+        batch_size=32,
+        hidden_sizes=[32, 32],
+        eval_every=0,
+        eval_episodes=2,
+        log_every=500,
+        checkpoint_every=0,
+        epsilon_decay_steps=1_000,
+        target_update_interval=100,
+        device="cpu",
+    )
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:

@@ -55,8 +55,14 @@ for _id, _dtype in ((COUNTER_ENV, np.float32), (COUNTER_ENV_U8, np.uint8)):
 # The update cadence the core tests count on (one env, one update every 4 env steps, the classic DQN learning
 # rate held constant, 1-step returns), pinned so that retuning Config's defaults does not change what these
 # tests measure.
-CLASSIC = {"num_envs": 1, "train_every": 4, "gradient_steps": 1, "learning_rate": 1e-3, "lr_schedule": "constant",
-           "n_step": 1}
+CLASSIC = {
+    "num_envs": 1,
+    "train_every": 4,
+    "gradient_steps": 1,
+    "learning_rate": 1e-3,
+    "lr_schedule": "constant",
+    "n_step": 1,
+}
 
 
 def classic(cfg: Config, **changes: object) -> Config:

@@ -72,9 +72,13 @@ class BrokenInit(CartPoleEnv):
         raise ValueError("track_length must be positive")
 
 
-for name, cls, kwargs in (("FlakyCartPole-v0", FlakyCartPole, {}), ("InfRewardCartPole-v0", InfRewardCartPole, {}),
-                          ("SlowCartPole-v0", SlowCartPole, {}), ("InterruptingCartPole-v0", InterruptingCartPole, {}),
-                          ("BrokenInit-v0", BrokenInit, {})):
+for name, cls, kwargs in (
+    ("FlakyCartPole-v0", FlakyCartPole, {}),
+    ("InfRewardCartPole-v0", InfRewardCartPole, {}),
+    ("SlowCartPole-v0", SlowCartPole, {}),
+    ("InterruptingCartPole-v0", InterruptingCartPole, {}),
+    ("BrokenInit-v0", BrokenInit, {}),
+):
     if name not in gym.registry:
         gym.register(name, entry_point=cls, max_episode_steps=500, kwargs=kwargs)
 

@@ -18,11 +18,13 @@ CHUNK = 64 * 1024
 def tmpfs(point: Path, size_kib: int) -> Iterator[Path]:
     """A tmpfs of `size_kib` KiB mounted at `point` for the block, unmounted after it (lazily, if still busy)."""
     point.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
-        raise RuntimeError(f"cannot mount a tmpfs at {point} ({mounted.stderr.strip()}): the disk-full checks need "
-                           "root, as CI has")
+        raise RuntimeError(
+            f"cannot mount a tmpfs at {point} ({mounted.stderr.strip()}): the disk-full checks need root, as CI has"
+        )
     try:
         yield point
     finally:

@@ -81,8 +81,13 @@ def test_amp_targets_loss_and_update_are_fp32_on_the_cartpole_net():
     fp32, states = cartpole_net_at_q_100()
     amp, _ = cartpole_net_at_q_100(amp=True)
     g = torch.Generator().manual_seed(1)
-    batch = Batch(states[:64], torch.randint(0, 2, (64,), generator=g), torch.ones(64), states[1:65],
-                  (torch.rand(64, generator=g) < 0.05).float())
+    batch = Batch(
+        states[:64],
+        torch.randint(0, 2, (64,), generator=g),
+        torch.ones(64),
+        states[1:65],
+        (torch.rand(64, generator=g) < 0.05).float(),
+    )
     q, y = batch_td_loss(fp32.cfg, fp32.q, fp32.target_net, *batch[:5], None, None)[1:]
     q_amp, y_amp = batch_td_loss(amp.cfg, amp.q, amp.target_net, *batch[:5], None, None)[1:]
     assert q_amp.dtype == y_amp.dtype == torch.float32
@@ -101,9 +106,13 @@ def test_amp_targets_loss_and_update_are_fp32_on_the_cartpole_net():
         torch.testing.assert_close(p_graph, p, rtol=1e-5, atol=1e-6)
 
 
-CNNS = {"minatar": (lambda dueling: MinAtarCNN((10, 10, 4), 3, dueling), lambda: torch.rand(5, 10, 10, 4) < 0.3),
-        "nature": (lambda dueling: NatureCNN(4, 3, dueling),
-                   lambda: torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8))}
+CNNS = {
+    "minatar": (lambda dueling: MinAtarCNN((10, 10, 4), 3, dueling), lambda: torch.rand(5, 10, 10, 4) < 0.3),
+    "nature": (
+        lambda dueling: NatureCNN(4, 3, dueling),
+        lambda: torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8),
+    ),
+}
 
 
 @pytest.mark.parametrize("kind", CNNS)
@@ -125,14 +134,20 @@ def test_cnns_run_their_convolutions_in_bf16_and_their_heads_in_fp32(kind, dueli
 
 def test_minatar_cnn_update_under_amp_is_close_to_fp32_and_keeps_fp32_state():
     """The one place amp changes numbers: bf16 convolutions. The eager update stays close to fp32's."""
+
     def learner(amp: bool) -> DQNLearner:
         torch.manual_seed(0)
         return DQNLearner(Config(env_id="MinAtar/Breakout-v1", device="cpu", amp=amp), (10, 10, 4), 3, CPU)
 
     g = torch.Generator().manual_seed(2)
     obs = torch.rand(32, 10, 10, 4, generator=g) < 0.2
-    batch = Batch(obs, torch.randint(0, 3, (32,), generator=g), torch.rand(32, generator=g),
-                  torch.roll(obs, 1, dims=1), torch.zeros(32))
+    batch = Batch(
+        obs,
+        torch.randint(0, 3, (32,), generator=g),
+        torch.rand(32, generator=g),
+        torch.roll(obs, 1, dims=1),
+        torch.zeros(32),
+    )
     fp32, amp = learner(False), learner(True)
     stats, _ = fp32.step_on(batch)
     stats_amp, _ = amp.step_on(batch)

@@ -17,9 +17,22 @@ from fastdqn.presets import ATARI
 
 
 def small(**kw) -> fastdqn.Config:
-    return fastdqn.Config(**{"total_steps": 2_000, "learning_starts": 200, "buffer_size": 1_000, "batch_size": 32,
-                             "hidden_sizes": [32], "train_every": 64, "gradient_steps": 8, "eval_every": 0,
-                             "eval_episodes": 2, "checkpoint_every": 1_000, "device": "cpu", **kw})
+    return fastdqn.Config(
+        **{
+            "total_steps": 2_000,
+            "learning_starts": 200,
+            "buffer_size": 1_000,
+            "batch_size": 32,
+            "hidden_sizes": [32],
+            "train_every": 64,
+            "gradient_steps": 8,
+            "eval_every": 0,
+            "eval_episodes": 2,
+            "checkpoint_every": 1_000,
+            "device": "cpu",
+            **kw,
+        }
+    )
 
 
 def test_train_from_python_writes_a_run_and_returns_its_result(tmp_path):
@@ -53,8 +66,9 @@ def test_evaluate_and_load_policy_read_the_newest_checkpoint(tmp_path):
     assert result.episodes == 3 and len(result.returns) == 3 and result.env_step == 2_000
     assert result.checkpoint == list_checkpoints(run)[-1].name
     assert json.loads((run / "eval.json").read_text())["mean"] == pytest.approx(result.mean)
-    assert fastdqn.evaluate(run, episodes=3, seed=7, checkpoint="last").returns == result.returns, \
+    assert fastdqn.evaluate(run, episodes=3, seed=7, checkpoint="last").returns == result.returns, (
         "seeded evaluation repeats"
+    )
 
     policy = fastdqn.load_policy(run, checkpoint="last")
     obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
@@ -73,12 +87,21 @@ def test_config_applies_the_atari_preset_beneath_given_keys():
         fastdqn.Config(learning_rat=1e-3)
 
 
-@pytest.mark.parametrize("argv", [["--env", "ALE/Breakout-v5"], ["--env", "ALE/Pong-v5", "--batch-size", "64"],
-                                  ["--env", "Acrobot-v1", "--learning-rate", "3e-4"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--env", "ALE/Breakout-v5"],
+        ["--env", "ALE/Pong-v5", "--batch-size", "64"],
+        ["--env", "Acrobot-v1", "--learning-rate", "3e-4"],
+    ],
+)
 def test_python_and_the_command_line_build_the_same_config(argv):
     from_cli = config_from_args(build_parser().parse_args(["train", *argv]))
-    given = {"env_id": argv[1], **({"batch_size": 64} if "--batch-size" in argv else {}),
-             **({"learning_rate": 3e-4} if "--learning-rate" in argv else {})}
+    given = {
+        "env_id": argv[1],
+        **({"batch_size": 64} if "--batch-size" in argv else {}),
+        **({"learning_rate": 3e-4} if "--learning-rate" in argv else {}),
+    }
     assert from_cli == fastdqn.Config(**given)
 
 

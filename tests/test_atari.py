@@ -87,8 +87,9 @@ def test_game_tracker_lives_and_whole_game_scores():
 
 
 def test_trainer_stores_clipped_rewards_reports_raw_scores_uint8_to_device(tmp_path):
-    cfg = pong(num_envs=2, buffer_size=200, max_episode_steps=8, clip_rewards=True, learning_starts=10**9,
-               overlap="never")  # the envs step through envs.step, which the test wraps
+    cfg = pong(
+        num_envs=2, buffer_size=200, max_episode_steps=8, clip_rewards=True, learning_starts=10**9, overlap="never"
+    )  # the envs step through envs.step, which the test wraps
     with trainer_without_run(cfg, tmp_path) as trainer:
         step = trainer.envs.step
         trainer.envs.step = lambda actions: (lambda o, r, te, tr, i: (o, r * 0 + 7.0, te, tr, i))(*step(actions))
@@ -99,8 +100,8 @@ def test_trainer_stores_clipped_rewards_reports_raw_scores_uint8_to_device(tmp_p
             trainer.collector.collect()
         assert set(seen) == {torch.uint8} and trainer.replay.frames.dtype == torch.uint8
         assert list(trainer.collector.recent_returns)[:2] == [56.0, 56.0], "whole-game raw score: 8 steps x 7"
-        filled = trainer.replay.rewards[:len(trainer.replay)]
-        assert set(filled[~trainer.replay.starts[:len(trainer.replay)]].tolist()) == {1.0}, "stored clipped"
+        filled = trainer.replay.rewards[: len(trainer.replay)]
+        assert set(filled[~trainer.replay.starts[: len(trainer.replay)]].tolist()) == {1.0}, "stored clipped"
         batch = trainer.replay.sample(16)
         assert batch.obs.dtype == torch.uint8 and batch.next_obs.dtype == torch.uint8
 
@@ -127,8 +128,12 @@ def parse_train(*argv: str) -> Config:
 
 def test_atari_preset_configs_and_user_overrides():
     cfg = parse_train("--env", "ALE/Breakout-v5", "--envs", "32")
-    assert (cfg.buffer_size, cfg.learning_starts, cfg.target_update_interval, cfg.batch_size) == (1_000_000, 80_000,
-                                                                                                  1_000, 32)
+    assert (cfg.buffer_size, cfg.learning_starts, cfg.target_update_interval, cfg.batch_size) == (
+        1_000_000,
+        80_000,
+        1_000,
+        32,
+    )
     assert (cfg.learning_rate, cfg.train_every, cfg.epsilon_end, cfg.clip_rewards) == (1e-4, 4, 0.01, True)
     assert cfg.epsilon_decay_steps == cfg.total_steps // 10
     assert parse_train("--env", "ALE/Pong-v5", "--learning-rate", "3e-4").learning_rate == 3e-4
@@ -153,10 +158,36 @@ def test_a_buffer_that_does_not_fit_is_refused_before_training(tmp_path, monkeyp
 @pytest.mark.slow
 def test_cli_trains_pong_with_4_envs_and_records_a_video(tmp_path, capsys):
     run = tmp_path / "pong"
-    code = cli.main(["train", "--env", "ALE/Pong-v5", "--envs", "4", "--total-steps", "2000", "--buffer-size", "2000",
-                     "--learning-starts", "1000", "--train-every", "16", "--target-update-interval", "500",
-                     "--max-episode-steps", "100", "--eval-episodes", "1", "--device", "cpu", "--torch-threads", "1",
-                     "--run-dir", str(run), "--quiet"])
+    code = cli.main(
+        [
+            "train",
+            "--env",
+            "ALE/Pong-v5",
+            "--envs",
+            "4",
+            "--total-steps",
+            "2000",
+            "--buffer-size",
+            "2000",
+            "--learning-starts",
+            "1000",
+            "--train-every",
+            "16",
+            "--target-update-interval",
+            "500",
+            "--max-episode-steps",
+            "100",
+            "--eval-episodes",
+            "1",
+            "--device",
+            "cpu",
+            "--torch-threads",
+            "1",
+            "--run-dir",
+            str(run),
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "replay: 2,000 transitions x 7,074 B = 14.15 MB on cpu" in err  # 7070 B + the spare zero frame
@@ -176,9 +207,28 @@ def test_atari_benchmark_script_runs(tmp_path, monkeypatch, capsys):
     import runpy
 
     out = tmp_path / "bench.json"
-    monkeypatch.setattr("sys.argv", ["bench_atari_envs.py", "--envs", "2", "--steps", "20", "--rounds", "1",
-                                     "--capacity", "200", "--replay-envs", "2", "--replay-iters", "2", "--device",
-                                     "cpu", "--out", str(out)])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "bench_atari_envs.py",
+            "--envs",
+            "2",
+            "--steps",
+            "20",
+            "--rounds",
+            "1",
+            "--capacity",
+            "200",
+            "--replay-envs",
+            "2",
+            "--replay-iters",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     runpy.run_path(str(ROOT / "benchmarks" / "bench_atari_envs.py"), run_name="__main__")
     results = json.loads(out.read_text())
     assert set(results["env_sps"]["2"]) == {"ale_vector", "gymnasium"}

@@ -58,10 +58,18 @@ def dqn_py_settings(script: Path) -> tuple[dict, list[int]]:
     """The defaults of dqn.py's Args and the hidden widths of its QNetwork, read from its source."""
     tree = ast.parse(script.read_text())
     args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
-    defaults = {a.target.id: a.value.value for a in args.body
-                if isinstance(a, ast.AnnAssign) and isinstance(a.value, ast.Constant)}
-    linear_outputs = [call.args[1].value for call in ast.walk(tree) if isinstance(call, ast.Call)
-                      and getattr(call.func, "attr", "") == "Linear" and isinstance(call.args[1], ast.Constant)]
+    defaults = {
+        a.target.id: a.value.value
+        for a in args.body
+        if isinstance(a, ast.AnnAssign) and isinstance(a.value, ast.Constant)
+    }
+    linear_outputs = [
+        call.args[1].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and getattr(call.func, "attr", "") == "Linear"
+        and isinstance(call.args[1], ast.Constant)
+    ]
     return defaults, linear_outputs
 
 
@@ -81,10 +89,35 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
     seen = tmp_path / "seen.jsonl"
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fastdqn", "bench", "--device", "cpu", "--suite", "cleanrl,e2e", "--envs", "2",
-         "--steps", "800", "--learning-starts", "100", "--repeats", "1", "--cleanrl-threads", "1,0",
-         "--out", str(out), *cleanrl_flags(tmp_path)],
-        cwd=tmp_path, env={**os.environ, "STAND_IN_SEEN": str(seen)}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "fastdqn",
+            "bench",
+            "--device",
+            "cpu",
+            "--suite",
+            "cleanrl,e2e",
+            "--envs",
+            "2",
+            "--steps",
+            "800",
+            "--learning-starts",
+            "100",
+            "--repeats",
+            "1",
+            "--cleanrl-threads",
+            "1,0",
+            "--out",
+            str(out),
+            *cleanrl_flags(tmp_path),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "STAND_IN_SEEN": str(seen)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = out.glob("bench-*.json")
     record = json.loads(path.read_text())
@@ -92,8 +125,11 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
     cleanrl_names = [n for n in cases if n.startswith("cleanrl dqn.py")]
     assert cleanrl_names[0] == "cleanrl dqn.py, 1 env, OMP_NUM_THREADS=1" and len(cleanrl_names) == 2
     assert set(cases) - set(cleanrl_names) == {
-        "fastdqn 1 env, 1 update / 10 steps, eager", "fastdqn 16 envs, 1 update / 10 steps, eager",
-        "fastdqn 16 envs, 64 updates / 640 steps, eager", "2 envs, eager"}
+        "fastdqn 1 env, 1 update / 10 steps, eager",
+        "fastdqn 16 envs, 1 update / 10 steps, eager",
+        "fastdqn 16 envs, 64 updates / 640 steps, eager",
+        "2 envs, eager",
+    }
     for case in cases.values():
         [run] = case["runs"]
         assert 0 < run["first_update_s"] < run["whole_s"] and run["cpu_s"] > 0, case["name"]
@@ -101,27 +137,60 @@ def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures
         assert case["baseline"] == (cleanrl_names[0] if case["suite"] == "cleanrl" else "2 envs, eager")
     same = cases["fastdqn 16 envs, 1 update / 10 steps, eager"]["info"]["config"]
     grouped = cases["fastdqn 16 envs, 64 updates / 640 steps, eager"]["info"]["config"]
-    assert (same["hidden_sizes"], same["batch_size"], same["loss"], same["double_dqn"]) == ([120, 84], 128, "mse", False)
-    assert (same["train_every"], same["gradient_steps"], grouped["train_every"], grouped["gradient_steps"]) == \
-        (10, 1, 640, 64)  # the same replay ratio, grouped
-    assert {k: v for k, v in grouped.items() if k not in ("train_every", "gradient_steps")} == \
-        {k: v for k, v in same.items() if k not in ("train_every", "gradient_steps")}
+    assert (same["hidden_sizes"], same["batch_size"], same["loss"], same["double_dqn"]) == (
+        [120, 84],
+        128,
+        "mse",
+        False,
+    )
+    assert (same["train_every"], same["gradient_steps"], grouped["train_every"], grouped["gradient_steps"]) == (
+        10,
+        1,
+        640,
+        64,
+    )  # the same replay ratio, grouped
+    assert {k: v for k, v in grouped.items() if k not in ("train_every", "gradient_steps")} == {
+        k: v for k, v in same.items() if k not in ("train_every", "gradient_steps")
+    }
     assert (same["total_steps"], same["learning_starts"], same["torch_threads"]) == (800, 100, 1)
     assert "| cleanrl | fastdqn 16 envs, 64 updates / 640 steps, eager |" in path.with_suffix(".md").read_text()
     if REAL_CLEANRL[0]:  # fastdqn's side has the real dqn.py's own defaults and network widths
         defaults, widths = dqn_py_settings(Path(REAL_CLEANRL[0]))
-        assert [same[k] for k in ("learning_rate", "buffer_size", "gamma", "target_update_interval", "batch_size",
-                                  "epsilon_start", "epsilon_end", "seed", "hidden_sizes")] == \
-            [defaults[k] for k in ("learning_rate", "buffer_size", "gamma", "target_network_frequency",
-                                   "batch_size", "start_e", "end_e", "seed")] + [widths]
+        assert [
+            same[k]
+            for k in (
+                "learning_rate",
+                "buffer_size",
+                "gamma",
+                "target_update_interval",
+                "batch_size",
+                "epsilon_start",
+                "epsilon_end",
+                "seed",
+                "hidden_sizes",
+            )
+        ] == [
+            defaults[k]
+            for k in (
+                "learning_rate",
+                "buffer_size",
+                "gamma",
+                "target_network_frequency",
+                "batch_size",
+                "start_e",
+                "end_e",
+                "seed",
+            )
+        ] + [widths]
         assert same["gradient_steps"] / same["train_every"] == 1 / defaults["train_frequency"]
         assert same["epsilon_decay_steps"] == defaults["exploration_fraction"] * same["total_steps"]
         return
     # The stand-in: dqn.py's flags, its own scratch dir per run, OMP_NUM_THREADS only where asked for, its
     # checkout root on PYTHONPATH; the figures follow from its pace.
     runs = [json.loads(line) for line in seen.read_text().splitlines()]
-    assert [r["args"] for r in runs] == [{"total_timesteps": 800, "learning_starts": 100, "seed": 1,
-                                          "no_cuda": True}] * 2
+    assert [r["args"] for r in runs] == [
+        {"total_timesteps": 800, "learning_starts": 100, "seed": 1, "no_cuda": True}
+    ] * 2
     assert [r["omp"] for r in runs] == ["1", None] and {r["unbuffered"] for r in runs} == {"1"}
     assert runs[0]["cwd"] != runs[1]["cwd"] and not Path(runs[0]["cwd"]).exists()
     assert runs[0]["pythonpath"].split(os.pathsep)[0] == str(tmp_path / "checkout")
@@ -155,7 +224,11 @@ def test_training_cases_take_turns_each_run_a_process_in_its_own_scratch_dir(tmp
     measured = measure_cases(cases, repeats=2)
     assert order == ["B", "A", "B", "A", "B"]  # B keeps a warm cache: one untimed run fills it first
     runs = [run for case in measured for run in case.runs]
-    assert [len(case.runs) for case in measured] == [2, 2] and len({run["cwd"] for run in runs}) == 4 and not any(Path(run["cwd"]).exists() for run in runs)
+    assert (
+        [len(case.runs) for case in measured] == [2, 2]
+        and len({run["cwd"] for run in runs}) == 4
+        and not any(Path(run["cwd"]).exists() for run in runs)
+    )
     assert all(0 < run["first_update_s"] < 0.2 + run["first_update_s"] <= run["whole_s"] for run in runs)
 
 
@@ -170,23 +243,46 @@ def test_a_fastdqn_run_gets_an_empty_compile_cache_unless_its_case_keeps_one_war
 
 
 def test_a_run_reports_its_first_update_from_process_start(tmp_path):
-    code = ("import time; time.sleep(0.4); from fastdqn.process_clock import seconds_since_start; "
-            "print(seconds_since_start())")
+    code = (
+        "import time; time.sleep(0.4); from fastdqn.process_clock import seconds_since_start; "
+        "print(seconds_since_start())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 0.4 <= float(done.stdout) < 60  # the sleep and the interpreter's start, nothing from before it
 
 
 def test_bench_command_starts_without_torch():
-    code = ("import sys; from fastdqn.cli import build_parser; build_parser().parse_args(['bench']); "
-            "import fastdqn.bench, fastdqn.bench_training; print('torch' in sys.modules)")
+    code = (
+        "import sys; from fastdqn.cli import build_parser; build_parser().parse_args(['bench']); "
+        "import fastdqn.bench, fastdqn.bench_training; print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 
 
 @pytest.mark.slow
 def test_in_process_suites_write_json_with_medians_and_speedups(tmp_path, capsys):
-    code = cli.main(["bench", "--device", "cpu", "--threads", "1", "--suite", "update-mlp,replay",
-                     "--variants", "eager", "--rounds", "2", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
+    code = cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--suite",
+            "update-mlp,replay",
+            "--variants",
+            "eager",
+            "--rounds",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     [path] = tmp_path.glob("bench-*.json")
     record = json.loads(path.read_text())
@@ -212,9 +308,24 @@ def test_bench_rejects_bad_options_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pytest_benchmark_files_run_once_each():
-    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable", "-p",
-                           "no:cacheprovider", "-k", "(eager and mlp) or replay"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-q",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "(eager and mlp) or replay",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "3 passed" in done.stdout
 
@@ -227,7 +338,9 @@ def test_performance_page_tables_are_what_their_committed_bench_runs_give():
     assert quoted, "docs/performance.md lost its bench-table markers"
     for name, table in quoted:
         path = ROOT / "benchmarks" / "results" / name
-        assert table.strip() == path.with_suffix(".md").read_text().strip(), f"docs/performance.md's table differs from {name}"
+        assert table.strip() == path.with_suffix(".md").read_text().strip(), (
+            f"docs/performance.md's table differs from {name}"
+        )
         record = json.loads(path.read_text())
         micro = [Case(**{k: v for k, v in c.items() if k != "median"}) for c in record["cases"]]
         training = [TrainingCase(**{k: v for k, v in c.items() if k != "medians"}) for c in record["training"]]
@@ -248,9 +361,31 @@ def test_loop_suite_times_each_vector_step_without_the_envs_step():
 def test_overlap_suite_runs_pong_sequential_and_overlapped_with_one_update_per_vector_step(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fastdqn", "bench", "--device", "cpu", "--suite", "overlap", "--overlap-envs", "4",
-         "--steps", "240", "--learning-starts", "80", "--repeats", "1", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "fastdqn",
+            "bench",
+            "--device",
+            "cpu",
+            "--suite",
+            "overlap",
+            "--overlap-envs",
+            "4",
+            "--steps",
+            "240",
+            "--learning-starts",
+            "80",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = out.glob("bench-*.json")
     cases = {c["name"]: c for c in json.loads(path.read_text())["training"]}
@@ -258,6 +393,11 @@ def test_overlap_suite_runs_pong_sequential_and_overlapped_with_one_update_per_v
     a, b = never["info"]["config"], always["info"]["config"]
     assert (a["overlap"], b["overlap"]) == ("never", "always")
     assert {k: v for k, v in a.items() if k != "overlap"} == {k: v for k, v in b.items() if k != "overlap"}
-    assert (a["env_id"], a["train_every"], a["gradient_steps"], a["env_threads"], a["torch_threads"]) == \
-        ("ALE/Pong-v5", 4, 1, 1, 1)
+    assert (a["env_id"], a["train_every"], a["gradient_steps"], a["env_threads"], a["torch_threads"]) == (
+        "ALE/Pong-v5",
+        4,
+        1,
+        1,
+        1,
+    )
     assert always["baseline"] == "Pong, 4 envs, overlap never" and always["runs"][0]["steady_sps"] > 0

@@ -43,8 +43,12 @@ def test_best_pt_holds_the_best_evaluation_and_reproduces_its_score(tmp_path):
 def test_eval_takes_best_by_default_last_or_a_file_on_request(tmp_path, capsys):
     run = fastdqn.train(small_cfg(**EVALS), tmp_path / "run", show_progress=False).run_dir
     newest = list_checkpoints(run)[-1]
-    for flags, expected in (([], BEST_FILE), (["--checkpoint", "best"], BEST_FILE),
-                            (["--checkpoint", "last"], newest.name), (["--checkpoint", str(newest)], newest.name)):
+    for flags, expected in (
+        ([], BEST_FILE),
+        (["--checkpoint", "best"], BEST_FILE),
+        (["--checkpoint", "last"], newest.name),
+        (["--checkpoint", str(newest)], newest.name),
+    ):
         assert main(["eval", str(run), "--episodes", "1", *flags]) == 0
         assert json.loads((run / "eval.json").read_text())["checkpoint"] == expected
     assert main(["eval", str(run / BEST_FILE), "--episodes", "1", "--checkpoint", "last"]) == 2

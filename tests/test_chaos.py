@@ -15,8 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_chaos_short_run_survives_every_fault(tmp_path):
     out = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--faults", "4", "--per-job", "2",
-                           "--seed", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos.py"),
+            "--faults",
+            "4",
+            "--per-job",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["all_survived"] and len(record["faults"]) == 4

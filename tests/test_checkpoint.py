@@ -63,13 +63,15 @@ def test_round_trip_restores_q_values_optimizer_counters_and_replay(run_cfg, tmp
     assert copy.evaluator.evals == source.evaluator.evals
     assert list(copy.collector.recent_returns) == list(source.collector.recent_returns)
     assert (copy.replay.pos, copy.replay.size) == (source.replay.pos, source.replay.size)
-    assert torch.equal(copy.replay.obs[:copy.replay.size], source.replay.obs[:source.replay.size])
+    assert torch.equal(copy.replay.obs[: copy.replay.size], source.replay.obs[: source.replay.size])
 
 
 def test_checkpoints_load_with_weights_only(run_cfg, tmp_path):
     trained(run_cfg, tmp_path)
     for path in list_checkpoints(tmp_path):
-        payload = torch.load(path, weights_only=True)  # raises if anything but plain data is inside: loading never runs code
+        payload = torch.load(
+            path, weights_only=True
+        )  # raises if anything but plain data is inside: loading never runs code
         assert payload["counters"]["env_step"] in (200, 400)
 
 
@@ -143,14 +145,33 @@ def test_truncated_checkpoint_is_a_clear_error_naming_the_previous_one(tmp_path)
     assert newest.read_bytes() == data[: len(data) // 3]  # the error path never deletes or rewrites
 
 
-@pytest.mark.parametrize("change", [{"total_steps": 9_000}, {"learning_rate": 1e-4}, {"device": "cpu"},
-                                    {"compile": True}, {"eval_every": 50}, {"keep_checkpoints": 9}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"total_steps": 9_000},
+        {"learning_rate": 1e-4},
+        {"device": "cpu"},
+        {"compile": True},
+        {"eval_every": 50},
+        {"keep_checkpoints": 9},
+    ],
+)
 def test_resume_may_change_run_length_schedules_and_speed_keys(change):
     check_resume_config(small_cfg().to_dict(), small_cfg(**change))
 
 
-@pytest.mark.parametrize("change", [{"env_id": "Acrobot-v1"}, {"hidden_sizes": [8]}, {"num_envs": 2},
-                                    {"buffer_size": 900}, {"train_every": 2}, {"gamma": 0.5}, {"seed": 7}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"env_id": "Acrobot-v1"},
+        {"hidden_sizes": [8]},
+        {"num_envs": 2},
+        {"buffer_size": 900},
+        {"train_every": 2},
+        {"gamma": 0.5},
+        {"seed": 7},
+    ],
+)
 def test_resume_refuses_keys_that_define_the_checkpoint(change):
     key = next(iter(change))
     with pytest.raises(CheckpointError, match=f"cannot change {key}"):
@@ -186,7 +207,7 @@ def test_checkpointer_alone_saves_and_restores_every_unit_exactly(tmp_path):
     assert copy.collector.counters is copy.counters  # restored in place: the collector counts on
     assert copy.evaluator.evals == source.evaluator.evals and len(copy.evaluator.evals) == 1
     assert list(copy.collector.recent_returns) == list(source.collector.recent_returns)
-    assert torch.equal(copy.replay.obs[:len(copy.replay)], source.replay.obs[:len(source.replay)])
+    assert torch.equal(copy.replay.obs[: len(copy.replay)], source.replay.obs[: len(source.replay)])
     rng, stored = torch.get_rng_state(), []
     for units in (source, copy):  # both go on alike: same env states, weights and random draws
         torch.set_rng_state(rng)

@@ -21,10 +21,37 @@ from fastdqn.config import FIELDS, Config, from_dict
 
 # A CartPole run of a few hundred env steps: seconds, with every periodic action (log, eval, checkpoint) firing.
 # The update cadence is pinned (one update every 4 env steps) so that tuning Config's defaults changes nothing here.
-SHORT_RUN = ["--quiet", "--device", "cpu", "--total-steps", "600", "--learning-starts", "100", "--buffer-size", "600",
-             "--batch-size", "16", "--hidden-sizes", "[16]", "--eval-episodes", "2", "--eval-every", "300",
-             "--log-every", "200", "--checkpoint-every", "300", "--epsilon-decay-steps", "300", "--train-every", "4",
-             "--gradient-steps", "1", "--learning-rate", "1e-3"]
+SHORT_RUN = [
+    "--quiet",
+    "--device",
+    "cpu",
+    "--total-steps",
+    "600",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "600",
+    "--batch-size",
+    "16",
+    "--hidden-sizes",
+    "[16]",
+    "--eval-episodes",
+    "2",
+    "--eval-every",
+    "300",
+    "--log-every",
+    "200",
+    "--checkpoint-every",
+    "300",
+    "--epsilon-decay-steps",
+    "300",
+    "--train-every",
+    "4",
+    "--gradient-steps",
+    "1",
+    "--learning-rate",
+    "1e-3",
+]
 
 
 def last_json_line(text: str) -> dict:
@@ -77,8 +104,17 @@ def test_train_writes_config_checkpoint_metrics_and_events(trained_run):
 
 def test_train_writes_tensorboard_scalars(trained_run):
     tags = scalar_tags(trained_run[0])
-    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/learning_rate",
-                "charts/SPS", "losses/loss", "losses/q_mean", "losses/grad_norm", "eval/mean_return"):
+    for tag in (
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/epsilon",
+        "charts/learning_rate",
+        "charts/SPS",
+        "losses/loss",
+        "losses/q_mean",
+        "losses/grad_norm",
+        "eval/mean_return",
+    ):
         assert tags.get(tag, 0) > 0, f"no TensorBoard scalar {tag}; found {sorted(tags)}"
     assert tags["charts/episodic_return"] > 10 and tags["losses/loss"] == 3
     assert tags.get("hparams/final_eval_mean") == 1  # the hparams entry, with the final evaluation as its metric
@@ -127,9 +163,17 @@ def test_train_help_lists_every_config_key_with_default_and_meaning(capsys):
         meaning = " ".join(f.metadata["help"].split())
         assert meaning[:40] in text, f"help of {name} not shown"
     defaults = Config()
-    for words in ("(default: CartPole-v1)", f"(default: {defaults.learning_rate})", f"(default: {defaults.hidden_sizes})",
-                  "--env ", "--envs ",
-                  "--config", "--set", "--resume", "--run-dir"):
+    for words in (
+        "(default: CartPole-v1)",
+        f"(default: {defaults.learning_rate})",
+        f"(default: {defaults.hidden_sizes})",
+        "--env ",
+        "--envs ",
+        "--config",
+        "--set",
+        "--resume",
+        "--run-dir",
+    ):
         assert words in text, words
 
 
@@ -158,14 +202,20 @@ def test_every_option_with_a_default_shows_it(command):
     for action in subcommand_actions(command):
         if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
             continue
-        assert "default" in (action.help or ""), f"{command} {action.option_strings}: default {action.default!r} not shown"
+        assert "default" in (action.help or ""), (
+            f"{command} {action.option_strings}: default {action.default!r} not shown"
+        )
 
 
 def test_console_script_is_installed():
     out = subprocess.run(["fastdqn", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--set", "learnig_rate=1"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fastdqn.cli", "train", "--set", "learnig_rate=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     err = bad.stderr.strip()
     assert err.startswith("fastdqn: error: unknown config key 'learnig_rate'") and "'learning_rate'" in err

@@ -27,16 +27,23 @@ TINY = small_flags(total_steps=300, checkpoint_every=100)
 
 
 def run_cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
-           **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "fastdqn.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=240)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fastdqn.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Content hash and modification time of every file under `root`."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def newest(run: Path) -> Path:
@@ -69,45 +76,87 @@ CASES = {
     "unknown_env": (["train", "--env", "CartPol-v1", "--run-dir", "new"], 2, ["unknown env id", "'CartPole-v1'"]),
     "continuous_actions": (["train", "--env", "Pendulum-v1", "--run-dir", "new"], 2, ["Discrete action space", "Box("]),
     "observation_space": (["train", "--env", "Blackjack-v1", "--run-dir", "new"], 2, ["observation space", "Tuple("]),
-    "env_raises_on_creation": (["train", "--env", "fault_envs:BrokenInit-v0", "--run-dir", "new"], 2,
-                               ["env 0", "ValueError: track_length must be positive", "while being created"]),
+    "env_raises_on_creation": (
+        ["train", "--env", "fault_envs:BrokenInit-v0", "--run-dir", "new"],
+        2,
+        ["env 0", "ValueError: track_length must be positive", "while being created"],
+    ),
     "unknown_flag": (["train", "--lerning-rate", "0.1"], 2, ["unrecognized arguments", "did you mean --learning-rate"]),
     "unknown_set_key": (["train", "--set", "gama=0.9"], 2, ["unknown config key 'gama'", "did you mean 'gamma'"]),
-    "unknown_yaml_key": (["train", "--config", "bad.yaml"], 2, ["unknown config key 'batchsize'", "'batch_size'"],
-                         lambda case: (case / "bad.yaml").write_text("batchsize: 32\n")),
-    "malformed_yaml": (["train", "--config", "broken.yaml"], 2, ["not valid YAML"],
-                       lambda case: (case / "broken.yaml").write_text("gamma: [0.9\n")),
+    "unknown_yaml_key": (
+        ["train", "--config", "bad.yaml"],
+        2,
+        ["unknown config key 'batchsize'", "'batch_size'"],
+        lambda case: (case / "bad.yaml").write_text("batchsize: 32\n"),
+    ),
+    "malformed_yaml": (
+        ["train", "--config", "broken.yaml"],
+        2,
+        ["not valid YAML"],
+        lambda case: (case / "broken.yaml").write_text("gamma: [0.9\n"),
+    ),
     "missing_config_file": (["train", "--config", "nope.yaml"], 2, ["'nope.yaml' does not exist"]),
     "wrong_type": (["train", "--batch-size", "abc"], 2, ["'batch_size' expects int", "'abc'"]),
     "negative_envs": (["train", "--envs", "-2"], 2, ["num_envs must be >= 1, got -2"]),
-    "batch_larger_than_buffer": (["train", "--batch-size", "64", "--buffer-size", "32"], 2,
-                                 ["batch_size (64) is larger than buffer_size (32)", "lower batch_size"]),
+    "batch_larger_than_buffer": (
+        ["train", "--batch-size", "64", "--buffer-size", "32"],
+        2,
+        ["batch_size (64) is larger than buffer_size (32)", "lower batch_size"],
+    ),
     "gamma_out_of_range": (["train", "--gamma", "1.5"], 2, ["gamma must be in [0, 1], got 1.5"]),
     "epsilon_out_of_range": (["train", "--epsilon-end", "-0.1"], 2, ["epsilon_end must be in [0, 1]"]),
     "bad_choice": (["train", "--loss", "hubr"], 2, ["invalid choice: 'hubr'", "'huber'"]),
     "unknown_command": (["trian"], 2, ["invalid choice: 'trian'"]),
     "resume_missing_dir": (["train", "--resume", "nowhere"], 2, ["'nowhere' does not exist"]),
-    "resume_dir_without_checkpoint": (["train", "--resume", "notes"], 2, ["has no checkpoint", "start a new run"],
-                                      lambda case: shutil.copytree(TESTS, case / "notes")),
-    "resume_other_env": (["train", "--resume", "run", "--env", "Acrobot-v1"], 2,
-                         ["cannot change env_id 'CartPole-v1' -> 'Acrobot-v1'", "new run"]),
-    "resume_other_network": (["train", "--resume", "run", "--hidden-sizes", "[64,64]"], 2,
-                             ["cannot change hidden_sizes [16] -> [64, 64]"]),
-    "resume_checkpoint_of_another_run": (["train", "--resume", "run"], 2,
-                                         ["is not from this run", "env_id 'Acrobot-v1' (run: 'CartPole-v1')",
-                                          "hidden_sizes [64, 64] (run: [16])", "move it away"], acrobot_newest),
+    "resume_dir_without_checkpoint": (
+        ["train", "--resume", "notes"],
+        2,
+        ["has no checkpoint", "start a new run"],
+        lambda case: shutil.copytree(TESTS, case / "notes"),
+    ),
+    "resume_other_env": (
+        ["train", "--resume", "run", "--env", "Acrobot-v1"],
+        2,
+        ["cannot change env_id 'CartPole-v1' -> 'Acrobot-v1'", "new run"],
+    ),
+    "resume_other_network": (
+        ["train", "--resume", "run", "--hidden-sizes", "[64,64]"],
+        2,
+        ["cannot change hidden_sizes [16] -> [64, 64]"],
+    ),
+    "resume_checkpoint_of_another_run": (
+        ["train", "--resume", "run"],
+        2,
+        [
+            "is not from this run",
+            "env_id 'Acrobot-v1' (run: 'CartPole-v1')",
+            "hidden_sizes [64, 64] (run: [16])",
+            "move it away",
+        ],
+        acrobot_newest,
+    ),
     "resume_other_run_dir": (["train", "--resume", "run", "--run-dir", "elsewhere"], 2, ["drop --run-dir"]),
-    "resume_truncated_checkpoint": (["train", "--resume", "run"], 2,
-                                    ["corrupt or truncated", "move it away to resume from ckpt-000000000200.pt"],
-                                    truncate_newest),
+    "resume_truncated_checkpoint": (
+        ["train", "--resume", "run"],
+        2,
+        ["corrupt or truncated", "move it away to resume from ckpt-000000000200.pt"],
+        truncate_newest,
+    ),
     "resume_corrupt_checkpoint": (["train", "--resume", "run"], 2, ["corrupt or truncated"], garble_newest),
     "resume_foreign_checkpoint": (["train", "--resume", "run"], 2, ["is not a fastdqn checkpoint"], foreign_newest),
     "run_dir_exists": (["train", "--run-dir", "run"], 2, ["already exists", "--resume run", "--overwrite"]),
-    "overwrite_with_bad_env": (["train", "--run-dir", "run", "--overwrite", "--env", "Pendulum-v1"], 2,
-                               ["Discrete action space"]),
-    "compile_strict_without_compiler": (["train", "--run-dir", "new", "--compile", "--compile-strict", *TINY], 2,
-                                        ["torch.compile has no working compiler", "drop compile_strict"],
-                                        None, {"CXX": "/nonexistent/g++"}),
+    "overwrite_with_bad_env": (
+        ["train", "--run-dir", "run", "--overwrite", "--env", "Pendulum-v1"],
+        2,
+        ["Discrete action space"],
+    ),
+    "compile_strict_without_compiler": (
+        ["train", "--run-dir", "new", "--compile", "--compile-strict", *TINY],
+        2,
+        ["torch.compile has no working compiler", "drop compile_strict"],
+        None,
+        {"CXX": "/nonexistent/g++"},
+    ),
 }
 if not torch.cuda.is_available():
     CASES["cuda_without_gpu"] = (["train", "--device", "cuda", "--run-dir", "new"], 2, ["no CUDA GPU", "--device cpu"])
@@ -174,7 +223,8 @@ def test_errors_from_torch_gymnasium_and_the_os_are_one_line_with_a_fix(tmp_path
 
     compile_failure = type("BackendCompilerFailed", (RuntimeError,), {"__module__": "torch._dynamo.exc"})
     assert "run without --compile" in explain(compile_failure("inductor raised CppCompileError"))
-    assert explain(gym.error.DependencyNotInstalled("box2d is not installed, run `pip install box2d`")) \
-        .startswith("gymnasium: box2d is not installed")
+    assert explain(gym.error.DependencyNotInstalled("box2d is not installed, run `pip install box2d`")).startswith(
+        "gymnasium: box2d is not installed"
+    )
     assert "free space on that disk" in explain(OSError(28, "No space left on device"))
     assert "--debug" in explain(ValueError("something else"))

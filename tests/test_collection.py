@@ -66,7 +66,7 @@ def test_collector_state_continues_the_envs_exactly(tiny_cfg):
             start = collector.replay.pos
             for _ in range(20):
                 collector.collect()
-            stored.append((collector.replay.obs[start:start + 40], collector.replay.next_obs[start:start + 40]))
+            stored.append((collector.replay.obs[start : start + 40], collector.replay.next_obs[start : start + 40]))
     finally:
         for collector in collectors:
             collector.envs.close()

@@ -39,12 +39,15 @@ def test_yaml_values_are_coerced_and_validated(tmp_path):
     assert cfg.hidden_sizes == [64, 32] and cfg.double_dqn is True
 
 
-@pytest.mark.parametrize("text, message", [
-    ("learning_rat: 0.1\n", "did you mean 'learning_rate'"),
-    ("batch_size: lots\n", "batch_size"),
-    ("- 1\n- 2\n", "must be a mapping"),
-    ("gamma: [0.9\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rat: 0.1\n", "did you mean 'learning_rate'"),
+        ("batch_size: lots\n", "batch_size"),
+        ("- 1\n- 2\n", "must be a mapping"),
+        ("gamma: [0.9\n", "not valid YAML"),
+    ],
+)
 def test_bad_yaml_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -64,43 +67,49 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     assert from_dict(load_yaml(path)) == Config()
 
 
-@pytest.mark.parametrize("name, text, value", [
-    ("batch_size", "64", 64),
-    ("total_steps", "5e4", 50_000),
-    ("total_steps", "50_000", 50_000),
-    ("learning_rate", "3e-4", 3e-4),
-    ("learning_rate", "0.001", 0.001),
-    ("gamma", "1", 1.0),
-    ("hidden_sizes", "[256,256]", [256, 256]),
-    ("hidden_sizes", "[ 64 ]", [64]),
-    ("double_dqn", "true", True),
-    ("double_dqn", "False", False),
-    ("loss", "mse", "mse"),
-    ("env_id", "Acrobot-v1", "Acrobot-v1"),
-    ("env_id", "123", "123"),  # a string field keeps the text as typed
-    ("solved_return", "-100", -100.0),
-    ("solved_return", "null", None),  # null: the env's own solve line
-])
+@pytest.mark.parametrize(
+    "name, text, value",
+    [
+        ("batch_size", "64", 64),
+        ("total_steps", "5e4", 50_000),
+        ("total_steps", "50_000", 50_000),
+        ("learning_rate", "3e-4", 3e-4),
+        ("learning_rate", "0.001", 0.001),
+        ("gamma", "1", 1.0),
+        ("hidden_sizes", "[256,256]", [256, 256]),
+        ("hidden_sizes", "[ 64 ]", [64]),
+        ("double_dqn", "true", True),
+        ("double_dqn", "False", False),
+        ("loss", "mse", "mse"),
+        ("env_id", "Acrobot-v1", "Acrobot-v1"),
+        ("env_id", "123", "123"),  # a string field keeps the text as typed
+        ("solved_return", "-100", -100.0),
+        ("solved_return", "null", None),  # null: the env's own solve line
+    ],
+)
 def test_set_values_are_coerced_to_the_field_type(name, text, value):
     coerced = coerce(name, text)
     assert coerced == value and type(coerced) is type(value)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("batch_size", "abc"),
-    ("batch_size", "2.5"),
-    ("batch_size", "true"),
-    ("learning_rate", "fast"),
-    ("learning_rate", "[1]"),
-    ("double_dqn", "maybe"),
-    ("double_dqn", "1"),
-    ("hidden_sizes", "256"),
-    ("hidden_sizes", "[a, b]"),
-    ("hidden_sizes", "[1.5]"),
-    ("loss", "l1"),
-    ("target_update", "sometimes"),
-    ("solved_return", "high"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("batch_size", "abc"),
+        ("batch_size", "2.5"),
+        ("batch_size", "true"),
+        ("learning_rate", "fast"),
+        ("learning_rate", "[1]"),
+        ("double_dqn", "maybe"),
+        ("double_dqn", "1"),
+        ("hidden_sizes", "256"),
+        ("hidden_sizes", "[a, b]"),
+        ("hidden_sizes", "[1.5]"),
+        ("loss", "l1"),
+        ("target_update", "sometimes"),
+        ("solved_return", "high"),
+    ],
+)
 def test_wrong_types_name_the_key_and_expected_type(name, text):
     with pytest.raises(ConfigError, match=f"config key '{name}' expects") as info:
         coerce(name, text)
@@ -109,7 +118,10 @@ def test_wrong_types_name_the_key_and_expected_type(name, text):
 
 def test_parse_set():
     assert parse_set(["learning_rate=3e-4", "hidden-sizes=[1,2]", " gamma = 0.9 "]) == {
-        "learning_rate": "3e-4", "hidden_sizes": "[1,2]", "gamma": "0.9"}
+        "learning_rate": "3e-4",
+        "hidden_sizes": "[1,2]",
+        "gamma": "0.9",
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_set(["learning_rate"])
     with pytest.raises(ConfigError, match="key=value"):
@@ -123,23 +135,26 @@ def test_unknown_set_key_suggests_the_close_one():
         train_config("--set", "zzzzzz=1")
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
-    ({"tau": 0.0}, "tau must be in \\(0, 1\\]"),
-    ({"num_envs": 0}, "num_envs must be >= 1"),
-    ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
-    ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0"),
-    ({"learning_rate": float("inf")}, "learning_rate must be a finite number > 0"),
-    ({"lr_end": float("inf")}, "lr_end must be a finite number > 0"),
-    ({"adam_eps": 0.0}, "adam_eps must be > 0"),
-    ({"seed": -1}, "seed must be >= 0"),
-    ({"epsilon_start": 2.0}, "epsilon_start must be in \\[0, 1\\]"),
-    ({"batch_size": 512, "buffer_size": 100}, "lower batch_size or raise buffer_size"),
-    ({"hidden_sizes": []}, "hidden_sizes must be a non-empty list"),
-    ({"hidden_sizes": [64, 0]}, "hidden_sizes must be a non-empty list"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
-    ({"epsilon_step_factor": 0.0}, "epsilon_step_factor must be in \\(0, 1\\]"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"gamma": 1.5}, "gamma must be in \\[0, 1\\]"),
+        ({"tau": 0.0}, "tau must be in \\(0, 1\\]"),
+        ({"num_envs": 0}, "num_envs must be >= 1"),
+        ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0"),
+        ({"learning_rate": float("inf")}, "learning_rate must be a finite number > 0"),
+        ({"lr_end": float("inf")}, "lr_end must be a finite number > 0"),
+        ({"adam_eps": 0.0}, "adam_eps must be > 0"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"epsilon_start": 2.0}, "epsilon_start must be in \\[0, 1\\]"),
+        ({"batch_size": 512, "buffer_size": 100}, "lower batch_size or raise buffer_size"),
+        ({"hidden_sizes": []}, "hidden_sizes must be a non-empty list"),
+        ({"hidden_sizes": [64, 0]}, "hidden_sizes must be a non-empty list"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+        ({"epsilon_step_factor": 0.0}, "epsilon_step_factor must be in \\(0, 1\\]"),
+    ],
+)
 def test_out_of_range_values_are_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         Config().updated(**changes)
@@ -163,17 +178,48 @@ def test_precedence_defaults_then_yaml_then_set_then_flags(tmp_path):
     assert from_yaml.adam_eps == Config().adam_eps  # keys the file does not name keep their defaults
     with_set = train_config("--config", str(path), "--set", "learning_rate=0.02", "--set", "batch_size=32")
     assert (with_set.learning_rate, with_set.batch_size, with_set.gamma) == (0.02, 32, 0.95)
-    with_flags = train_config("--learning-rate", "0.03", "--config", str(path), "--set", "learning_rate=0.02",
-                              "--envs", "8", "--no-double-dqn", "--set", "double_dqn=true")
+    with_flags = train_config(
+        "--learning-rate",
+        "0.03",
+        "--config",
+        str(path),
+        "--set",
+        "learning_rate=0.02",
+        "--envs",
+        "8",
+        "--no-double-dqn",
+        "--set",
+        "double_dqn=true",
+    )
     assert (with_flags.learning_rate, with_flags.batch_size, with_flags.num_envs) == (0.03, 16, 8)
     assert with_flags.double_dqn is False
 
 
 def test_flags_cover_every_field_and_are_coerced():
-    cfg = train_config("--env", "Acrobot-v1", "--envs", "4", "--hidden-sizes", "[32,32]", "--compile", "--amp",
-                       "--loss", "mse", "--learning-rate", "3e-4", "--total-steps", "1e4")
+    cfg = train_config(
+        "--env",
+        "Acrobot-v1",
+        "--envs",
+        "4",
+        "--hidden-sizes",
+        "[32,32]",
+        "--compile",
+        "--amp",
+        "--loss",
+        "mse",
+        "--learning-rate",
+        "3e-4",
+        "--total-steps",
+        "1e4",
+    )
     assert (cfg.env_id, cfg.num_envs, cfg.hidden_sizes, cfg.compile, cfg.amp, cfg.loss) == (
-        "Acrobot-v1", 4, [32, 32], True, True, "mse")
+        "Acrobot-v1",
+        4,
+        [32, 32],
+        True,
+        True,
+        "mse",
+    )
     assert (cfg.learning_rate, cfg.total_steps) == (3e-4, 10_000)
     args = vars(build_parser().parse_args(["train"]))
     assert set(FIELDS) <= set(args)
@@ -186,8 +232,17 @@ def test_a_bad_flag_value_is_a_config_error():
         train_config("--gamma", "2")
 
 
-@pytest.mark.parametrize("env_id, line", [("CartPole-v1", 475.0), ("Acrobot-v1", -100.0), ("MountainCar-v0", -110.0),
-                                          ("LunarLander-v3", 200.0), ("ALE/Breakout-v5", None), ("CartPole-v0", None)])
+@pytest.mark.parametrize(
+    "env_id, line",
+    [
+        ("CartPole-v1", 475.0),
+        ("Acrobot-v1", -100.0),
+        ("MountainCar-v0", -110.0),
+        ("LunarLander-v3", 200.0),
+        ("ALE/Breakout-v5", None),
+        ("CartPole-v0", None),
+    ],
+)
 def test_the_solve_line_is_the_envs_unless_the_config_sets_one(env_id, line):
     assert Config(env_id=env_id).solve_line == line  # Atari and unlisted envs have none: scores only
     assert Config(env_id=env_id, solved_return=12.5).solve_line == 12.5

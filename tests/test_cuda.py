@@ -32,8 +32,17 @@ from fastdqn.update_runner import WARMUP, GraphedUpdate, UpdateRunner, make_upda
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # The network, batch and config of the CartPole learning test below, so that all compiled tests share its graph.
-CFG = Config(device="cuda", hidden_sizes=[64, 64], batch_size=128, learning_rate=3e-3, lr_schedule="linear",
-             lr_end=1e-4, total_steps=10_000, epsilon_decay_steps=5_000, compile_mode="default")
+CFG = Config(
+    device="cuda",
+    hidden_sizes=[64, 64],
+    batch_size=128,
+    learning_rate=3e-3,
+    lr_schedule="linear",
+    lr_end=1e-4,
+    total_steps=10_000,
+    epsilon_decay_steps=5_000,
+    compile_mode="default",
+)
 NUM_ENVS = 8
 
 
@@ -50,11 +59,13 @@ def make_learner(device: torch.device, **changes) -> DQNLearner:
 def add_random_steps(replay: ReplayBuffer, vector_steps: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(vector_steps):
-        replay.add(torch.randn(NUM_ENVS, 4, generator=g).to(replay.device),
-                   torch.randint(0, 2, (NUM_ENVS,), generator=g).to(replay.device),
-                   torch.randn(NUM_ENVS, generator=g).to(replay.device),
-                   torch.randn(NUM_ENVS, 4, generator=g).to(replay.device),
-                   (torch.rand(NUM_ENVS, generator=g) < 0.1).float().to(replay.device))
+        replay.add(
+            torch.randn(NUM_ENVS, 4, generator=g).to(replay.device),
+            torch.randint(0, 2, (NUM_ENVS,), generator=g).to(replay.device),
+            torch.randn(NUM_ENVS, generator=g).to(replay.device),
+            torch.randn(NUM_ENVS, 4, generator=g).to(replay.device),
+            (torch.rand(NUM_ENVS, generator=g) < 0.1).float().to(replay.device),
+        )
 
 
 @pytest.fixture
@@ -65,8 +76,9 @@ def replay(device) -> ReplayBuffer:
     return replay
 
 
-def in_lockstep(runner: UpdateRunner, reference: UpdateRunner, replay: ReplayBuffer, steps: int,
-                first: int = 0) -> list[tuple[torch.Tensor, ...]]:
+def in_lockstep(
+    runner: UpdateRunner, reference: UpdateRunner, replay: ReplayBuffer, steps: int, first: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
     """`steps` updates of `runner` and of `reference`, both on `replay.graph_sample` (the draw a graph makes) with the
     same random numbers, as in training: the LR schedule moves, acting with a moving epsilon and new transitions come
     between updates. Returns (stats, |TD errors|) of both per update, copied before the next replay rewrites them."""
@@ -226,8 +238,11 @@ def test_a_runner_whose_capture_fails_warns_once_and_runs_uncaptured(device, rep
 def test_staging_copies_arrive_intact_while_the_gpu_is_busy(device):
     """The pinned buffers take turns every vector step: a buffer rewritten before its non_blocking copy ran would
     corrupt the data. Between copies the GPU is kept busy, as with a phase of updates."""
-    fields = {"obs": ((NUM_ENVS, 4), torch.float32), "rewards": ((NUM_ENVS,), torch.float32),
-              "terminated": ((NUM_ENVS,), torch.float32)}
+    fields = {
+        "obs": ((NUM_ENVS, 4), torch.float32),
+        "rewards": ((NUM_ENVS,), torch.float32),
+        "terminated": ((NUM_ENVS,), torch.float32),
+    }
     staging = Staging(device, fields)
     busy = torch.randn(2048, 2048, device=device)
     rng = np.random.default_rng(0)
@@ -267,10 +282,13 @@ def test_frame_replay_sampling_is_captured_and_follows_the_buffer_as_it_fills(de
     def add_rows(rows: int, marker: int) -> None:
         for _ in range(rows):
             frames = torch.full((envs, 84, 84), marker, dtype=torch.uint8)
-            replay.add(frames.to(device), torch.randint(0, 3, (envs,), generator=g).to(device),
-                       torch.randn(envs, generator=g).to(device),
-                       (torch.rand(envs, generator=g) < 0.1).to(torch.uint8).to(device),
-                       (torch.rand(envs, generator=g) < 0.05).to(device))
+            replay.add(
+                frames.to(device),
+                torch.randint(0, 3, (envs,), generator=g).to(device),
+                torch.randn(envs, generator=g).to(device),
+                (torch.rand(envs, generator=g) < 0.1).to(torch.uint8).to(device),
+                (torch.rand(envs, generator=g) < 0.05).to(device),
+            )
 
     replay.add_resets(torch.zeros(envs, 84, 84, dtype=torch.uint8, device=device))
     add_rows(10, marker=1)
@@ -324,16 +342,36 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu_and_a_cpu_one_on_cuda(device, repl
     assert back.captures == 1 and all(st["step"].device == device for st in back.learner.optimizer.state.values())
 
 
-@pytest.mark.parametrize("variant", [{"compile": True}, {"compile": True, "amp": True}, {"cuda_graph": "always"},
-                                     {"cuda_graph": "never"}],
-                         ids=["compiled-graphed", "compiled-amp-graphed", "eager-graphed", "eager"])
+@pytest.mark.parametrize(
+    "variant",
+    [{"compile": True}, {"compile": True, "amp": True}, {"cuda_graph": "always"}, {"cuda_graph": "never"}],
+    ids=["compiled-graphed", "compiled-amp-graphed", "eager-graphed", "eager"],
+)
 def test_short_cartpole_run_on_cuda_learns(tmp_path, variant):
     """The whole loop on the GPU (staging, device replay, runner) learns: a sign error, a stale graph input or a
     frozen learning rate would keep returns near 20."""
-    cfg = Config(device="cuda", seed=3, num_envs=1, train_every=4, gradient_steps=1, learning_rate=1e-3,
-                 total_steps=10_000, learning_starts=500, epsilon_decay_steps=4_000, epsilon_end=0.05,
-                 batch_size=128, buffer_size=50_000, eval_every=2_500, eval_episodes=5, hidden_sizes=[64, 64],
-                 log_every=2_500, checkpoint_every=0, target_update_interval=250, compile_mode="default", **variant)
+    cfg = Config(
+        device="cuda",
+        seed=3,
+        num_envs=1,
+        train_every=4,
+        gradient_steps=1,
+        learning_rate=1e-3,
+        total_steps=10_000,
+        learning_starts=500,
+        epsilon_decay_steps=4_000,
+        epsilon_end=0.05,
+        batch_size=128,
+        buffer_size=50_000,
+        eval_every=2_500,
+        eval_episodes=5,
+        hidden_sizes=[64, 64],
+        log_every=2_500,
+        checkpoint_every=0,
+        target_update_interval=250,
+        compile_mode="default",
+        **variant,
+    )
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     expected = "graphed" if variant.get("compile") or variant.get("cuda_graph") == "always" else "eager"
     assert trainer.updates.kind == expected
@@ -388,7 +426,8 @@ def test_new_learners_reuse_the_compiled_step_on_cuda(device, replay):
     """Bench and sweeps build many learners in one process: a step compiled per learner recompiled for each and
     ran eagerly, without a word, past torch's recompile limit."""
     make_update_runner(make_learner(device, compile=True, cuda_graph="never")).update(
-        replay.graph_sample(CFG.batch_size))
+        replay.graph_sample(CFG.batch_size)
+    )
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in range(10):
             torch.manual_seed(seed)
@@ -405,6 +444,7 @@ def test_the_compiled_update_is_one_graph_on_cuda(device, replay):
     learner = make_learner(device)
     batch = replay.graph_sample(CFG.batch_size)
     with torch.no_grad():
-        explained = torch._dynamo.explain(single_graph_step)(*learner.functional_state(), batch.obs, batch.actions,
-                                                             batch.rewards, batch.next_obs, batch.terminated)
+        explained = torch._dynamo.explain(single_graph_step)(
+            *learner.functional_state(), batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated
+        )
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

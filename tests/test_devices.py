@@ -14,6 +14,7 @@ from fastdqn.errors import DeviceError
 @pytest.fixture
 def gpus(monkeypatch):
     """torch.cuda reporting `count` GPUs, the current one cuda:0; returns the setter."""
+
     def set_count(count: int) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: count)

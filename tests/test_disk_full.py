@@ -33,8 +33,9 @@ TESTS = Path(__file__).resolve().parent
 
 def cli(*args: object) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "fastdqn.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fastdqn.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -51,10 +52,13 @@ def test_full_disk_is_one_line_keeps_the_newest_checkpoint_and_the_run_resumes_o
         assert "warning: checkpoints of this run take up to" in " ".join(first.stderr.split())  # said at the start
         line = one_error_line(first)
         newest = list_checkpoints(run)[-1]
-        found = re.fullmatch(r"fastdqn: error: no space left on device writing (.+) '(.+)' \(it needs (\S+ \S+), "
-                             r"(\S+ \S+) free there\): free space there, then resume from (\S+) with: fastdqn train "
-                             rf"--resume {run} \(add --keep-checkpoints 1 or --no-save-replay to keep fewer or smaller "
-                             r"checkpoints\)", line)
+        found = re.fullmatch(
+            r"fastdqn: error: no space left on device writing (.+) '(.+)' \(it needs (\S+ \S+), "
+            r"(\S+ \S+) free there\): free space there, then resume from (\S+) with: fastdqn train "
+            rf"--resume {run} \(add --keep-checkpoints 1 or --no-save-replay to keep fewer or smaller "
+            r"checkpoints\)",
+            line,
+        )
         assert found, line
         assert found.group(5) == newest.name
         load_checkpoint(newest)  # complete, and nothing half-written beside it
@@ -74,10 +78,17 @@ def test_full_disk_is_one_line_keeps_the_newest_checkpoint_and_the_run_resumes_o
 def test_a_checkpoint_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
     with tmpfs(tmp_path / "fs", 256) as fs:
         before = sorted(p.name for p in fs.iterdir())
-        with pytest.raises(DiskFull, match=r"writing a checkpoint '.*ckpt-000000000100\.pt' \(it needs 1\.00 MB, "
-                                           r"2\d\d\.\d\d KB free there\)"):
-            save_checkpoint({"format": 1, "w": torch.zeros(1_000_000 - checkpoint_nbytes({}) - 512, dtype=torch.uint8)},
-                            fs, 100, keep=2)
+        with pytest.raises(
+            DiskFull,
+            match=r"writing a checkpoint '.*ckpt-000000000100\.pt' \(it needs 1\.00 MB, "
+            r"2\d\d\.\d\d KB free there\)",
+        ):
+            save_checkpoint(
+                {"format": 1, "w": torch.zeros(1_000_000 - checkpoint_nbytes({}) - 512, dtype=torch.uint8)},
+                fs,
+                100,
+                keep=2,
+            )
         assert sorted(p.name for p in fs.iterdir()) == before
 
 
@@ -86,8 +97,9 @@ def test_a_checkpoint_write_that_runs_out_of_space_midway_leaves_the_previous_on
     pre-check counts tensor bytes, so a large non-tensor payload passes it and fails in the write."""
     with tmpfs(tmp_path / "fs", 512) as fs:
         save_checkpoint({"format": 1, "w": torch.ones(10)}, fs, 100, keep=2)
-        with pytest.raises(DiskFull, match=r"no space left on device writing a checkpoint '.*ckpt-000000000200\.pt'") \
-                as caught:
+        with pytest.raises(
+            DiskFull, match=r"no space left on device writing a checkpoint '.*ckpt-000000000200\.pt'"
+        ) as caught:
             save_checkpoint({"format": 1, "blob": "x" * 1_000_000}, fs, 200, keep=2)
         assert "inline_container" in str(caught.value.__cause__)  # the error it translated
         assert [p.name for p in fs.iterdir()] == ["ckpt-000000000100.pt"]  # no partial file left
@@ -102,8 +114,11 @@ def test_best_checkpoint_on_a_full_disk_keeps_the_previous_best(tmp_path):
         saved = first.read_bytes()
         fill(fs)
         trainer.evaluator.best = (200, 30.0, 1.0)
-        with pytest.raises(DiskFull, match=r"writing the best checkpoint '.*run/best\.pt' \(it needs \d+\.\d\d KB, "
-                                           r"0 B free there\)"):
+        with pytest.raises(
+            DiskFull,
+            match=r"writing the best checkpoint '.*run/best\.pt' \(it needs \d+\.\d\d KB, "
+            r"0 B free there\)",
+        ):
             trainer.checkpoints.save_best([30.0])
         assert first.read_bytes() == saved
         trainer.close()
@@ -111,8 +126,9 @@ def test_best_checkpoint_on_a_full_disk_keeps_the_previous_best(tmp_path):
 
 def test_checkpoint_size_estimate_is_an_upper_bound_close_to_the_real_size(tmp_path):
     for save_replay in (False, True):
-        trainer = Trainer(small_cfg(save_replay=save_replay, total_steps=300), tmp_path / str(save_replay),
-                          show_progress=False)
+        trainer = Trainer(
+            small_cfg(save_replay=save_replay, total_steps=300), tmp_path / str(save_replay), show_progress=False
+        )
         trainer.run()
         state = trainer.checkpoints.state_dict()
         written = list_checkpoints(tmp_path / str(save_replay))[-1].stat().st_size
@@ -122,14 +138,18 @@ def test_checkpoint_size_estimate_is_an_upper_bound_close_to_the_real_size(tmp_p
 
 def test_the_start_warns_with_the_numbers_when_the_checkpoints_will_not_fit(tmp_path, capsys):
     with tmpfs(tmp_path / "fs", 256) as fs:
-        trainer = Trainer(small_cfg(save_replay=True, keep_checkpoints=5, buffer_size=2000), fs / "run",
-                          show_progress=False)
+        trainer = Trainer(
+            small_cfg(save_replay=True, keep_checkpoints=5, buffer_size=2000), fs / "run", show_progress=False
+        )
         warning = trainer.checkpoints.space_warning()
         size = trainer.checkpoints.largest_nbytes()
         assert size > 2000 * 52  # a full replay is in it
         assert warning is not None and "and 6 exist at once (keep_checkpoints=5 and the one being written)" in warning
-        assert re.search(r"but .*run has 2\d\d\.\d\d KB free; free space, lower keep_checkpoints or set save_replay: "
-                         "false", warning)
+        assert re.search(
+            r"but .*run has 2\d\d\.\d\d KB free; free space, lower keep_checkpoints or set save_replay: "
+            "false",
+            warning,
+        )
         trainer.close()
     roomy = Trainer(small_cfg(save_replay=True), tmp_path / "roomy", show_progress=False)
     assert roomy.checkpoints.space_warning() is None
@@ -141,7 +161,9 @@ def test_config_write_on_a_full_disk_keeps_the_old_config(tmp_path):
         write_config(small_cfg(), fs)
         old = (fs / CONFIG_FILE).read_text()
         fill(fs)
-        with pytest.raises(DiskFull, match=r"writing the run's config '.*config\.yaml' \(it needs \d\.\d\d KB, 0 B free"):
+        with pytest.raises(
+            DiskFull, match=r"writing the run's config '.*config\.yaml' \(it needs \d\.\d\d KB, 0 B free"
+        ):
             write_config(small_cfg(total_steps=999), fs)
         assert (fs / CONFIG_FILE).read_text() == old
         assert not list(fs.glob(".*.tmp"))
@@ -151,7 +173,9 @@ def test_metrics_record_on_a_full_disk(tmp_path):
     with tmpfs(tmp_path / "fs", 256) as fs:
         logger = RunLogger(fs / "run", small_cfg(), 0, show_progress=False)
         fill(fs)
-        with pytest.raises(DiskFull, match=r"writing a metrics record to '.*metrics\.jsonl' \(it needs \d+ B, 0 B free"):
+        with pytest.raises(
+            DiskFull, match=r"writing a metrics record to '.*metrics\.jsonl' \(it needs \d+ B, 0 B free"
+        ):
             logger.record("train", 100, loss=1.0)
         logger.close(quiet=True)
 
@@ -170,8 +194,11 @@ def test_tensorboard_on_a_full_disk_is_one_error_without_the_writer_threads_trac
     with tmpfs(tmp_path / "fs", 256) as fs:
         logger = RunLogger(fs / "run", small_cfg(), 0, show_progress=False)
         fill(fs)
-        with pytest.raises(DiskFull, match=r"writing TensorBoard events in '.*run' \(it needs at least one more "
-                                           r"\d\.\d\d KB block, 0 B free there\)"):
+        with pytest.raises(
+            DiskFull,
+            match=r"writing TensorBoard events in '.*run' \(it needs at least one more "
+            r"\d\.\d\d KB block, 0 B free there\)",
+        ):
             for step in range(100_000):  # the writer thread buffers, writes, dies; the next call raises
                 logger.scalars({"loss": 1.0, "q": 2.0}, step)
         assert not logger.writer.file_writer.event_writer._async_writer._worker.is_alive()  # the thread died of it

@@ -39,7 +39,8 @@ def load_generator():
 def test_configuration_reference_is_generated_from_config():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == load_generator().with_config_table(page), (
-        "docs/configuration.md's table of keys differs from fastdqn.config.Config: run python docs/generate.py")
+        "docs/configuration.md's table of keys differs from fastdqn.config.Config: run python docs/generate.py"
+    )
 
 
 def test_configuration_reference_names_every_field():
@@ -51,11 +52,14 @@ def test_configuration_reference_names_every_field():
 def test_readme_is_short_and_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= README_LIMIT, (
-        f"README.md is {len(readme.encode())} bytes, over {README_LIMIT}: move detail into docs/")
+        f"README.md is {len(readme.encode())} bytes, over {README_LIMIT}: move detail into docs/"
+    )
     linked = set(re.findall(r"\]\((docs/[^)#]+\.md)", readme))
-    pages = {page_id(p) for p in (ROOT / "docs").glob("*.md")} - {"docs/ablation-cartpole.md",
-                                                                   "docs/ablation-extensions.md",
-                                                                   "docs/cartpole-stability.md"}
+    pages = {page_id(p) for p in (ROOT / "docs").glob("*.md")} - {
+        "docs/ablation-cartpole.md",
+        "docs/ablation-extensions.md",
+        "docs/cartpole-stability.md",
+    }
     assert pages <= linked, f"README.md does not link {sorted(pages - linked)}"
 
 
@@ -94,7 +98,8 @@ def test_sweep_figures_in_the_prose_are_the_committed_sweeps():
     assert f"stopped {ray['pruned']} of the {ray['trials']} runs on Ray ({local['pruned']} with the local" in text
     assert f"({local['run_time_sum_s']:,.0f} s against {ray['run_time_sum_s']:,.0f} s of training" in text
     assert f"busy {round(100 * local['busy'])}% of the time" in text and round(100 * ray["busy"]) == round(
-        100 * local["busy"])
+        100 * local["busy"]
+    )
 
 
 def test_atari_page_lists_the_atari_preset():
@@ -176,10 +181,15 @@ def test_commands_shown_use_real_subcommands_and_flags(page):
 
 
 def test_the_command_check_catches_what_it_should():
-    text = ("```bash\nfastdqn train --envs 4 \\\n    --no-such-flag  # c\n```\n"
-            "`fastdqn evaluate RUN`, `fastdqn train --set lr=1`\n")
-    assert commands_in(text) == ["fastdqn train --envs 4      --no-such-flag", "fastdqn evaluate RUN",
-                                 "fastdqn train --set lr=1"]
+    text = (
+        "```bash\nfastdqn train --envs 4 \\\n    --no-such-flag  # c\n```\n"
+        "`fastdqn evaluate RUN`, `fastdqn train --set lr=1`\n"
+    )
+    assert commands_in(text) == [
+        "fastdqn train --envs 4      --no-such-flag",
+        "fastdqn evaluate RUN",
+        "fastdqn train --set lr=1",
+    ]
     assert command_problems(text) == [
         "`fastdqn train --envs 4      --no-such-flag`: fastdqn train has no flag --no-such-flag",
         "`fastdqn evaluate RUN`: fastdqn has no subcommand 'evaluate'",
@@ -193,13 +203,21 @@ FORBIDDEN = ["PITFALL", "the lecture", "../shared"]
 
 def test_nothing_refers_to_documents_outside_the_repository():
     """The project stands alone: code, tests and docs say a pitfall or an origin in place."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     hits = []
     for name in files:
         path = ROOT / name
-        if name == "tests/test_docs.py" or not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".toml",
-                                                                                       ".txt", ".sh", ""}:
+        if (
+            name == "tests/test_docs.py"
+            or not path.is_file()
+            or path.suffix not in {".py", ".md", ".yaml", ".toml", ".txt", ".sh", ""}
+        ):
             continue
         text = path.read_text(errors="replace")
         hits += [f"{name}: {word}" for word in FORBIDDEN if word.lower() in text.lower()]

@@ -29,9 +29,23 @@ ASYNC = dict(num_envs=4, vector_mode="async", checkpoint_every=200)
 def start(run: Path, **changes) -> subprocess.Popen:
     """`fastdqn train` with 4 async envs, in its own process group (as a shell runs a command)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "train", "--run-dir", str(run), "--quiet",
-                             *small_flags(**{**ASYNC, **changes})], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastdqn.cli",
+            "train",
+            "--run-dir",
+            str(run),
+            "--quiet",
+            *small_flags(**{**ASYNC, **changes}),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def workers(pid: int) -> list[int]:
@@ -70,8 +84,10 @@ def test_killed_worker_stops_the_run_in_one_line_with_a_checkpoint_and_no_traceb
     for noise in ("Traceback", "BrokenPipeError", "ConnectionResetError", "EOFError"):
         assert noise not in err, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("fastdqn: error: env 1 (CartPole-v1) worker process was killed by SIGKILL (as the "
-                           "kernel's OOM killer does: check `dmesg`) in step: fix the env, or set env_restarts > 0"), last
+    assert last.startswith(
+        "fastdqn: error: env 1 (CartPole-v1) worker process was killed by SIGKILL (as the "
+        "kernel's OOM killer does: check `dmesg`) in step: fix the env, or set env_restarts > 0"
+    ), last
     step = int(last.split("saved at env step ")[1].split(",")[0])
     assert f"resume with: fastdqn train --resume {run}" in last
     assert load_checkpoint(list_checkpoints(run)[-1])["counters"]["env_step"] == step
@@ -86,8 +102,10 @@ def test_killed_worker_is_restarted_with_env_restarts_and_the_run_finishes(tmp_p
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["env_steps"] == 3_000
     flat = " ".join(err.split())
-    assert ("warning: env 1 (CartPole-v1) worker process was killed by SIGKILL (as the kernel's OOM killer does: "
-            "check `dmesg`) in step; started a new worker and cut its episode (0 of env_restarts left)") in flat
+    assert (
+        "warning: env 1 (CartPole-v1) worker process was killed by SIGKILL (as the kernel's OOM killer does: "
+        "check `dmesg`) in step; started a new worker and cut its episode (0 of env_restarts left)"
+    ) in flat
     assert "Traceback" not in err
 
 
@@ -98,9 +116,14 @@ def test_hung_worker_is_killed_after_env_step_timeout_and_reported(tmp_path):
     _, err = finish(proc, within=60)
     assert proc.returncode == 2, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(
-        "fastdqn: error: env 1 (CartPole-v1) worker process hung (no answer within env_step_timeout=2 s) and was "
-        "killed in step: fix the env")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "fastdqn: error: env 1 (CartPole-v1) worker process hung (no answer within env_step_timeout=2 s) and was "
+            "killed in step: fix the env"
+        )
+    )
 
 
 def test_ctrl_c_reaching_the_workers_too_stops_the_run_cleanly(tmp_path):
@@ -157,8 +180,11 @@ def test_a_worker_that_exits_is_reported_by_index_and_the_others_close_quietly(c
     cfg = small_cfg(env_id="fault_envs:DyingCartPole-exit-v0", num_envs=3, vector_mode="async")
     envs = make_vector_env(cfg, 3)
     envs.reset(seed=cfg.seed)
-    with pytest.raises(EnvFailure, match=r"^env 1 \(fault_envs:DyingCartPole-exit-v0\) worker process exited with "
-                                         r"status 3 in step: fix the env, or set env_restarts > 0"):
+    with pytest.raises(
+        EnvFailure,
+        match=r"^env 1 \(fault_envs:DyingCartPole-exit-v0\) worker process exited with "
+        r"status 3 in step: fix the env, or set env_restarts > 0",
+    ):
         stepped(envs, 40)
     processes = list(envs.processes)
     envs.close()

@@ -99,8 +99,9 @@ def per_env_true_next_obs(next_obs: np.ndarray, infos: dict) -> np.ndarray:
     return real
 
 
-@pytest.mark.parametrize("env_id,vector_mode", [(COUNTER_ENV, "sync"), ("CartPole-v1", "native"),
-                                                (COUNTER_ENV, "async")])
+@pytest.mark.parametrize(
+    "env_id,vector_mode", [(COUNTER_ENV, "sync"), ("CartPole-v1", "native"), (COUNTER_ENV, "async")]
+)
 def test_batched_true_next_obs_equals_the_per_env_loop(env_id, vector_mode):
     """Per-env final observations (sync, async: objects or stacked arrays) and one array (native CartPole)."""
     envs = make_vector_env(Config(env_id=env_id, vector_mode=vector_mode, max_episode_steps=6), 5)
@@ -166,7 +167,12 @@ def test_async_vector_env_collects_the_same_transitions_as_sync(tmp_path, tiny_c
             assert isinstance(trainer.envs, gym.vector.AsyncVectorEnv) == (mode == "async")
             drive(trainer, 300)
             replay = trainer.replay
-            stored[mode] = [replay.obs.clone(), replay.actions.clone(), replay.next_obs.clone(), replay.terminated.clone()]
+            stored[mode] = [
+                replay.obs.clone(),
+                replay.actions.clone(),
+                replay.next_obs.clone(),
+                replay.terminated.clone(),
+            ]
             assert trainer.counters.episodes > 5  # episode ends (final_obs from the worker processes) included
     for sync_part, async_part in zip(stored["sync"], stored["async"]):
         assert torch.equal(sync_part, async_part)
@@ -187,8 +193,9 @@ def test_native_cartpole_steps_like_gymnasiums_single_env_and_resets_in_the_same
     lengths, returns, ended = np.zeros(num_envs, dtype=int), np.zeros(num_envs), {"terminated": 0, "truncated": 0}
     for _ in range(300):
         # some balancing actions (so episodes also reach the time limit), the rest random
-        actions = np.where(rng.random(num_envs) < 0.3, (obs[:, 2] + 0.3 * obs[:, 3] > 0).astype(int),
-                           rng.integers(0, 2, num_envs))
+        actions = np.where(
+            rng.random(num_envs) < 0.3, (obs[:, 2] + 0.3 * obs[:, 3] > 0).astype(int), rng.integers(0, 2, num_envs)
+        )
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         real_next = true_next_obs(obs, infos)
         lengths += 1

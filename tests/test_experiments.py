@@ -17,9 +17,24 @@ from fastdqn.cli import main
 from fastdqn.errors import ConfigError
 from fastdqn.trainer import Trainer
 
-TINY = {"num_envs": 1, "train_every": 4, "gradient_steps": 1, "total_steps": 300, "learning_starts": 100,
-        "buffer_size": 500, "batch_size": 16, "hidden_sizes": [8], "eval_every": 150, "eval_episodes": 2, "log_every": 100, "checkpoint_every": 0, "epsilon_decay_steps": 200,
-        "target_update_interval": 50, "device": "cpu", "solved_return": 12.0}
+TINY = {
+    "num_envs": 1,
+    "train_every": 4,
+    "gradient_steps": 1,
+    "total_steps": 300,
+    "learning_starts": 100,
+    "buffer_size": 500,
+    "batch_size": 16,
+    "hidden_sizes": [8],
+    "eval_every": 150,
+    "eval_episodes": 2,
+    "log_every": 100,
+    "checkpoint_every": 0,
+    "epsilon_decay_steps": 200,
+    "target_update_interval": 50,
+    "device": "cpu",
+    "solved_return": 12.0,
+}
 
 
 @pytest.fixture
@@ -29,9 +44,15 @@ def tiny_base() -> C.Config:
 
 def test_ablation_plan_has_the_lecture_rows_as_valid_configs(tiny_base):
     plan = P.ablation_plan(tiny_base.updated(double_dqn=True, dueling=True), seeds=3)
-    assert [p.name for p in plan.points] == ["full DQN", "no target network", "no replay buffer",
-                                             "small buffer (1,000)", "no exploration decay", "MSE loss (not Huber)",
-                                             "Double DQN"]
+    assert [p.name for p in plan.points] == [
+        "full DQN",
+        "no target network",
+        "no replay buffer",
+        "small buffer (1,000)",
+        "no exploration decay",
+        "MSE loss (not Huber)",
+        "Double DQN",
+    ]
     assert plan.seeds == [1, 2, 3]
     full = plan.config(plan.points[0], 1)
     assert not full.double_dqn and not full.dueling  # full DQN is the classic one, whatever the base enables
@@ -144,8 +165,10 @@ def test_sweep_resumes_without_rerunning_and_report_rebuilds_the_same_table(tiny
 def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "ablate"
     sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
-    assert main(["ablate", "--variants", "full,no-replay", "--seeds", "1", "--workers", "1", "--out", str(out),
-                 *sets]) == 0
+    assert (
+        main(["ablate", "--variants", "full,no-replay", "--seeds", "1", "--workers", "1", "--out", str(out), *sets])
+        == 0
+    )
     table = (out / R.TABLE_FILE).read_text()
     assert "| full DQN | " in table and "| no replay buffer | " in table and "mean return >= 12" in table
     assert (out / R.PLOT_FILE).stat().st_size > 10_000
@@ -155,7 +178,9 @@ def test_ablate_command_writes_table_and_plot(tmp_path, capsys):
     assert (run / P.RESULT_FILE).is_file() and list(run.glob("events.out.tfevents*"))  # a normal run dir
     header = table.splitlines()[0].split(" | ")
     row = next(line for line in table.splitlines() if line.startswith("| no replay buffer | ")).split(" | ")
-    evals = [r["mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    evals = [
+        r["mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"
+    ]
     assert row[header.index("final greedy return")].startswith(f"{evals[-1]:.1f}")
     assert row[header.index("best greedy return")].startswith(f"{max(evals):.1f}")
     assert read_best(run)[1] == max(evals), "the best column is the score of the run's best.pt"
@@ -172,10 +197,14 @@ def test_report_on_a_dir_without_a_plan_is_a_clear_error(tmp_path, capsys):
 def test_sweep_command_writes_csv_and_a_best_config_that_trains(tmp_path):
     out = tmp_path / "sweep"
     sets = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
-    assert main(["sweep", "--grid", "hidden_sizes=[8],[4,4]", "--seeds", "1", "--workers", "1",
-                 "--out", str(out), *sets]) == 0
+    assert (
+        main(["sweep", "--grid", "hidden_sizes=[8],[4,4]", "--seeds", "1", "--workers", "1", "--out", str(out), *sets])
+        == 0
+    )
     header = (out / R.CSV_FILE).read_text().splitlines()[0]
     assert header.startswith("rank,hidden_sizes,solved")
     best = out / R.BEST_FILE
-    assert main(["train", "--config", str(best), "--run-dir", str(tmp_path / "again"), "--quiet",
-                 "--total-steps", "50"]) == 0
+    assert (
+        main(["train", "--config", str(best), "--run-dir", str(tmp_path / "again"), "--quiet", "--total-steps", "50"])
+        == 0
+    )

@@ -45,8 +45,12 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def start(run_dir: Path, resume: bool) -> subprocess.Popen:
     args = ["--resume", str(run_dir)] if resume else ["--run-dir", str(run_dir)]
-    return subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "train", *args, *RUN_FLAGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastdqn.cli", "train", *args, *RUN_FLAGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def newest_step(run_dir: Path) -> int:
@@ -151,8 +155,11 @@ def flaky_cfg(**changes) -> Config:
 
 def test_env_that_raises_is_reported_by_index_and_the_run_checkpointed(tmp_path):
     trainer = Trainer(flaky_cfg(), tmp_path, show_progress=False)
-    with pytest.raises(EnvFailure, match=r"env 1 \(fault_envs:FlakyCartPole-v0\) raised RuntimeError: simulator "
-                                         r"lost contact.* in step.*env_restarts.*checkpoint .* saved at env step 298"):
+    with pytest.raises(
+        EnvFailure,
+        match=r"env 1 \(fault_envs:FlakyCartPole-v0\) raised RuntimeError: simulator "
+        r"lost contact.* in step.*env_restarts.*checkpoint .* saved at env step 298",
+    ):
         trainer.run()
     state = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert state["counters"]["env_step"] == 298
@@ -180,16 +187,25 @@ def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_finite_state(tmp_pat
     assert "learning_rate" in message and "reward scale" in message and "--resume" in message
     state = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert state["counters"]["env_step"] == 150
-    tensors = [*state["learner"]["q"].values(), *[v for s in state["learner"]["optimizer"]["state"].values()
-                                                  for v in s.values()]]
+    tensors = [
+        *state["learner"]["q"].values(),
+        *[v for s in state["learner"]["optimizer"]["state"].values() for v in s.values()],
+    ]
     assert all(torch.isfinite(t).all() for t in tensors)
 
 
 def test_diverged_run_exits_3_through_the_cli(tmp_path, capsys):
     import fault_envs  # noqa: F401
 
-    code = main(["train", "--run-dir", str(tmp_path / "run"), "--quiet",
-                 *small_flags(env_id="fault_envs:InfRewardCartPole-v0", total_steps=300, learning_starts=50, log_every=50)])
+    code = main(
+        [
+            "train",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+            *small_flags(env_id="fault_envs:InfRewardCartPole-v0", total_steps=300, learning_starts=50, log_every=50),
+        ]
+    )
     assert code == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastdqn: error: training diverged: loss=inf")
@@ -246,8 +262,10 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, ca
 
 def test_resumed_logs_drop_records_after_the_checkpoint_and_a_cut_off_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n{"kind": "train", "step": 300}\n'
-                    '{"kind": "train", "st')
+    path.write_text(
+        '{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n{"kind": "train", "step": 300}\n'
+        '{"kind": "train", "st'
+    )
     keep_records_up_to(path, 200)
     assert path.read_text() == '{"kind": "train", "step": 100}\n{"kind": "eval", "step": 200}\n'
 
@@ -255,10 +273,28 @@ def test_resumed_logs_drop_records_after_the_checkpoint_and_a_cut_off_line(tmp_p
 @pytest.mark.slow
 def test_async_env_failure_is_one_line_through_the_cli_with_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--run-dir", str(tmp_path / "run"), "--quiet",
-                           *small_flags(env_id="fault_envs:FlakyCartPole-v0", num_envs=2, vector_mode="async",
-                                        total_steps=600, checkpoint_every=100)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastdqn.cli",
+            "train",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--quiet",
+            *small_flags(
+                env_id="fault_envs:FlakyCartPole-v0",
+                num_envs=2,
+                vector_mode="async",
+                total_steps=600,
+                checkpoint_every=100,
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -276,8 +312,14 @@ def test_rollback_restores_the_snapshot_into_the_same_tensors():
     learner = DQNLearner(small_cfg(), (4,), 2, torch.device("cpu"))
     replay = ReplayBuffer(64, 1, (4,), torch.float32, torch.device("cpu"))
     for _ in range(64):
-        replay.add(torch.randn(1, 4), torch.zeros(1, dtype=torch.int64), torch.ones(1), torch.randn(1, 4),
-                   torch.zeros(1), torch.zeros(1))
+        replay.add(
+            torch.randn(1, 4),
+            torch.zeros(1, dtype=torch.int64),
+            torch.ones(1),
+            torch.randn(1, 4),
+            torch.zeros(1),
+            torch.zeros(1),
+        )
     updates = UpdateRunner(learner, replay)
     updates.update(replay.sample(16))
     guard = FiniteGuard(learner)
@@ -300,8 +342,9 @@ def test_resuming_a_finished_run_says_how_to_extend_it_and_extending_works(tmp_p
     final = load_checkpoint(list_checkpoints(run_dir)[-1])
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0  # finishes again: nothing trained, same state
-    assert "already reached total_steps=200: evaluating it again; pass a larger --total-steps" in \
-        " ".join(capsys.readouterr().err.split())
+    assert "already reached total_steps=200: evaluating it again; pass a larger --total-steps" in " ".join(
+        capsys.readouterr().err.split()
+    )
     again = load_checkpoint(list_checkpoints(run_dir)[-1])
     assert again["counters"] == final["counters"]
     assert all(torch.equal(again["learner"]["q"][k], v) for k, v in final["learner"]["q"].items())

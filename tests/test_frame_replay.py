@@ -61,8 +61,18 @@ if FRAME_ID_ENV not in gym.registry:
 
 
 def frame_id_cfg(**kw) -> Config:
-    values = dict(env_id=FRAME_ID_ENV, num_envs=3, buffer_size=3 * 12, learning_starts=10**9, batch_size=8,
-                  eval_every=0, checkpoint_every=0, device="cpu", clip_rewards=False, n_step=1)  # frame replay: 1-step
+    values = dict(
+        env_id=FRAME_ID_ENV,
+        num_envs=3,
+        buffer_size=3 * 12,
+        learning_starts=10**9,
+        batch_size=8,
+        eval_every=0,
+        checkpoint_every=0,
+        device="cpu",
+        clip_rewards=False,
+        n_step=1,
+    )  # frame replay: 1-step
     return Config(**{**values, **kw})
 
 
@@ -80,8 +90,9 @@ def test_collector_alone_stores_the_reset_frames_first_then_one_frame_per_env():
     cfg = frame_id_cfg()
     cpu = torch.device("cpu")
     replay = FrameReplay(cfg.buffer_size, cfg.num_envs, (84, 84), cfg.frame_stack, cpu)
-    collector = Collector(cfg, make_vector_env(cfg, cfg.num_envs), replay, DQNLearner(cfg, (4, 84, 84), 3, cpu),
-                          Counters(), cpu)
+    collector = Collector(
+        cfg, make_vector_env(cfg, cfg.num_envs), replay, DQNLearner(cfg, (4, 84, 84), 3, cpu), Counters(), cpu
+    )
     newest = []
     try:
         for _ in range(2):
@@ -108,7 +119,7 @@ def test_stacks_hold_one_episode_with_zero_padding_and_no_overwritten_frame(tmp_
             history.append(newest())
             if step % 10 != 9:
                 continue
-            window = {frame for row in history[-replay.rows:] for frame in row}
+            window = {frame for row in history[-replay.rows :] for frame in row}
             batch = replay.sample(256)
             for i in range(256):
                 obs, nxt = batch.obs[i].numpy(), batch.next_obs[i].numpy()
@@ -132,8 +143,9 @@ def test_stacks_hold_one_episode_with_zero_padding_and_no_overwritten_frame(tmp_
 
 def test_sampled_transitions_equal_the_ale_stacks(tmp_path):
     """Record ale-py's own (obs, action, next obs) stacks; every sample must be one of those still stored."""
-    cfg = frame_id_cfg(env_id="ALE/Breakout-v5", buffer_size=3 * 25, max_episode_steps=30, episodic_life=True,
-                       overlap="never")  # the envs step through envs.step, which the test records
+    cfg = frame_id_cfg(
+        env_id="ALE/Breakout-v5", buffer_size=3 * 25, max_episode_steps=30, episodic_life=True, overlap="never"
+    )  # the envs step through envs.step, which the test records
     with trainer_without_run(cfg, tmp_path) as trainer:
         recorded: list[list] = []  # per vector step: ((obs bytes, next obs bytes), action) of its transitions
         step_envs = trainer.envs.step
@@ -144,8 +156,13 @@ def test_sampled_transitions_equal_the_ale_stacks(tmp_path):
             before = trainer.collector.obs.copy()
             out = step_envs(actions)
             nxt, _, terminated, truncated, _ = out
-            recorded.append([((before[e].tobytes(), nxt[e].tobytes()), int(actions[e]))
-                             for e in range(cfg.num_envs) if not was_done[e]])
+            recorded.append(
+                [
+                    ((before[e].tobytes(), nxt[e].tobytes()), int(actions[e]))
+                    for e in range(cfg.num_envs)
+                    if not was_done[e]
+                ]
+            )
             was_done = terminated | truncated
             return out
 
@@ -157,7 +174,7 @@ def test_sampled_transitions_equal_the_ale_stacks(tmp_path):
                 rows = trainer.replay.rows
                 # Stored rows: the last `rows` vector steps; transitions of the oldest `stack` rows are not sampled.
                 valid: dict[tuple[bytes, bytes], set[int]] = {}
-                for key, action in itertools.chain(*recorded[-(rows - cfg.frame_stack):]):
+                for key, action in itertools.chain(*recorded[-(rows - cfg.frame_stack) :]):
                     valid.setdefault(key, set()).add(action)
                 batch = trainer.replay.sample(2048)
                 sampled = set()
@@ -196,8 +213,13 @@ def test_two_starts_in_a_row_at_a_resume_are_never_sampled():
     # rows: reset, step, terminal step, reset, resume reset, step, step, terminal, reset, resume reset, step
     starts = [1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0]
     for k, start in enumerate(starts):
-        replay.add(torch.full((1, 1), k + 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), torch.ones(1),
-                   zero.to(torch.uint8), one if start else zero)
+        replay.add(
+            torch.full((1, 1), k + 1, dtype=torch.uint8),
+            torch.zeros(1, dtype=torch.int64),
+            torch.ones(1),
+            zero.to(torch.uint8),
+            one if start else zero,
+        )
     batch = replay.sample(20_000)
     newest = batch.next_obs[:, -1, 0].long() - 1  # the row each sampled transition ends at
     valid = {k for k, start in enumerate(starts) if not start and k >= 1}
@@ -237,7 +259,7 @@ def test_resume_starts_fresh_games_and_no_stack_crosses_the_resume(tmp_path):
     episodes = torch.cat([batch.obs, batch.next_obs[:, -1:]], 1)[:, :, 0, 0]  # (B, 5) episode ids, 0 = padding
     for row in episodes.tolist():
         ids = [e for e in row if e]
-        assert len(set(ids)) == 1 and row[-len(ids):] == ids, f"stack mixes episodes or pads mid-stack: {row}"
+        assert len(set(ids)) == 1 and row[-len(ids) :] == ids, f"stack mixes episodes or pads mid-stack: {row}"
 
 
 def test_too_small_buffer_is_a_config_error():

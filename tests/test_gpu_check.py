@@ -37,8 +37,10 @@ time.sleep(60)
 
 def recorded_so_far(out: Path) -> str:
     """A stage that reads the check's own JSON while it runs: what the stages before it left there."""
-    return (f"import json, glob; r = json.load(open(sorted(glob.glob({str(out / 'gpu-check-*.json')!r}))[-1])); "
-            "print(json.dumps({'statuses': [s['status'] for s in r['stages']]}))")
+    return (
+        f"import json, glob; r = json.load(open(sorted(glob.glob({str(out / 'gpu-check-*.json')!r}))[-1])); "
+        "print(json.dumps({'statuses': [s['status'] for s in r['stages']]}))"
+    )
 
 
 def synthetic_stages(out: Path):
@@ -84,8 +86,10 @@ def test_the_budget_bounds_the_whole_check_stops_included(tmp_path, monkeypatch)
 
     def make(python, log_dir, runs, dry):
         ignores_sigint = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
-        return [gpu_check.Stage("stubborn", [*python, "-c", ignores_sigint], 100, min_s=1),
-                gpu_check.Stage("next", [*python, "-c", "print(1)"], 100, min_s=1)]
+        return [
+            gpu_check.Stage("stubborn", [*python, "-c", ignores_sigint], 100, min_s=1),
+            gpu_check.Stage("next", [*python, "-c", "print(1)"], 100, min_s=1),
+        ]
 
     assert gpu_check.main(["--out", str(tmp_path), "--budget", "6"], make_stages=make) == 1
     record = json.loads(next(tmp_path.glob("gpu-check-*.json")).read_text())
@@ -96,16 +100,25 @@ def test_the_budget_bounds_the_whole_check_stops_included(tmp_path, monkeypatch)
 
 
 def test_the_shell_script_runs_the_driver_and_records_the_machine_first(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "machine", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=SCRIPT_ENV)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--only", "machine", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=SCRIPT_ENV,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(next(tmp_path.glob("gpu-check-*.json")).read_text())
     import torch
 
     assert record["dry_run"] and record["machine"]["torch"] == torch.__version__
     assert [s["name"] for s in record["stages"]] == ["machine"]
-    assert subprocess.run(["bash", str(SCRIPT), "--only", "nope", "--out", str(tmp_path)], capture_output=True,
-                          env=SCRIPT_ENV).returncode == 2
+    assert (
+        subprocess.run(
+            ["bash", str(SCRIPT), "--only", "nope", "--out", str(tmp_path)], capture_output=True, env=SCRIPT_ENV
+        ).returncode
+        == 2
+    )
 
 
 @pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry-run"])
@@ -141,14 +154,26 @@ def test_every_fastdqn_command_of_the_check_is_one_the_cli_accepts(tmp_path, dry
 def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
     """What CI runs of the check: every stage's real command, CPU-sized, and the Pong stage stopped by its time
     limit with its checkpoint saved."""
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=400, env=SCRIPT_ENV)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=SCRIPT_ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     record = json.loads(next(tmp_path.glob("gpu-check-*.json")).read_text())
     stages = {s["name"]: s for s in record["stages"]}
     assert {k: s["status"] for k, s in stages.items()} == {
-        "machine": "ok", "cuda-tests": "ok", "bench-update": "ok", "cartpole-default": "ok",
-        "cartpole-16envs-compile-amp": "ok", "minatar": "ok", "bench-e2e": "ok", "pong": "stopped"}
+        "machine": "ok",
+        "cuda-tests": "ok",
+        "bench-update": "ok",
+        "cartpole-default": "ok",
+        "cartpole-16envs-compile-amp": "ok",
+        "minatar": "ok",
+        "bench-e2e": "ok",
+        "pong": "stopped",
+    }
     cuda = stages["cuda-tests"]["results"]
     assert cuda["tests"] == cuda["skipped"] > 10 and cuda["failures"] == cuda["errors"] == 0  # no CUDA here
     assert stages["cartpole-default"]["results"]["result"]["env_steps"] >= 600
@@ -156,4 +181,6 @@ def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
     assert stages["bench-update"]["results"]["cases"] and stages["bench-e2e"]["results"]["training"]
     assert stages["pong"]["results"]["result"]["interrupted"]
     assert [(r["env_id"], r["env_steps"] >= 300) for r in stages["minatar"]["results"]["runs"]] == [
-        ("MinAtar/Breakout-v1", True), ("MinAtar/Asterix-v1", True)]
+        ("MinAtar/Breakout-v1", True),
+        ("MinAtar/Asterix-v1", True),
+    ]

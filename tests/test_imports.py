@@ -35,7 +35,7 @@ def imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: from the module's own package, one level up per extra dot
                 here = name.split(".") if is_package else name.split(".")[:-1]
-                base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
             # `from pkg import sub` imports the submodule pkg.sub where there is one, else a name of pkg.

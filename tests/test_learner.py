@@ -32,11 +32,13 @@ def update(learner: DQNLearner, batch: Batch) -> torch.Tensor:
 
 def fixed_batch(seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(obs=torch.randn(BATCH, OBS_DIM, generator=g),
-                 actions=torch.randint(0, N_ACTIONS, (BATCH,), generator=g),
-                 rewards=torch.randn(BATCH, generator=g),
-                 next_obs=torch.randn(BATCH, OBS_DIM, generator=g),
-                 terminated=(torch.rand(BATCH, generator=g) < 0.2).float())
+    return Batch(
+        obs=torch.randn(BATCH, OBS_DIM, generator=g),
+        actions=torch.randint(0, N_ACTIONS, (BATCH,), generator=g),
+        rewards=torch.randn(BATCH, generator=g),
+        next_obs=torch.randn(BATCH, OBS_DIM, generator=g),
+        terminated=(torch.rand(BATCH, generator=g) < 0.2).float(),
+    )
 
 
 def perturb(net: torch.nn.Module, scale: float = 0.1) -> None:
@@ -60,14 +62,17 @@ def params(net: torch.nn.Module) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*net.parameters(), *net.buffers()]]
 
 
-@pytest.mark.parametrize("changes", [
-    {},
-    {"double_dqn": True},
-    {"loss": "mse"},
-    {"target_update": "none"},
-    {"target_update": "none", "double_dqn": True},
-    {"target_update": "soft", "double_dqn": True, "loss": "mse", "normalize_obs": True},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"double_dqn": True},
+        {"loss": "mse"},
+        {"target_update": "none"},
+        {"target_update": "none", "double_dqn": True},
+        {"target_update": "soft", "double_dqn": True, "loss": "mse", "normalize_obs": True},
+    ],
+)
 def test_update_reports_the_td_loss_of_its_batch(changes):
     learner = make_learner(gamma=0.9, **changes)
     if learner.target is not learner.q:
@@ -265,8 +270,18 @@ def test_compiled_loss_is_finite_and_decreases_on_a_fixed_batch():
 
 def torch_adam_step(learner: DQNLearner, optimizer: torch.optim.Adam, batch: Batch) -> torch.Tensor:
     """The eager update as torch's own optimizer and clip_grad_norm_ do it: the reference for FusedAdam."""
-    loss, q, _ = batch_td_loss(learner.cfg, learner.q, learner.target_net, batch.obs, batch.actions, batch.rewards,
-                               batch.next_obs, batch.terminated, None, None)
+    loss, q, _ = batch_td_loss(
+        learner.cfg,
+        learner.q,
+        learner.target_net,
+        batch.obs,
+        batch.actions,
+        batch.rewards,
+        batch.next_obs,
+        batch.terminated,
+        None,
+        None,
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = learner.cfg.max_grad_norm if learner.cfg.max_grad_norm > 0 else float("inf")
@@ -300,8 +315,9 @@ def test_fused_adam_state_dict_has_torch_adams_format_and_loads_both_ways():
         torch_adam_step(theirs, reference, fixed_batch(seed))
     mine, torchs = ours.optimizer.state_dict(), reference.state_dict()
     assert mine["param_groups"][0].keys() == torchs["param_groups"][0].keys()
-    assert {k: v for k, v in mine["param_groups"][0].items() if k != "lr"} == \
-        {k: v for k, v in torchs["param_groups"][0].items() if k != "lr"}
+    assert {k: v for k, v in mine["param_groups"][0].items() if k != "lr"} == {
+        k: v for k, v in torchs["param_groups"][0].items() if k != "lr"
+    }
     assert mine["state"].keys() == torchs["state"].keys()
     assert all(torch.equal(mine["state"][i][k], torchs["state"][i][k]) for i in mine["state"] for k in STATE_KEYS)
     from_torch, to_torch = make_learner(), make_learner()

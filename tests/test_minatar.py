@@ -25,8 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 GAMES = {"Asterix": (4, 5), "Breakout": (4, 3), "Freeway": (7, 3), "Seaquest": (10, 6), "SpaceInvaders": (6, 4)}
 # each game's grid channels and the size of its own (v1) action set
 IDS = [f"MinAtar/{game}-{version}" for game in GAMES for version in ("v0", "v1")]
-SHORT = dict(device="cpu", num_envs=2, total_steps=400, learning_starts=100, buffer_size=1_000, batch_size=16,
-             train_every=4, gradient_steps=1, eval_every=0, eval_episodes=1, log_every=200, checkpoint_every=0)
+SHORT = dict(
+    device="cpu",
+    num_envs=2,
+    total_steps=400,
+    learning_starts=100,
+    buffer_size=1_000,
+    batch_size=16,
+    train_every=4,
+    gradient_steps=1,
+    eval_every=0,
+    eval_episodes=1,
+    log_every=200,
+    checkpoint_every=0,
+)
 # A few thousand env steps per id, with updates sparse enough that all ten ids stay a few seconds each.
 THOUSANDS = {**SHORT, "total_steps": 2_000, "learning_starts": 400, "train_every": 16, "log_every": 1_000}
 
@@ -53,8 +65,9 @@ def test_every_minatar_id_trains_a_few_thousand_steps(env_id, tmp_path):
     channels, own_actions = GAMES[game]
     assert space.shape == (10, 10, channels) and space.dtype == np.bool_
     assert actions == (6 if version == "v0" else own_actions)
-    trainer = Trainer(Config(env_id=env_id, dueling=version == "v1", **THOUSANDS), tmp_path / "run",
-                      show_progress=False)
+    trainer = Trainer(
+        Config(env_id=env_id, dueling=version == "v1", **THOUSANDS), tmp_path / "run", show_progress=False
+    )
     assert isinstance(trainer.learner.q, MinAtarCNN)
     start = [p.detach().clone() for p in trainer.learner.q.parameters()]
     result = trainer.run()
@@ -67,8 +80,17 @@ def test_every_minatar_id_trains_a_few_thousand_steps(env_id, tmp_path):
 def test_breakout_trains_thousands_of_steps_storing_one_byte_per_cell(tmp_path):
     from fastdqn.trainer import Trainer
 
-    cfg = Config(env_id="MinAtar/Breakout-v1", device="cpu", total_steps=3_000, learning_starts=500,
-                 buffer_size=3_000, eval_every=1_500, eval_episodes=3, checkpoint_every=0, log_every=500)
+    cfg = Config(
+        env_id="MinAtar/Breakout-v1",
+        device="cpu",
+        total_steps=3_000,
+        learning_starts=500,
+        buffer_size=3_000,
+        eval_every=1_500,
+        eval_episodes=3,
+        checkpoint_every=0,
+        log_every=500,
+    )
     trainer = Trainer(cfg, tmp_path / "run", show_progress=False)
     assert isinstance(trainer.learner.q, MinAtarCNN)
     replay = trainer.replay
@@ -80,8 +102,8 @@ def test_breakout_trains_thousands_of_steps_storing_one_byte_per_cell(tmp_path):
     result = trainer.run()
     assert result.env_steps == 3_000 and result.updates == 2_500 and len(result.evals) == 2
     assert all(not torch.equal(a, p) for a, p in zip(start, trainer.learner.q.parameters()))
-    stored = replay.obs[:len(replay)]
-    assert set(stored.unique().tolist()) == {0, 1} and replay.next_obs[:len(replay)].sum() > 0
+    stored = replay.obs[: len(replay)]
+    assert set(stored.unique().tolist()) == {0, 1} and replay.next_obs[: len(replay)].sum() > 0
     assert evaluate(tmp_path / "run", episodes=2).episodes == 2  # the saved policy loads and plays
 
 
@@ -178,16 +200,20 @@ def test_a_uint8_grid_env_trains_on_the_minatar_cnn_without_screen_preprocessing
     assert isinstance(trainer.learner.q, MinAtarCNN) and trainer.replay.obs.dtype == torch.uint8
     result = trainer.run()
     assert result.env_steps == 400 and result.episodes == 80
-    assert trainer.replay.obs[:len(trainer.replay)].max() == 10  # the codes as they are
+    assert trainer.replay.obs[: len(trainer.replay)].max() == 10  # the codes as they are
 
 
-@pytest.mark.parametrize("space", [
-    gym.spaces.Box(0, 1, (2, 3), np.float32),
-    gym.spaces.Box(0, 1, (2, 2, 3), np.float32),
-    gym.spaces.Box(0, 255, (64, 64, 3), np.uint8),  # a screen: make_vector_env makes frame stacks of it first
-    gym.spaces.Dict({"grid": gym.spaces.Box(0, 1, (10, 10, 4), bool)}),
-    gym.spaces.Discrete(16),
-], ids=["2d-float", "grid-under-3x3", "raw-screen", "dict", "discrete"])
+@pytest.mark.parametrize(
+    "space",
+    [
+        gym.spaces.Box(0, 1, (2, 3), np.float32),
+        gym.spaces.Box(0, 1, (2, 2, 3), np.float32),
+        gym.spaces.Box(0, 255, (64, 64, 3), np.uint8),  # a screen: make_vector_env makes frame stacks of it first
+        gym.spaces.Dict({"grid": gym.spaces.Box(0, 1, (10, 10, 4), bool)}),
+        gym.spaces.Discrete(16),
+    ],
+    ids=["2d-float", "grid-under-3x3", "raw-screen", "dict", "discrete"],
+)
 def test_an_observation_space_no_network_takes_is_refused_with_those_it_takes(space):
     with pytest.raises(EnvError) as refused:
         check_spaces("odd", space, gym.spaces.Discrete(3))

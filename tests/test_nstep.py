@@ -19,8 +19,14 @@ CPU = torch.device("cpu")
 def add_step(buf: ReplayBuffer, obs: list[float], rewards: list[float], term: list[int], trunc: list[int]) -> None:
     n = buf.num_envs
     o = torch.tensor(obs, dtype=torch.float32).unsqueeze(1)
-    buf.add(o, torch.zeros(n, dtype=torch.int64), torch.tensor(rewards, dtype=torch.float32), o + 0.5,
-            torch.tensor(term, dtype=torch.float32), torch.tensor(trunc, dtype=torch.float32))
+    buf.add(
+        o,
+        torch.zeros(n, dtype=torch.int64),
+        torch.tensor(rewards, dtype=torch.float32),
+        o + 0.5,
+        torch.tensor(term, dtype=torch.float32),
+        torch.tensor(trunc, dtype=torch.float32),
+    )
 
 
 @pytest.fixture
@@ -99,11 +105,11 @@ def reference_returns(history: list[list[tuple]], latest: int, t: int, e: int, n
         if t + j > latest:
             break
         obs, r, term, trunc, next_obs = history[t + j][e]
-        ret += gamma ** j * r
+        ret += gamma**j * r
         k, last_next, last_term = j + 1, next_obs, term
         if term or trunc:
             break
-    return ret, last_next, last_term, gamma ** k
+    return ret, last_next, last_term, gamma**k
 
 
 @pytest.mark.parametrize("num_envs,capacity,n", [(1, 7, 3), (3, 12, 4), (4, 16, 2)])
@@ -119,9 +125,14 @@ def test_matches_a_brute_force_reference_over_a_wrapping_history(num_envs, capac
             step.append((1000.0 * e + t, rng.uniform(-1, 1), term, trunc, 1000.0 * e + t + 0.5))
         history.append(step)
         obs, r, term, trunc, nxt = zip(*step)
-        buf.add(torch.tensor(obs).unsqueeze(1), torch.zeros(num_envs, dtype=torch.int64), torch.tensor(r),
-                torch.tensor(nxt).unsqueeze(1), torch.tensor(term, dtype=torch.float32),
-                torch.tensor(trunc, dtype=torch.float32))
+        buf.add(
+            torch.tensor(obs).unsqueeze(1),
+            torch.zeros(num_envs, dtype=torch.int64),
+            torch.tensor(r),
+            torch.tensor(nxt).unsqueeze(1),
+            torch.tensor(term, dtype=torch.float32),
+            torch.tensor(trunc, dtype=torch.float32),
+        )
         if t < 2:
             continue
         batch = buf.gather(torch.arange(len(buf)))
@@ -149,8 +160,9 @@ def test_config_rejects_bad_n_step_and_no_replay_combination():
     with pytest.raises(ConfigError, match="n_step"):
         Config(n_step=0).validate()
     with pytest.raises(ConfigError, match="n_step > 1"):
-        Config(replay_buffer=False, num_envs=1, buffer_size=1, batch_size=1, train_every=1, gradient_steps=1,
-               n_step=3).validate()
+        Config(
+            replay_buffer=False, num_envs=1, buffer_size=1, batch_size=1, train_every=1, gradient_steps=1, n_step=3
+        ).validate()
 
 
 def test_trainer_nstep_batches_on_a_counter_env_stay_inside_one_episode(tmp_path, tiny_cfg):
@@ -160,8 +172,9 @@ def test_trainer_nstep_batches_on_a_counter_env_stay_inside_one_episode(tmp_path
     from core_helpers import COUNTER_ENV, REWARD, drive, trainer_without_run
 
     gamma, n = 0.9, 3
-    cfg = tiny_cfg.updated(env_id=COUNTER_ENV, num_envs=3, n_step=n, gamma=gamma, buffer_size=30, batch_size=8,
-                           learning_starts=10_000)
+    cfg = tiny_cfg.updated(
+        env_id=COUNTER_ENV, num_envs=3, n_step=n, gamma=gamma, buffer_size=30, batch_size=8, learning_starts=10_000
+    )
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 100)  # about three times round the 30-slot buffer
         batch = trainer.replay.gather(torch.arange(len(trainer.replay)))

@@ -24,8 +24,15 @@ CPU = torch.device("cpu")
 
 def overlap_cfg(**changes):
     """Three sync CartPoles, two updates every two vector steps, target copies every 10 vector steps."""
-    settings = dict(vector_mode="sync", num_envs=3, total_steps=600, learning_starts=90, train_every=6,
-                    gradient_steps=2, target_update_interval=30)
+    settings = dict(
+        vector_mode="sync",
+        num_envs=3,
+        total_steps=600,
+        learning_starts=90,
+        train_every=6,
+        gradient_steps=2,
+        target_update_interval=30,
+    )
     return small_cfg(**{**settings, **changes})
 
 
@@ -77,8 +84,10 @@ def recorded_run(cfg, run_dir: Path) -> tuple[Trainer, list[tuple], list[float]]
         run_updates(n)
 
     trainer.updates.run, trainer.train = updates, recording_train
-    trainer.learner.act = lambda obs, epsilon: (epsilons.append(epsilon) if len(obs) == cfg.num_envs else None,
-                                                 act(obs, epsilon))[1]
+    trainer.learner.act = lambda obs, epsilon: (
+        epsilons.append(epsilon) if len(obs) == cfg.num_envs else None,
+        act(obs, epsilon),
+    )[1]
     trainer.run()
     return trainer, phases, epsilons
 
@@ -87,8 +96,15 @@ def recorded_run(cfg, run_dir: Path) -> tuple[Trainer, list[tuple], list[float]]
 def test_overlap_changes_nothing_but_what_the_updates_sample(tmp_path, learning_starts, train_every, gradient_steps):
     """Random actions (epsilon 1), so both runs step the envs alike: the same transitions, episodes, counts, update
     phases and learning rates; only the replay the updates sample lacks the step in flight."""
-    cfg = overlap_cfg(epsilon_schedule="constant", epsilon_start=1.0, lr_schedule="linear", eval_episodes=2,
-                      learning_starts=learning_starts, train_every=train_every, gradient_steps=gradient_steps)
+    cfg = overlap_cfg(
+        epsilon_schedule="constant",
+        epsilon_start=1.0,
+        lr_schedule="linear",
+        eval_episodes=2,
+        learning_starts=learning_starts,
+        train_every=train_every,
+        gradient_steps=gradient_steps,
+    )
     off, off_phases, off_eps = recorded_run(cfg.updated(overlap="never"), tmp_path / "off")
     on, on_phases, on_eps = recorded_run(cfg.updated(overlap="always"), tmp_path / "on")
     assert isinstance(on.collector.stepper, ThreadStep) and isinstance(off.collector.stepper, InlineStep)
@@ -109,8 +125,15 @@ def test_overlap_changes_nothing_but_what_the_updates_sample(tmp_path, learning_
 
 @pytest.mark.parametrize("vector_mode", ["sync", "native"])
 def test_resume_with_overlap_continues_exactly(tmp_path, vector_mode):
-    cfg = overlap_cfg(overlap="always", vector_mode=vector_mode, eval_every=200, eval_episodes=2, checkpoint_every=300,
-                      keep_checkpoints=5, save_replay=True)
+    cfg = overlap_cfg(
+        overlap="always",
+        vector_mode=vector_mode,
+        eval_every=200,
+        eval_episodes=2,
+        checkpoint_every=300,
+        keep_checkpoints=5,
+        save_replay=True,
+    )
     whole = Trainer(cfg, tmp_path / "whole", show_progress=False)
     whole.run()
     resumed = Trainer(cfg, tmp_path / "resumed", show_progress=False)
@@ -125,8 +148,13 @@ def test_ctrl_c_during_a_step_in_flight_stores_that_step_and_resumes_exactly(tmp
     checkpoint (never half-taken), and the run resumed from it ends exactly as the run that was never stopped."""
     import fault_envs  # noqa: F401  (registers the envs)
 
-    cfg = overlap_cfg(env_id="fault_envs:InterruptingCartPole-v0", overlap="always", total_steps=900, buffer_size=1200,
-                      save_replay=True)
+    cfg = overlap_cfg(
+        env_id="fault_envs:InterruptingCartPole-v0",
+        overlap="always",
+        total_steps=900,
+        buffer_size=1200,
+        save_replay=True,
+    )
     stopped = Trainer(cfg, tmp_path / "stopped", show_progress=False)
     result = stopped.run()
     assert result.interrupted and result.env_steps == 600  # the 200th step of env 0 is the 200th vector step
@@ -168,8 +196,16 @@ def test_async_envs_overlap_through_step_async_and_step_wait(tmp_path):
 
 def test_ale_envs_overlap_through_send_and_recv(tmp_path):
     pytest.importorskip("ale_py")
-    cfg = small_cfg(env_id="ALE/Pong-v5", num_envs=2, total_steps=80, learning_starts=40, buffer_size=200,
-                    batch_size=4, train_every=2, max_episode_steps=20)
+    cfg = small_cfg(
+        env_id="ALE/Pong-v5",
+        num_envs=2,
+        total_steps=80,
+        learning_starts=40,
+        buffer_size=200,
+        batch_size=4,
+        train_every=2,
+        max_episode_steps=20,
+    )
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     assert trainer.overlap and isinstance(trainer.collector.stepper, SendRecvStep)
     result = trainer.run()

@@ -20,10 +20,17 @@ def X(name, ts, dur):
 
 
 def test_the_share_of_update_time_inside_the_envs_step_is_measured_per_profiler_step(tmp_path):
-    events = [X("ProfilerStep#1", 0, 100), X("act", 0, 10), X("env.in_flight", 10, 60), X("learner.update", 20, 40),
-              X("env.wait", 60, 10),
-              X("ProfilerStep#2", 100, 100), X("act", 100, 10), X("env.in_flight", 110, 20),
-              X("learner.update", 120, 40)]  # the second update outlasts the envs' step by 30 of its 40 us
+    events = [
+        X("ProfilerStep#1", 0, 100),
+        X("act", 0, 10),
+        X("env.in_flight", 10, 60),
+        X("learner.update", 20, 40),
+        X("env.wait", 60, 10),
+        X("ProfilerStep#2", 100, 100),
+        X("act", 100, 10),
+        X("env.in_flight", 110, 20),
+        X("learner.update", 120, 40),
+    ]  # the second update outlasts the envs' step by 30 of its 40 us
     trace = tmp_path / "trace_1.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     summary = overlap_trace.summarize(trace)

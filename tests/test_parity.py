@@ -32,8 +32,17 @@ OBS_SHAPE, N_ACTIONS = (4,), 2
 
 
 def small_cfg(**changes) -> Config:
-    base = dict(device="cpu", hidden_sizes=[32, 32], batch_size=32, learning_rate=3e-3, lr_schedule="linear",
-                lr_end=1e-4, total_steps=1_000, epsilon_decay_steps=500, max_grad_norm=1.0)
+    base = dict(
+        device="cpu",
+        hidden_sizes=[32, 32],
+        batch_size=32,
+        learning_rate=3e-3,
+        lr_schedule="linear",
+        lr_end=1e-4,
+        total_steps=1_000,
+        epsilon_decay_steps=500,
+        max_grad_norm=1.0,
+    )
     return Config(**{**base, **changes})
 
 
@@ -44,17 +53,29 @@ def learner(cfg: Config, **changes) -> DQNLearner:
 
 def batches(n: int, size: int = 32) -> list[Batch]:
     g = torch.Generator().manual_seed(1)
-    return [Batch(torch.randn(size, 4, generator=g), torch.randint(0, 2, (size,), generator=g),
-                  torch.randn(size, generator=g), torch.randn(size, 4, generator=g),
-                  (torch.rand(size, generator=g) < 0.1).float()) for _ in range(n)]
+    return [
+        Batch(
+            torch.randn(size, 4, generator=g),
+            torch.randint(0, 2, (size,), generator=g),
+            torch.randn(size, generator=g),
+            torch.randn(size, 4, generator=g),
+            (torch.rand(size, generator=g) < 0.1).float(),
+        )
+        for _ in range(n)
+    ]
 
 
 def filled_replay(capacity: int = 256) -> ReplayBuffer:
     replay = ReplayBuffer(capacity, 1, OBS_SHAPE, torch.float32, CPU)
     for b in batches(capacity // 32):
         for i in range(32):
-            replay.add(b.obs[i:i + 1], b.actions[i:i + 1], b.rewards[i:i + 1], b.next_obs[i:i + 1],
-                       b.terminated[i:i + 1])
+            replay.add(
+                b.obs[i : i + 1],
+                b.actions[i : i + 1],
+                b.rewards[i : i + 1],
+                b.next_obs[i : i + 1],
+                b.terminated[i : i + 1],
+            )
     return replay
 
 
@@ -83,8 +104,10 @@ def test_compiled_update_matches_eager_and_never_recompiles_while_lr_and_epsilon
     for batch in data:
         constant_runner.update(batch)
     # the schedule matters on these batches, so equal weights below mean the compiled step followed it
-    assert (torch.cat([p.flatten() for p in constant_lr.q.parameters()])
-            - torch.cat([p.flatten() for p in eager.q.parameters()])).abs().max() > 1e-4
+    assert (
+        torch.cat([p.flatten() for p in constant_lr.q.parameters()])
+        - torch.cat([p.flatten() for p in eager.q.parameters()])
+    ).abs().max() > 1e-4
     # A changing Python float in the step would recompile (and after 8, silently run eager).
     with assert_compiled():
         compiled_losses = run_updates(compiled, cfg, data)  # the first call compiles
@@ -127,8 +150,9 @@ def test_compiled_bf16_update_matches_eager_loosely_and_keeps_fp32_state():
     start = torch.cat([p.detach().flatten() for p in eager.q.parameters()])
     with assert_compiled():
         amp_losses = run_updates(amp, cfg, data)
-    torch.testing.assert_close(torch.tensor(amp_losses), torch.tensor(run_updates(eager, cfg, data)),
-                               rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(
+        torch.tensor(amp_losses), torch.tensor(run_updates(eager, cfg, data)), rtol=2e-2, atol=2e-3
+    )
     # Adam moves every weight by about lr per step, in the sign of its gradient, so near-zero gradients can flip
     # under bf16: compare the whole update direction instead of each weight.
     moved_eager = torch.cat([p.detach().flatten() for p in eager.q.parameters()]) - start
@@ -259,6 +283,7 @@ def test_graphed_runner_captures_again_when_a_weight_gets_new_storage(stand_in_c
 def test_graphed_runner_runs_uncaptured_with_one_warning_when_capture_fails(monkeypatch):
     """A failed capture (restored stream and generator are cuda_graph.capture's job) leaves a runner that computes
     the same updates uncaptured; with cuda_graph=always it is a one-line error naming the fix."""
+
     def failing_capture(fn, device):
         raise CaptureError("operation not permitted when stream is capturing")
 
@@ -285,8 +310,13 @@ def test_runner_updates_priorities_of_the_sampled_slots():
     replay = PrioritizedReplayBuffer(64, 1, OBS_SHAPE, torch.float32, CPU, 1, 0.99, 0.6, 1e-6)
     for b in batches(2):
         for i in range(32):
-            replay.add(b.obs[i:i + 1], b.actions[i:i + 1], b.rewards[i:i + 1], b.next_obs[i:i + 1],
-                       b.terminated[i:i + 1])
+            replay.add(
+                b.obs[i : i + 1],
+                b.actions[i : i + 1],
+                b.rewards[i : i + 1],
+                b.next_obs[i : i + 1],
+                b.terminated[i : i + 1],
+            )
     runner = make_update_runner(learner(cfg), replay)
     assert runner.kind == "eager"
     torch.manual_seed(0)

@@ -90,7 +90,7 @@ def test_weighted_loss_is_the_mean_of_weight_times_loss():
     w = torch.tensor([1.0, 0.5, 0.25])
     huber = torch.tensor([0.125, 2.5, 0.5])
     assert td_loss(q, y, "huber", 1.0, w).item() == pytest.approx((w * huber).mean().item())
-    assert td_loss(q, y, "mse", 1.0, w).item() == pytest.approx((w * y ** 2).mean().item())
+    assert td_loss(q, y, "mse", 1.0, w).item() == pytest.approx((w * y**2).mean().item())
     assert td_loss(q, y, "huber", 1.0, torch.ones(3)).item() == pytest.approx(td_loss(q, y, "huber", 1.0).item())
 
 
@@ -122,12 +122,13 @@ def test_state_dict_round_trip_keeps_priorities():
 
 @pytest.mark.slow
 def test_training_with_prioritized_nstep_dueling_reprioritizes(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.updated(prioritized=True, n_step=3, dueling=True, total_steps=800, num_envs=2, train_every=4,
-                           gradient_steps=1)
+    cfg = tiny_cfg.updated(
+        prioritized=True, n_step=3, dueling=True, total_steps=800, num_envs=2, train_every=4, gradient_steps=1
+    )
     trainer = Trainer(cfg, tmp_path, show_progress=False)
     result = trainer.run()
     assert result.updates == (800 - cfg.learning_starts) // cfg.train_every
-    filled = trainer.replay.priorities[:len(trainer.replay)]
+    filled = trainer.replay.priorities[: len(trainer.replay)]
     assert filled.unique().numel() > 50  # priorities now follow |TD errors|, no longer all the initial 1
     assert trainer.replay.beta == pytest.approx(per_beta_at(cfg, 800)) == 1.0  # annealed to per_beta_end
 
@@ -136,9 +137,15 @@ def test_training_with_prioritized_nstep_dueling_reprioritizes(tiny_cfg, tmp_pat
 def test_compiled_update_matches_eager_with_weights_and_nstep_discounts():
     """The fast path sees the same loss, |TD errors| and new weights as eager on one weighted n-step batch."""
     torch.manual_seed(5)
-    batch = Batch(torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.randn(16), torch.randn(16, 4),
-                  (torch.rand(16) < 0.3).float(), discounts=0.99 ** torch.randint(1, 4, (16,)).float(),
-                  weights=torch.rand(16))
+    batch = Batch(
+        torch.randn(16, 4),
+        torch.randint(0, 2, (16,)),
+        torch.randn(16),
+        torch.randn(16, 4),
+        (torch.rand(16) < 0.3).float(),
+        discounts=0.99 ** torch.randint(1, 4, (16,)).float(),
+        weights=torch.rand(16),
+    )
     outputs = []
     for compiled in (False, True):
         torch.manual_seed(6)
@@ -152,5 +159,7 @@ def test_compiled_update_matches_eager_with_weights_and_nstep_discounts():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p0, p1))
     torch.manual_seed(6)  # the same start without the weights and discounts: they change the loss on this batch
     plain = DQNLearner(Config(hidden_sizes=[8], device="cpu", double_dqn=True), (4,), 2, CPU)
-    assert abs(make_update_runner(plain).update(batch._replace(weights=None, discounts=None))[0].item()
-               - s0[0].item()) > 1e-3
+    assert (
+        abs(make_update_runner(plain).update(batch._replace(weights=None, discounts=None))[0].item() - s0[0].item())
+        > 1e-3
+    )

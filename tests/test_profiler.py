@@ -13,8 +13,17 @@ from fastdqn.trainer import Trainer
 
 def profile_cfg(tiny_cfg, **changes):
     # 4 envs, an update every env step, a hard target copy every 8 vector steps: every range occurs in the window
-    settings = dict(num_envs=4, total_steps=600, learning_starts=100, train_every=1, gradient_steps=1,
-                    target_update_interval=32, profile=True, profile_schedule=[2, 2, 12, 1], eval_episodes=1)
+    settings = dict(
+        num_envs=4,
+        total_steps=600,
+        learning_starts=100,
+        train_every=1,
+        gradient_steps=1,
+        target_update_interval=32,
+        profile=True,
+        profile_schedule=[2, 2, 12, 1],
+        eval_episodes=1,
+    )
     return tiny_cfg.updated(**{**settings, **changes})
 
 
@@ -51,18 +60,41 @@ def test_profile_off_wraps_nothing_and_writes_nothing(tiny_cfg, tmp_path, monkey
     import fastdqn.profiling as P
 
     monkeypatch.setattr(P, "make_profiler", lambda *a, **k: pytest.fail("profiler built with profile off"))
-    trainer = Trainer(tiny_cfg.updated(total_steps=300, train_every=4, gradient_steps=1), tmp_path,
-                      show_progress=False)
+    trainer = Trainer(tiny_cfg.updated(total_steps=300, train_every=4, gradient_steps=1), tmp_path, show_progress=False)
     trainer.run()
     assert not (tmp_path / "profile").exists()
 
 
 def test_fastdqn_profile_command_runs_just_long_enough(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = cli.main(["profile", "--run-dir", str(run_dir), "--quiet", "--device", "cpu", "--learning-starts", "64",
-                     "--envs", "2", "--train-every", "2", "--gradient-steps", "1", "--hidden-sizes", "[16]",
-                     "--batch-size", "16", "--buffer-size", "1000",
-                     "--eval-episodes", "1", "--set", "profile_schedule=[1,1,3,1]"])
+    code = cli.main(
+        [
+            "profile",
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--learning-starts",
+            "64",
+            "--envs",
+            "2",
+            "--train-every",
+            "2",
+            "--gradient-steps",
+            "1",
+            "--hidden-sizes",
+            "[16]",
+            "--batch-size",
+            "16",
+            "--buffer-size",
+            "1000",
+            "--eval-episodes",
+            "1",
+            "--set",
+            "profile_schedule=[1,1,3,1]",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["env_steps"] <= 64 + 2 + (1 + 1 + 3 + 2) * 2 + 2  # learning_starts + the window, not 50k

@@ -42,8 +42,16 @@ TESTS = Path(__file__).resolve().parent
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # loopback only: no token needed
 # Runs that last a few seconds whatever the machine's speed (5 ms a step), checkpointed every 100 env steps with
 # their replay, so a resumed run goes on exactly as the uninterrupted one.
-SLOW = {**PINNED, "env_id": "fault_envs:SlowCartPole-v0", "total_steps": 600, "checkpoint_every": 100,
-        "keep_checkpoints": 2, "save_replay": True, "eval_every": 200, "eval_episodes": 1}
+SLOW = {
+    **PINNED,
+    "env_id": "fault_envs:SlowCartPole-v0",
+    "total_steps": 600,
+    "checkpoint_every": 100,
+    "keep_checkpoints": 2,
+    "save_replay": True,
+    "eval_every": 200,
+    "eval_episodes": 1,
+}
 FAST = {**PINNED, "total_steps": 300, "eval_every": 150, "eval_episodes": 2}
 
 
@@ -76,12 +84,34 @@ def cluster():
         for key, value in RAY_ENV.items():
             mp.setenv(key, value)
         try:
-            nodes.append(subprocess.Popen([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard",
-                                           "false", "--temp-dir", str(temp), *common], env=env,
-                                          stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT))
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        ray_cli,
+                        "start",
+                        "--head",
+                        "--port",
+                        str(port),
+                        "--include-dashboard",
+                        "false",
+                        "--temp-dir",
+                        str(temp),
+                        *common,
+                    ],
+                    env=env,
+                    stdout=(temp / "head.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
             wait_for(lambda: socket.create_connection((HOST, port), timeout=1).close() is None, 120, temp)
-            nodes.append(subprocess.Popen([ray_cli, "start", "--address", address, *common], env=env,
-                                          stdout=(temp / "worker.log").open("w"), stderr=subprocess.STDOUT))
+            nodes.append(
+                subprocess.Popen(
+                    [ray_cli, "start", "--address", address, *common],
+                    env=env,
+                    stdout=(temp / "worker.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
             wait_for(lambda: alive_nodes(address) == 2, 120, temp)
             yield address
         finally:
@@ -115,8 +145,11 @@ def sets(values: dict) -> list[str]:
 
 
 def table_without_wall_time(out: Path) -> list[list[str]]:
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in
-            (out / R.TABLE_FILE).read_text().splitlines() if line.startswith("|")]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in (out / R.TABLE_FILE).read_text().splitlines()
+        if line.startswith("|")
+    ]
     return [row[:-1] for row in rows]  # every column but the last, the wall time
 
 
@@ -146,8 +179,10 @@ def test_runs_are_placed_on_both_nodes_and_a_relative_out_is_refused(cluster, tm
 
 
 def test_sweep_and_ablation_on_ray_give_the_local_backends_tables(cluster, tmp_path):
-    for command in (["sweep", "--grid", "learning_rate=1e-3,3e-3", "--seeds", "1"],
-                    ["ablate", "--variants", "full,no-target", "--seeds", "1"]):
+    for command in (
+        ["sweep", "--grid", "learning_rate=1e-3,3e-3", "--seeds", "1"],
+        ["ablate", "--variants", "full,no-target", "--seeds", "1"],
+    ):
         local, on_ray = tmp_path / f"{command[0]}-local", tmp_path / f"{command[0]}-ray"
         assert main([*command, "--workers", "1", "--out", str(local), *sets(FAST)]) == 0
         assert main([*command, *ray_flags(cluster), "--out", str(on_ray), *sets(FAST)]) == 0
@@ -193,15 +228,31 @@ def test_ctrl_c_then_resume_finishes_the_plan_with_no_run_done_twice(cluster, tm
     # The long run must outlast the short one, the queued run's start (a Ray worker importing torch, slow on a
     # loaded CPU) and its first checkpoint: at 5 ms a step, 4,000 steps are 20 s of sleep alone.
     short, long, queued = (P.Point(f"total_steps={n}", {}) for n in (200, 4000, 4001))
-    driver = subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "sweep", "--grid", "total_steps=200,4000,4001",
-                               "--seeds", "1", *ray_flags(cluster), "--out", str(out), *sets(SLOW)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastdqn.cli",
+            "sweep",
+            "--grid",
+            "total_steps=200,4000,4001",
+            "--seeds",
+            "1",
+            *ray_flags(cluster),
+            "--out",
+            str(out),
+            *sets(SLOW),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     runs = {p.name: P.run_dir_of(out, p, 1) for p in (short, long, queued)}
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
         if (runs[short.name] / P.RESULT_FILE).is_file() and all(
-                d.is_dir() and list_checkpoints(d) for d in (runs[long.name], runs[queued.name])):
+            d.is_dir() and list_checkpoints(d) for d in (runs[long.name], runs[queued.name])
+        ):
             break
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)  # Ctrl-C

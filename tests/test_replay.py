@@ -116,8 +116,9 @@ def test_uint8_observations_stay_uint8_on_the_device():
 
 
 def test_trainer_stores_a_uint8_env_as_uint8(tmp_path, tiny_cfg):
-    cfg = classic(tiny_cfg, env_id=COUNTER_ENV_U8, num_envs=2, learning_starts=8, batch_size=8, buffer_size=64,
-                           train_every=2)
+    cfg = classic(
+        tiny_cfg, env_id=COUNTER_ENV_U8, num_envs=2, learning_starts=8, batch_size=8, buffer_size=64, train_every=2
+    )
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 40)  # includes gradient updates on uint8 batches
         assert trainer.replay.obs.dtype == torch.uint8 and trainer.replay.next_obs.dtype == torch.uint8
@@ -198,8 +199,13 @@ def test_nstep_graph_sample_reads_the_write_head_from_the_device():
     buf = ReplayBuffer(12, 2, (1,), torch.float32, CPU, n_step=3, gamma=0.5)
     assert buf.graph_sampling
     for step in range(9):  # wraps: 18 slots written into 12
-        buf.add(torch.full((2, 1), float(step)), torch.zeros(2, dtype=torch.int64), torch.ones(2),
-                torch.full((2, 1), step + 1.0), torch.zeros(2))
+        buf.add(
+            torch.full((2, 1), float(step)),
+            torch.zeros(2, dtype=torch.int64),
+            torch.ones(2),
+            torch.full((2, 1), step + 1.0),
+            torch.zeros(2),
+        )
         assert buf.head.item() == buf.pos
         idx = torch.arange(buf.size)
         on_device = buf.gather(idx)

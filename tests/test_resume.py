@@ -34,13 +34,24 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
         for name, value in slot.items():
             assert torch.equal(b.learner.optimizer.state_dict()["state"][key][name], value), (key, name)
     assert vars(a.counters) == vars(b.counters)
-    assert a.evaluator.evals == b.evaluator.evals  # every evaluation, including the final one at step n, has the same returns
+    assert (
+        a.evaluator.evals == b.evaluator.evals
+    )  # every evaluation, including the final one at step n, has the same returns
 
 
 @pytest.mark.parametrize("vector_mode,num_envs", [("sync", 1), ("native", 4)])
 def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, vector_mode, num_envs):
-    cfg = small_cfg(total_steps=600, eval_every=200, eval_episodes=2, checkpoint_every=300, keep_checkpoints=5,
-                    target_update_interval=50, save_replay=True, vector_mode=vector_mode, num_envs=num_envs)
+    cfg = small_cfg(
+        total_steps=600,
+        eval_every=200,
+        eval_episodes=2,
+        checkpoint_every=300,
+        keep_checkpoints=5,
+        target_update_interval=50,
+        save_replay=True,
+        vector_mode=vector_mode,
+        num_envs=num_envs,
+    )
     whole, resumed = run_and_resume(cfg, tmp_path, resume_at=300)
     assert whole.counters.updates > 100 and len(whole.evaluator.evals) == 3
     assert_same_run(whole, resumed)
@@ -48,8 +59,16 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, vect
 
 @pytest.mark.slow
 def test_resumed_compiled_run_continues_exactly(tmp_path):
-    cfg = small_cfg(total_steps=300, hidden_sizes=[8], batch_size=8, checkpoint_every=200, keep_checkpoints=5,
-                    target_update_interval=50, save_replay=True, compile=True)
+    cfg = small_cfg(
+        total_steps=300,
+        hidden_sizes=[8],
+        batch_size=8,
+        checkpoint_every=200,
+        keep_checkpoints=5,
+        target_update_interval=50,
+        save_replay=True,
+        compile=True,
+    )
     with assert_compiled():  # both runs compiled, the resumed one without recompiling
         whole, resumed = run_and_resume(cfg, tmp_path, resume_at=200)
     assert_same_run(whole, resumed)

@@ -40,32 +40,50 @@ def test_a_second_lock_on_a_locked_dir_is_refused_and_released_on_exit(tmp_path)
 
 def test_second_trainer_is_refused_eval_reads_and_sigkill_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(cli("train", "--run-dir", str(run), "--quiet",
-                                 *small_flags(total_steps=10_000_000, checkpoint_every=200)),
-                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        cli("train", "--run-dir", str(run), "--quiet", *small_flags(total_steps=10_000_000, checkpoint_every=200)),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list_checkpoints(run):
             assert first.poll() is None and time.monotonic() < deadline, "the first run made no checkpoint"
             time.sleep(0.05)
         config_before = (run / "config.yaml").read_text()
-        for second in (cli("train", "--resume", str(run), "--quiet"),
-                       cli("train", "--run-dir", str(run), "--overwrite", "--quiet", *small_flags())):
+        for second in (
+            cli("train", "--resume", str(run), "--quiet"),
+            cli("train", "--run-dir", str(run), "--overwrite", "--quiet", *small_flags()),
+        ):
             refused = subprocess.run(second, env=cli_env(), capture_output=True, text=True, timeout=120)
             assert refused.returncode == 2, refused.stderr
             lines = refused.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("fastdqn: error: run dir")
             assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
         assert first.poll() is None, "the first run trains on"
-        assert (run / "config.yaml").read_text() == config_before and list_checkpoints(run), \
+        assert (run / "config.yaml").read_text() == config_before and list_checkpoints(run), (
             "the refused --overwrite replaced nothing"
-        reader = subprocess.run(cli("eval", str(run), "--episodes", "1"), env=cli_env(), capture_output=True,
-                                text=True, timeout=120)
+        )
+        reader = subprocess.run(
+            cli("eval", str(run), "--episodes", "1"), env=cli_env(), capture_output=True, text=True, timeout=120
+        )
         assert reader.returncode == 0, reader.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-    resumed = subprocess.run(cli("train", "--resume", str(run), "--quiet", "--total-steps",
-                                 str(int(list_checkpoints(run)[-1].stem.split("-")[1]) + 100)),
-                             env=cli_env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        cli(
+            "train",
+            "--resume",
+            str(run),
+            "--quiet",
+            "--total-steps",
+            str(int(list_checkpoints(run)[-1].stem.split("-")[1]) + 100),
+        ),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr

@@ -18,7 +18,8 @@ def eps_cfg(schedule: str, **kw) -> Config:
 def test_linear_epsilon():
     cfg = eps_cfg("linear")
     assert [epsilon_at(cfg, s) for s in (0, 25, 50, 100, 101, 10_000)] == pytest.approx(
-        [1.0, 0.775, 0.55, 0.1, 0.1, 0.1])
+        [1.0, 0.775, 0.55, 0.1, 0.1, 0.1]
+    )
 
 
 def test_exponential_epsilon():
@@ -89,9 +90,18 @@ def test_schedules_and_target_syncs_count_env_steps_not_vector_steps(tmp_path, t
     """Steps are env steps, not vector steps: 1 env and 8 envs see the same epsilon and LR at the same env step,
     and as many target syncs."""
     total, interval = 800, 100
-    cfg = classic(tiny_cfg, total_steps=total, learning_starts=96, train_every=8, epsilon_schedule=schedule,
-                           epsilon_decay_steps=200, lr_schedule="linear", target_update_interval=interval,
-                           batch_size=8, hidden_sizes=[8])
+    cfg = classic(
+        tiny_cfg,
+        total_steps=total,
+        learning_starts=96,
+        train_every=8,
+        epsilon_schedule=schedule,
+        epsilon_decay_steps=200,
+        lr_schedule="linear",
+        target_update_interval=interval,
+        batch_size=8,
+        hidden_sizes=[8],
+    )
     eps1, lr1, syncs1 = record_schedules(cfg, tmp_path / "one", total)
     eps8, lr8, syncs8 = record_schedules(cfg.updated(num_envs=8), tmp_path / "eight", total)
     assert len(eps1) == total and len(eps8) == total // 8

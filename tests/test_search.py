@@ -27,15 +27,40 @@ from small_runs import small_cfg
 
 # CartPole that learns within 1,000 env steps with a good learning rate (greedy return ~100 at step 1,000 with
 # seed 2) and not at all with a tiny one (~9): a run that is clearly worse by its second evaluation.
-LEARNS = dict(env_id="CartPole-v1", num_envs=1, vector_mode="native", device="cpu", seed=2, total_steps=1500,
-              learning_starts=300, buffer_size=2000, batch_size=64, train_every=1, gradient_steps=1, hidden_sizes=[64],
-              target_update_interval=100, epsilon_decay_steps=1000, eval_every=500, eval_episodes=3, log_every=500,
-              checkpoint_every=0)
+LEARNS = dict(
+    env_id="CartPole-v1",
+    num_envs=1,
+    vector_mode="native",
+    device="cpu",
+    seed=2,
+    total_steps=1500,
+    learning_starts=300,
+    buffer_size=2000,
+    batch_size=64,
+    train_every=1,
+    gradient_steps=1,
+    hidden_sizes=[64],
+    target_update_interval=100,
+    epsilon_decay_steps=1000,
+    eval_every=500,
+    eval_episodes=3,
+    log_every=500,
+    checkpoint_every=0,
+)
 
 
 def test_search_space_takes_log_ranges_integer_ranges_and_listed_values():
-    dists = S.distributions(P.parse_grid(["learning_rate=1e-5:1e-2", "batch_size=int:16:128", "gamma=-0.5:0.5",
-                                          "hidden_sizes=[64],[64,64]", "buffer_size=1000:100000"]))
+    dists = S.distributions(
+        P.parse_grid(
+            [
+                "learning_rate=1e-5:1e-2",
+                "batch_size=int:16:128",
+                "gamma=-0.5:0.5",
+                "hidden_sizes=[64],[64,64]",
+                "buffer_size=1000:100000",
+            ]
+        )
+    )
     assert dists["learning_rate"] == optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
     assert dists["batch_size"] == optuna.distributions.IntDistribution(16, 128)
     assert dists["gamma"] == optuna.distributions.FloatDistribution(-0.5, 0.5)  # lo <= 0: uniform
@@ -44,14 +69,17 @@ def test_search_space_takes_log_ranges_integer_ranges_and_listed_values():
     assert S.changes_of({"hidden_sizes": "[64,64]", "batch_size": 32}) == {"hidden_sizes": [64, 64], "batch_size": 32}
 
 
-@pytest.mark.parametrize("items,search,trials,message", [
-    (["learning_rate=int:1:3"], "tpe", 5, "int:lo:hi is for integer keys"),
-    (["learning_rate=1e-2:1e-4"], "tpe", 5, "lo < hi"),
-    (["learning_rate=1e-4:1e-2"], "grid", None, "--search grid takes listed values"),
-    (["learning_rate=1e-4:1e-2"], "tpe", None, "needs --trials"),
-    (["batch_size=int:16:100000"], "random", 5, "batch_size"),  # the high end is larger than buffer_size
-    (["loss=huber,nope"], "random", 5, "loss"),
-])
+@pytest.mark.parametrize(
+    "items,search,trials,message",
+    [
+        (["learning_rate=int:1:3"], "tpe", 5, "int:lo:hi is for integer keys"),
+        (["learning_rate=1e-2:1e-4"], "tpe", 5, "lo < hi"),
+        (["learning_rate=1e-4:1e-2"], "grid", None, "--search grid takes listed values"),
+        (["learning_rate=1e-4:1e-2"], "tpe", None, "needs --trials"),
+        (["batch_size=int:16:100000"], "random", 5, "batch_size"),  # the high end is larger than buffer_size
+        (["loss=huber,nope"], "random", 5, "loss"),
+    ],
+)
 def test_search_plan_refuses_a_space_it_cannot_search(items, search, trials, message):
     with pytest.raises(ConfigError, match=message):
         S.search_plan(small_cfg(), P.parse_grid(items), search, trials)
@@ -66,14 +94,18 @@ def test_grid_search_defaults_to_every_point():
 def trials_to_reach(sampler: str, seed: int, budget: int = 40) -> int:
     """Trials a sampler needs to find the good region of a toy objective (budget + 1: never found)."""
     space = P.parse_grid(["learning_rate=1e-6:1e-1", "batch_size=int:16:512", "gamma=0.9,0.95,0.99,0.999"])
-    study = optuna.create_study(direction="maximize", sampler=S.make_sampler(P.Search(sampler, space, budget,
-                                                                                      seed=seed)))
+    study = optuna.create_study(
+        direction="maximize", sampler=S.make_sampler(P.Search(sampler, space, budget, seed=seed))
+    )
     dists = S.distributions(space)
     for n in range(1, budget + 1):
         trial = study.ask(dists)
         p = S.changes_of(trial.params)
-        value = -(math.log10(p["learning_rate"]) + 2.5) ** 2 - ((p["batch_size"] - 300) / 150) ** 2 - \
-            (p["gamma"] != 0.99) * 0.5
+        value = (
+            -((math.log10(p["learning_rate"]) + 2.5) ** 2)
+            - ((p["batch_size"] - 300) / 150) ** 2
+            - (p["gamma"] != 0.99) * 0.5
+        )
         study.tell(trial, value)
         if value >= -0.25:
             return n
@@ -120,8 +152,9 @@ def test_on_eval_stops_the_run_like_ctrl_c_and_it_resumes(tmp_path):
 @pytest.mark.slow
 def test_the_median_pruner_stops_a_run_that_is_clearly_worse(tmp_path):
     out = tmp_path / "search"
-    plan = S.search_plan(Config(**LEARNS), P.parse_grid(["learning_rate=1e-8:1e-2"]), "tpe", 3, pruner="median",
-                         startup_trials=2)
+    plan = S.search_plan(
+        Config(**LEARNS), P.parse_grid(["learning_rate=1e-8:1e-2"]), "tpe", 3, pruner="median", startup_trials=2
+    )
     P.prepare_dir(plan, out)
     study = S.open_study(plan, out)
     for lr in (2.5e-3, 1.5e-3, 1e-7):  # two that learn, then one that does not: fixed, not sampled
@@ -144,8 +177,9 @@ def test_the_median_pruner_stops_a_run_that_is_clearly_worse(tmp_path):
 def test_a_stopped_search_resumes_its_running_trial_and_reports_every_trial(tmp_path):
     out = tmp_path / "search"
     base = small_cfg(total_steps=600, checkpoint_every=100, eval_every=200, eval_episodes=1, save_replay=True)
-    plan = S.search_plan(base, P.parse_grid(["learning_rate=1e-4:1e-2", "batch_size=16,32"]), "random", 3,
-                         pruner="none", seed=3)
+    plan = S.search_plan(
+        base, P.parse_grid(["learning_rate=1e-4:1e-2", "batch_size=16,32"]), "random", 3, pruner="none", seed=3
+    )
 
     def ctrl_c_once_trial_1_has_a_checkpoint():
         deadline = time.monotonic() + 120

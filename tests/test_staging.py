@@ -14,8 +14,14 @@ from fastdqn.staging import ALIGN, Staging, layout
 
 CPU = torch.device("cpu")
 N = 3
-FIELDS = {"obs": ((N, 4, 5), torch.uint8), "next_obs": ((N, 2), torch.float32), "rewards": ((N,), torch.float32),
-          "terminated": ((N,), torch.uint8), "starts": ((N,), torch.bool), "ids": ((N,), torch.int64)}
+FIELDS = {
+    "obs": ((N, 4, 5), torch.uint8),
+    "next_obs": ((N, 2), torch.float32),
+    "rewards": ((N,), torch.float32),
+    "terminated": ((N,), torch.uint8),
+    "starts": ((N,), torch.bool),
+    "ids": ((N,), torch.int64),
+}
 
 
 def test_layout_packs_the_fields_aligned_without_overlap():
@@ -29,9 +35,14 @@ def test_layout_packs_the_fields_aligned_without_overlap():
 
 def fill_step(staging: Staging, k: int) -> dict[str, np.ndarray]:
     host = staging.fill()
-    values = {"obs": np.full((N, 4, 5), k, np.uint8), "next_obs": np.arange(2 * N, dtype=np.float64).reshape(N, 2) + k,
-              "rewards": np.array([0.5, -1.0, k]), "terminated": np.array([k % 2, 0, 1], bool),
-              "starts": np.array([False, k % 3 == 0, True]), "ids": np.array([k, -k, 2**40])}
+    values = {
+        "obs": np.full((N, 4, 5), k, np.uint8),
+        "next_obs": np.arange(2 * N, dtype=np.float64).reshape(N, 2) + k,
+        "rewards": np.array([0.5, -1.0, k]),
+        "terminated": np.array([k % 2, 0, 1], bool),
+        "starts": np.array([False, k % 3 == 0, True]),
+        "ids": np.array([k, -k, 2**40]),
+    }
     for name, value in values.items():
         host[name][...] = value
     return values
@@ -42,8 +53,9 @@ def test_fields_arrive_typed_in_one_copy_and_the_last_steps_stay_valid(monkeypat
     staging = Staging(CPU, FIELDS, separate=separate)
     copies = collections.Counter()
     real_copy = torch.Tensor.copy_
-    monkeypatch.setattr(torch.Tensor, "copy_",
-                        lambda self, *a, **k: (copies.update(["copy_"]), real_copy(self, *a, **k))[1])
+    monkeypatch.setattr(
+        torch.Tensor, "copy_", lambda self, *a, **k: (copies.update(["copy_"]), real_copy(self, *a, **k))[1]
+    )
     sent = []
     for k in range(5):
         values = fill_step(staging, k)

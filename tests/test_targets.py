@@ -12,14 +12,15 @@ GAMMA = 0.9
 REWARDS = torch.tensor([1.0, 2.0, -1.0, 0.5])
 # transition 1 terminated; transition 2 was truncated by a time limit, which is stored as terminated = 0
 TERMINATED = torch.tensor([0.0, 1.0, 0.0, 0.0])
-NEXT_Q_TARGET = torch.tensor([[1.0, 3.0, 2.0],
-                              [5.0, 4.0, 6.0],
-                              [-2.0, -1.0, -3.0],
-                              [0.0, 10.0, 7.0]])
-NEXT_Q_ONLINE = torch.tensor([[9.0, 0.0, 1.0],  # online argmax 0 (target max is at 1)
-                              [0.0, 0.0, 9.0],
-                              [0.0, 0.0, 9.0],  # online argmax 2 (target max is at 1)
-                              [0.0, 1.0, 0.0]])
+NEXT_Q_TARGET = torch.tensor([[1.0, 3.0, 2.0], [5.0, 4.0, 6.0], [-2.0, -1.0, -3.0], [0.0, 10.0, 7.0]])
+NEXT_Q_ONLINE = torch.tensor(
+    [
+        [9.0, 0.0, 1.0],  # online argmax 0 (target max is at 1)
+        [0.0, 0.0, 9.0],
+        [0.0, 0.0, 9.0],  # online argmax 2 (target max is at 1)
+        [0.0, 1.0, 0.0],
+    ]
+)
 
 
 def test_dqn_targets_by_hand():

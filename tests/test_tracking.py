@@ -31,8 +31,23 @@ def metrics(run_dir) -> list[dict]:
 
 def test_train_track_sends_config_scalars_and_result_to_an_offline_wandb_run(tmp_path, wandb_offline, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "--track", "--wandb-project", "dqn-tests", "--wandb-group", "g1", "--run-dir",
-                 str(run_dir), "--quiet", *small_flags(eval_every=200, eval_episodes=2, learning_rate=3e-4)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--track",
+                "--wandb-project",
+                "dqn-tests",
+                "--wandb-group",
+                "g1",
+                "--run-dir",
+                str(run_dir),
+                "--quiet",
+                *small_flags(eval_every=200, eval_episodes=2, learning_rate=3e-4),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     [run] = offline_runs(run_dir)  # in the run dir, as no WANDB_DIR is set
     assert (run.project, run.group, run.name, run.job_type) == ("dqn-tests", "g1", "run", "train")
@@ -59,23 +74,44 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, wandb_offline, mo
 @pytest.mark.slow
 def test_sweep_track_makes_one_wandb_run_per_run_grouped_by_the_study(tmp_path, wandb_offline):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--track", "--grid", "learning_rate=1e-3,3e-4", "--seeds", "1", "--workers", "1",
-                 "--out", str(out), *small_flags(total_steps=200)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--track",
+                "--grid",
+                "learning_rate=1e-3,3e-4",
+                "--seeds",
+                "1",
+                "--workers",
+                "1",
+                "--out",
+                str(out),
+                *small_flags(total_steps=200),
+            ]
+        )
+        == 0
+    )
     runs = offline_runs(out)
     assert sorted(r.name for r in runs) == ["sweep/learning_rate=0.0003/seed-1", "sweep/learning_rate=0.001/seed-1"]
     assert {r.group for r in runs} == {"sweep"} and {r.job_type for r in runs} == {"sweep"}
     for run in runs:
         assert run.config["point"] == f"learning_rate={json.dumps(run.config['learning_rate'])}"
         point = P.Point(run.config["point"], {})
-        assert run.summary["final_eval_mean"] == json.loads(
-            (P.run_dir_of(out, point, 1) / P.RESULT_FILE).read_text())["final_eval_mean"]
+        assert (
+            run.summary["final_eval_mean"]
+            == json.loads((P.run_dir_of(out, point, 1) / P.RESULT_FILE).read_text())["final_eval_mean"]
+        )
 
 
-@pytest.mark.parametrize("module,argv,extra", [
-    ("wandb", ["train", "--track"], "wandb"),
-    ("ray", ["sweep", "--grid", "batch_size=16", "--backend", "ray"], "ray"),
-    ("optuna", ["sweep", "--grid", "learning_rate=1e-4:1e-2", "--search", "tpe", "--trials", "2"], "optuna"),
-])
+@pytest.mark.parametrize(
+    "module,argv,extra",
+    [
+        ("wandb", ["train", "--track"], "wandb"),
+        ("ray", ["sweep", "--grid", "batch_size=16", "--backend", "ray"], "ray"),
+        ("optuna", ["sweep", "--grid", "learning_rate=1e-4:1e-2", "--search", "tpe", "--trials", "2"], "optuna"),
+    ],
+)
 def test_a_missing_extra_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys, module, argv, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     monkeypatch.chdir(tmp_path)

@@ -63,8 +63,15 @@ def test_same_seed_gives_the_same_returns_twice(tmp_path, tiny_cfg, monkeypatch)
 @pytest.mark.parametrize("num_envs", [1, 3, 8])
 def test_update_count_is_independent_of_num_envs(tmp_path, tiny_cfg, num_envs):
     total, starts, every, grad_steps = 600, 120, 4, 2
-    cfg = classic(tiny_cfg, num_envs=num_envs, learning_starts=starts, train_every=every, gradient_steps=grad_steps,
-                           batch_size=8, hidden_sizes=[8])
+    cfg = classic(
+        tiny_cfg,
+        num_envs=num_envs,
+        learning_starts=starts,
+        train_every=every,
+        gradient_steps=grad_steps,
+        batch_size=8,
+        hidden_sizes=[8],
+    )
     calls = []
     with trainer_without_run(cfg, tmp_path) as trainer:
         real_update = trainer.updates.update
@@ -90,8 +97,9 @@ def test_clip_rewards_stores_clipped_rewards_and_reports_raw_returns(tmp_path, t
     episodes = record_finished_episodes(monkeypatch)
     for clip, stored in ((True, 1.0), (False, REWARD)):
         episodes.clear()
-        cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=2, clip_rewards=clip, buffer_size=100,
-                               learning_starts=10_000)
+        cfg = classic(
+            tiny_cfg, env_id=COUNTER_ENV, num_envs=2, clip_rewards=clip, buffer_size=100, learning_starts=10_000
+        )
         with trainer_without_run(cfg, tmp_path / str(clip)) as trainer:
             drive(trainer, 100)
             assert torch.equal(trainer.replay.rewards, torch.full((100,), stored))
@@ -128,8 +136,15 @@ PACKAGE_DIR = str(Path(fastdqn.__file__).resolve().parent)
 @pytest.mark.parametrize("changes", [{}, {"normalize_obs": True, "double_dqn": True, "target_update": "soft"}])
 def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, monkeypatch, changes):
     """collect() + train() copy only the action vector to the host: no .item(), no branching on tensor values."""
-    cfg = classic(tiny_cfg, num_envs=4, learning_starts=100, lr_schedule="linear", target_update_interval=40,
-                           batch_size=16, **changes)
+    cfg = classic(
+        tiny_cfg,
+        num_envs=4,
+        learning_starts=100,
+        lr_schedule="linear",
+        target_update_interval=40,
+        batch_size=16,
+        **changes,
+    )
     calls: collections.Counter[str] = collections.Counter()
     with trainer_without_run(cfg, tmp_path) as trainer:
         drive(trainer, 200)  # past warm-up: updates, LR changes and target updates all happen below
@@ -151,14 +166,30 @@ def test_hot_loop_reads_device_values_once_per_vector_step(tmp_path, tiny_cfg, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [{}, {"compile": True}, {"compile": True, "amp": True}],
-                         ids=["eager", "compiled", "compiled+amp"])
+@pytest.mark.parametrize(
+    "variant", [{}, {"compile": True}, {"compile": True, "amp": True}], ids=["eager", "compiled", "compiled+amp"]
+)
 def test_learns_cartpole_well_beyond_a_random_policy(tmp_path, variant):
     """The whole path learns, with every update-step variant: a sign error, a wrong gather or a broken target
     would keep returns near 20."""
-    cfg = classic(Config(), seed=3, device="cpu", total_steps=6_000, learning_starts=500, epsilon_decay_steps=4_000,
-                  epsilon_end=0.05, batch_size=128, buffer_size=50_000, eval_every=2_000, eval_episodes=5,
-                  hidden_sizes=[64, 64], log_every=2_000, checkpoint_every=0, target_update_interval=250, **variant)
+    cfg = classic(
+        Config(),
+        seed=3,
+        device="cpu",
+        total_steps=6_000,
+        learning_starts=500,
+        epsilon_decay_steps=4_000,
+        epsilon_end=0.05,
+        batch_size=128,
+        buffer_size=50_000,
+        eval_every=2_000,
+        eval_episodes=5,
+        hidden_sizes=[64, 64],
+        log_every=2_000,
+        checkpoint_every=0,
+        target_update_interval=250,
+        **variant,
+    )
     with assert_compiled() if cfg.compile else contextlib.nullcontext():
         result = Trainer(cfg, tmp_path, show_progress=False).run()
     means = [mean for _, mean, _ in result.evals]
@@ -203,8 +234,16 @@ def test_evaluator_alone_records_each_evaluation_and_the_first_solved_step(tiny_
 
 def test_run_stops_and_does_periodic_work_at_the_first_vector_step_past_each_multiple(tmp_path, tiny_cfg):
     """3 envs never land on multiples of 25 or 50 or on 100: each event fires once, at the vector step past it."""
-    cfg = classic(tiny_cfg, num_envs=3, total_steps=100, learning_starts=30, eval_every=25, checkpoint_every=50,
-                           log_every=40, keep_checkpoints=5)
+    cfg = classic(
+        tiny_cfg,
+        num_envs=3,
+        total_steps=100,
+        learning_starts=30,
+        eval_every=25,
+        checkpoint_every=50,
+        log_every=40,
+        keep_checkpoints=5,
+    )
     result = Trainer(cfg, tmp_path, show_progress=False).run()
     assert result.env_steps == 102 and result.updates == (102 - 30) // cfg.train_every
     assert [step for step, _, _ in result.evals] == [27, 51, 75, 102]  # the last one is the final evaluation

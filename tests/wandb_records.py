@@ -40,11 +40,11 @@ def records(path: Path):
         if BLOCK - pos % BLOCK < HEADER:  # a block's tail too short for a record header is padding
             pos += BLOCK - pos % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0:
             pos += BLOCK - pos % BLOCK
             continue
-        piece, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
+        piece, pos = data[pos + HEADER : pos + HEADER + length], pos + HEADER + length
         pieces = piece if kind in (1, 2) else pieces + piece
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -59,8 +59,14 @@ def read_offline_run(path: Path) -> OfflineRun | None:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            run = OfflineRun(r.run_id, r.project, r.run_group, r.display_name, r.job_type,
-                             {i.key: json.loads(i.value_json) for i in r.config.update if i.key != "_wandb"})
+            run = OfflineRun(
+                r.run_id,
+                r.project,
+                r.run_group,
+                r.display_name,
+                r.job_type,
+                {i.key: json.loads(i.value_json) for i in r.config.update if i.key != "_wandb"},
+            )
         elif kind == "history":
             run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
