@@ -1,6 +1,6 @@
 """Rewrites the generated part of docs/configuration.md, the table of every key, from `fastdqn.config.Config`.
 
-python docs/generate.py            # after changing a Config field; tests/test_docs.py checks it is current
+Run `python docs/generate.py` after changing a Config field; tests/test_docs.py checks that the page is current.
 """
 
 from __future__ import annotations
