@@ -30,6 +30,7 @@ from fastdqn.config import Config
 from fastdqn.env_workers import WatchedAsyncVectorEnv
 from fastdqn.errors import EnvError
 from fastdqn.presets import is_atari_id
+from fastdqn.registry import check_env_id
 from fastdqn.spaces import obs_shape
 
 SCREEN = 84
@@ -65,6 +66,7 @@ class FireReset(gym.Wrapper):
 
 def make_pixel_env(cfg: Config, render_mode: str | None = None) -> gym.Env:
     """One preprocessed pixel env through gymnasium wrappers: (frame_stack, 84, 84) uint8 observations."""
+    check_env_id(cfg.env_id)  # ALE's ids exist once ale-py registers them (also in a fresh env worker)
     if is_atari_id(cfg.env_id):
         env = gym.make(
             cfg.env_id,
