@@ -185,8 +185,9 @@ def test_a_checkpoint_load_is_captured_again_and_trains_the_loaded_state(device,
     graphed.learner.load_state_dict(copy.deepcopy(snapshot))
     reference = UpdateRunner(make_learner(device, compile=compiled, cuda_graph="never"), replay, compiled=compiled)
     reference.learner.load_state_dict(copy.deepcopy(snapshot))
-    for stats, _td, ref_stats, _ref_td in in_lockstep(graphed, reference, replay, 8):
+    for stats, td, ref_stats, ref_td in in_lockstep(graphed, reference, replay, 8):
         torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(td, ref_td, rtol=1e-5, atol=1e-6)
     assert graphed.captures == 2
     assert_same_learners(graphed.learner, reference.learner, atol=1e-6)
 
@@ -228,8 +229,9 @@ def test_a_runner_whose_capture_fails_warns_once_and_runs_uncaptured(device, rep
     reference = UpdateRunner(make_learner(device, cuda_graph="never"), replay)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for stats, _td, ref_stats, _ref_td in in_lockstep(graphed, reference, replay, WARMUP + 4):
+        for stats, td, ref_stats, ref_td in in_lockstep(graphed, reference, replay, WARMUP + 4):
             torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(td, ref_td, rtol=1e-5, atol=1e-6)
     ours = [w for w in caught if str(w.message).startswith("CUDA graph capture of the update failed")]
     assert len(ours) == 1 and "running it uncaptured" in str(ours[0].message)
     assert graphed.failed and graphed.captures == 0 and graphed.metrics_count == WARMUP + 4
