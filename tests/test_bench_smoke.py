@@ -84,42 +84,31 @@ def cleanrl_flags(tmp_path: Path) -> list[str]:
     return ["--cleanrl-script", str(fake), "--cleanrl-python", sys.executable]
 
 
-@pytest.mark.slow
-def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures(tmp_path):
-    seen = tmp_path / "seen.jsonl"
+def run_bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Path:
+    """`fastdqn bench --device cpu ARGS` as its own process in tmp_path; the JSON it wrote under tmp_path/out."""
     out = tmp_path / "out"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastdqn",
-            "bench",
-            "--device",
-            "cpu",
-            "--suite",
-            "cleanrl,e2e",
-            "--envs",
-            "2",
-            "--steps",
-            "800",
-            "--learning-starts",
-            "100",
-            "--repeats",
-            "1",
-            "--cleanrl-threads",
-            "1,0",
-            "--out",
-            str(out),
-            *cleanrl_flags(tmp_path),
-        ],
+        [sys.executable, "-m", "fastdqn", "bench", "--device", "cpu", *args, "--out", str(out)],
         cwd=tmp_path,
-        env={**os.environ, "STAND_IN_SEEN": str(seen)},
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = out.glob("bench-*.json")
+    return path
+
+
+@pytest.mark.slow
+def test_bench_training_suites_run_each_case_as_a_process_and_report_its_figures(tmp_path):
+    seen = tmp_path / "seen.jsonl"
+    path = run_bench(
+        tmp_path,
+        *("--suite", "cleanrl,e2e", "--envs", "2", "--steps", "800", "--learning-starts", "100", "--repeats", "1"),
+        *("--cleanrl-threads", "1,0", *cleanrl_flags(tmp_path)),
+        env={"STAND_IN_SEEN": str(seen)},
+    )
     record = json.loads(path.read_text())
     cases = {c["name"]: c for c in record["training"]}
     cleanrl_names = [n for n in cases if n.startswith("cleanrl dqn.py")]
@@ -358,36 +347,12 @@ def test_loop_suite_times_each_vector_step_without_the_envs_step():
         assert case.info["env_step_us"] > 0  # the steppers went through the timed envs.step, so it is taken out
 
 
+@pytest.mark.slow
 def test_overlap_suite_runs_pong_sequential_and_overlapped_with_one_update_per_vector_step(tmp_path):
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastdqn",
-            "bench",
-            "--device",
-            "cpu",
-            "--suite",
-            "overlap",
-            "--overlap-envs",
-            "4",
-            "--steps",
-            "240",
-            "--learning-starts",
-            "80",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    path = run_bench(
+        tmp_path,
+        *("--suite", "overlap", "--overlap-envs", "4", "--steps", "240", "--learning-starts", "80", "--repeats", "1"),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [path] = out.glob("bench-*.json")
     cases = {c["name"]: c for c in json.loads(path.read_text())["training"]}
     never, always = cases["Pong, 4 envs, overlap never"], cases["Pong, 4 envs, overlap always"]
     a, b = never["info"]["config"], always["info"]["config"]
