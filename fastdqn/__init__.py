@@ -13,9 +13,28 @@ from typing import TYPE_CHECKING, Any
 from fastdqn.config import Config
 
 if TYPE_CHECKING:
-    from fastdqn.api import EvalResult, Policy, TrainResult, evaluate, load_policy, train
+    from fastdqn.api import (
+        EvalResult,
+        Policy,
+        PopulationResult,
+        TrainResult,
+        evaluate,
+        load_policy,
+        train,
+        train_population,
+    )
 
-__all__ = ["Config", "EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
+__all__ = [
+    "Config",
+    "EvalResult",
+    "Policy",
+    "PopulationResult",
+    "TrainResult",
+    "evaluate",
+    "load_policy",
+    "train",
+    "train_population",
+]
 __version__ = "0.1.0"
 
 

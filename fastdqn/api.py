@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,13 +38,29 @@ from fastdqn.devices import resolve_device, use_device
 from fastdqn.disk import run_write
 from fastdqn.errors import CheckpointError, ConfigError, DiskFull
 from fastdqn.logs import console
+from fastdqn.population import (
+    POPULATION_FILE,
+    Population,
+    PopulationResult,
+    read_population_file,
+    write_population_file,
+)
 from fastdqn.rundir import CONFIG_FILE, LOCK_FILE, RunDirLock, default_run_dir, resume_point, write_config
 from fastdqn.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
     from fastdqn.tracking import Tracking
 
-__all__ = ["EvalResult", "Policy", "TrainResult", "evaluate", "load_policy", "train"]
+__all__ = [
+    "EvalResult",
+    "Policy",
+    "PopulationResult",
+    "TrainResult",
+    "evaluate",
+    "load_policy",
+    "train",
+    "train_population",
+]
 
 EVAL_FILE = "eval.json"
 
@@ -70,12 +86,12 @@ def train(
     Ctrl-C does (checkpoint saved, resumable; `stopped_early` in the result): a search prunes runs this way.
     `track` also sends the run's scalars, config and result to Weights & Biases (`fastdqn.tracking`).
     """
+    if (config is not None and config.agents > 1) or (resume and run_dir and is_population(Path(run_dir))):
+        raise ConfigError(
+            "a population (agents > 1) trains with fastdqn.train_population, which returns every agent's result"
+        )
     if resume:
-        if run_dir is None:
-            raise ConfigError("resume=True continues a run in place: pass its run_dir")
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn train`")
+        run_dir = _existing_run_dir(run_dir)
         _, cfg = _resume_config(run_dir, config)  # a config the run cannot take fails here, before anything is written
         with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
             trainer = _resumed_trainer(run_dir, config, show_progress)
@@ -85,12 +101,7 @@ def train(
                 trainer.close()
     cfg = (config if config is not None else Config()).validate()
     resolve_device(cfg.device)  # fail before touching the disk
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
-    if run_dir.exists() and _contents(run_dir) and not overwrite:
-        raise ConfigError(
-            f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
-            "--overwrite to replace it, or another --run-dir"
-        )
+    run_dir = _new_run_dir(cfg, run_dir, runs_root, overwrite)
     trainer = Trainer(cfg, run_dir, show_progress=show_progress)  # bad envs fail here, before the disk
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +112,105 @@ def train(
             return _run(trainer, on_eval, track)
     finally:
         trainer.close()
+
+
+def _existing_run_dir(run_dir: str | Path | None) -> Path:
+    if run_dir is None:
+        raise ConfigError("resume=True continues a run in place: pass its run_dir")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run dir '{run_dir}' does not exist: pass a dir under runs/ made by `fastdqn train`")
+    return run_dir
+
+
+def _new_run_dir(cfg: Config, run_dir: str | Path | None, runs_root: str | Path, overwrite: bool) -> Path:
+    """The dir a new run writes to, refused when it holds something and `overwrite` is off."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg, Path(runs_root))
+    if run_dir.exists() and _contents(run_dir) and not overwrite:
+        raise ConfigError(
+            f"run dir '{run_dir}' already exists: pass --resume {run_dir} to continue it, "
+            "--overwrite to replace it, or another --run-dir"
+        )
+    return run_dir
+
+
+def is_population(run_dir: Path) -> bool:
+    """Is `run_dir` a population's (population.json), rather than one agent's?"""
+    return (Path(run_dir) / POPULATION_FILE).is_file()
+
+
+def train_population(
+    config: Config | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    values: dict[str, list[Any]] | None = None,
+    overwrite: bool = False,
+    runs_root: str | Path = "runs",
+    show_progress: bool = True,
+) -> PopulationResult:
+    """Train `config.agents` agents together in one process (population.py) and return each one's result.
+
+    Agent k is `config` with seed + k and the k-th of each list in `values` (keys of population.AGENT_KEYS); its
+    run dir is `run_dir/agent-k`, a standalone run's in every way. `resume=True` continues the population in
+    `run_dir` from the newest checkpoint every agent has (`config` None, or with changes a resume may make).
+    """
+    if resume:
+        run_dir = _existing_run_dir(run_dir)
+        saved = read_population_file(run_dir)
+        if saved is None:
+            raise CheckpointError(f"'{run_dir}' has no {POPULATION_FILE}: resume a single run with fastdqn.train")
+        values, dirs = saved
+        cfg = (config if config is not None else from_dict(saved_config(run_dir), where=str(run_dir))).validate()
+        with disk_full_fix(run_dir, cfg), contextlib.ExitStack() as locks:
+            for path in [run_dir, *dirs]:
+                locks.enter_context(RunDirLock(path))
+            states = _lockstep_checkpoints(dirs)
+            population = Population(cfg, run_dir, show_progress, values, dirs)
+            try:
+                if states:
+                    population.restore([load_run_checkpoint(path, "cpu") for path in states])
+                else:
+                    console.print(f"[yellow]{run_dir} has no checkpoint yet: training it again from env step 0[/]")
+                write_config(cfg, run_dir)
+                for agent_cfg, path in zip(population.cfgs, dirs):
+                    write_config(agent_cfg, path)
+                return population.run()
+            finally:
+                population.close()
+    cfg = (config if config is not None else Config()).validate()
+    resolve_device(cfg.device)
+    run_dir = _new_run_dir(cfg, run_dir, runs_root, overwrite)
+    population = Population(cfg, run_dir, show_progress, values)  # bad envs and configs fail here, before the disk
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
+            for path in _contents(run_dir):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            write_config(cfg, run_dir)
+            write_population_file(run_dir, cfg, values or {}, population.dirs)
+            for agent_cfg, path in zip(population.cfgs, population.dirs):
+                write_config(agent_cfg, path)
+            return population.run()
+    finally:
+        population.close()
+
+
+def _lockstep_checkpoints(dirs: list[Path]) -> list[Path]:
+    """Each agent's checkpoint of the newest env step that all agents have one of ([] before the first); a kill
+    while the agents were saving leaves some one checkpoint ahead, and the population goes back to the last
+    common one."""
+    names = [{p.name for p in list_checkpoints(d)} for d in dirs]
+    common = set.intersection(*names)
+    if not common:
+        if any(names):
+            raise CheckpointError(
+                f"the agents in {dirs[0].parent} have no checkpoint of one env step in common (keep_checkpoints=1 "
+                "and a kill while saving?): resume each agent dir on its own with fastdqn train --resume"
+            )
+        return []
+    newest = max(common, key=lambda name: int(name.split("-")[1].split(".")[0]))
+    return [d / newest for d in dirs]
 
 
 def _run(trainer: Trainer, on_eval: Callable[[int, float], bool] | None, track: Tracking | None) -> TrainResult:

@@ -59,19 +59,36 @@ class Checkpointer:
         self.cfg, self.run_dir, self.counters = cfg, Path(run_dir), counters
         self.learner, self.replay, self.collector, self.evaluator = learner, replay, collector, evaluator
         self.finite = FiniteGuard(learner)
+        self.generator: torch.Generator | None = None  # a population agent's own random draws; None: torch's
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The generator states the run draws from: torch's (and CUDA's), with a population agent's own generator in
+        the place of its device's, so the agent's dir also resumes as a run of its own."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.learner.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
+        if self.generator is not None:
+            rng[rng_key(self.generator)] = self.generator.get_state()
+        return rng
+
+    def set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
+        """Restore what `rng_state` saved (into the agent's own generator only, for a population agent)."""
+        if self.generator is not None:
+            self.generator.set_state(rng[rng_key(self.generator)])
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.learner.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.learner.device)
 
     def state_dict(self, replay: bool = True) -> dict[str, Any]:
         """The whole run as plain data (tensors, numbers, strings), loadable with weights_only; the replay only with
         save_replay (and `replay`)."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.learner.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "counters": vars(self.counters).copy(),
             "learner": strip_compile_prefix(self.learner.state_dict()),
-            "rng": rng,
+            "rng": self.rng_state(),
             **self.collector.state_dict(),
             **self.evaluator.state_dict(),
         }
@@ -116,9 +133,7 @@ class Checkpointer:
                 "resume with the run's own config"
             ) from None
         self.counters.load(state["counters"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.learner.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.learner.device)
+        self.set_rng_state(state["rng"])
         self.collector.load_state_dict(state)
         if "replay" in state:
             self.replay.load_state_dict(state["replay"])
@@ -171,6 +186,11 @@ class Checkpointer:
             f"with `fastdqn train --resume {self.run_dir} --learning-rate <lower>`, or set "
             "nonfinite_skips to roll back and go on"
         )
+
+
+def rng_key(generator: torch.Generator) -> str:
+    """Where a checkpoint keeps a generator's state: "cuda" for a CUDA generator, else "torch"."""
+    return "cuda" if generator.device.type == "cuda" else "torch"
 
 
 def read_best(run_dir: Path) -> tuple[int, float, float] | None:

@@ -74,9 +74,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastdqn import api  # torch and gymnasium only now: a typo in the command line is reported at once
 
     track = tracking_from_args(args)
+    if args.resume and args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+        raise ConfigError(f"--resume continues '{args.resume}' in place: drop --run-dir {args.run_dir}")
+    values = parse_agent_values(args.agent_values or [])
+    population = api.is_population(Path(args.resume)) if args.resume else config_from_args(args).agents > 1
+    if population:
+        if track is not None:
+            raise ConfigError("--track sends one run to W&B: train populations (--agents > 1) without it")
+        summary = train_population(args, values)
+        if args.quiet:
+            print(json.dumps(summary))
+        return 0
+    if values:
+        raise ConfigError("--agent-values sets each agent's value: add --agents K (one value per agent)")
     if args.resume:
-        if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
-            raise ConfigError(f"--resume continues '{args.resume}' in place: drop --run-dir {args.run_dir}")
         cfg = config_from_args(args, base=api.saved_config(args.resume))
         result = api.train(cfg, args.resume, resume=True, show_progress=not args.quiet, track=track)
     else:
@@ -94,10 +105,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_population(args: argparse.Namespace, values: dict[str, list[Any]]) -> dict[str, Any]:
+    """`fastdqn train --agents K` (or --resume of a population's dir); returns the population's JSON summary."""
+    from fastdqn import api
+
+    if args.resume:
+        if values:
+            raise ConfigError("--agent-values are kept from the population's start: drop them to resume it")
+        cfg = config_from_args(args, base=api.saved_config(args.resume))
+        return api.train_population(cfg, args.resume, resume=True, show_progress=not args.quiet).summary()
+    return api.train_population(
+        config_from_args(args),
+        args.run_dir,
+        values=values,
+        overwrite=args.overwrite,
+        runs_root=args.runs_root,
+        show_progress=not args.quiet,
+    ).summary()
+
+
+def parse_agent_values(items: list[str]) -> dict[str, list[Any]]:
+    """`--agent-values KEY=V1,V2,...` items -> {key: [values]} (typed like the key; population.py checks them)."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise ConfigError(f"--agent-values expects KEY=V1,V2,... (one value per agent), got '{item}'")
+        if key not in C.FIELDS:
+            raise C.unknown_key_error(key, "--agent-values")
+        out[key] = [C.coerce(key, v.strip()) for v in values.split(",")]
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastdqn import api
     from fastdqn.logs import console, summary_table
 
+    if args.agent is not None:
+        args.run = str(Path(args.run) / f"agent-{args.agent}")
+        if not Path(args.run).is_dir():
+            raise ConfigError(f"'{args.run}' does not exist: --agent takes 0..K-1 of a population run dir (--agents K)")
+    elif api.is_population(Path(args.run)):
+        raise ConfigError(f"'{args.run}' is a population's run dir: pick an agent with --agent K")
     result = api.evaluate(
         args.run,
         episodes=args.episodes,
@@ -291,6 +341,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar; print a JSON result line at the end")
+    parser.add_argument(
+        "--agent-values",
+        nargs="+",
+        metavar="KEY=V1,V2",
+        help="with --agents K: each agent's own value of a key (one per agent), e.g. learning_rate=1e-3,3e-3; keys: "
+        "learning_rate, lr_end, adam_eps, max_grad_norm, huber_delta, tau and the epsilon schedule's",
+    )
     add_tracking_flags(parser)
     add_config_flags(parser)
 
@@ -308,12 +365,25 @@ class OneLineParser(argparse.ArgumentParser):
                     found += sub.option_strings()
         return found
 
+    def commands_with(self, flag: str) -> list[str]:
+        """The subcommands that have `flag`."""
+        return [
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()
+            if flag in sub.option_strings()
+        ]
+
     def error(self, message: str) -> NoReturn:
         _, marker, rest = message.partition("unrecognized arguments:")
         hints = []
         for flag in re.findall(r"(?:^|\s)(--?[A-Za-z][\w-]*)", rest) if marker else []:
+            owners = self.commands_with(flag)
             close = difflib.get_close_matches(flag, self.option_strings(), n=1, cutoff=0.6)
-            if close:
+            if owners:
+                hints.append(f"{flag} is an option of `fastdqn {' / '.join(owners)}`, not of this command")
+            elif close:
                 hints.append(f"did you mean {close[0]} (for {flag})?")
         hint = " ".join(hints) or f"see `{self.prog} --help`"
         self.exit(2, f"fastdqn: error: {message}: {hint}\n")
@@ -349,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="best|last|PATH",
         help="which of the run's checkpoints: best (default), last (the newest ckpt-*.pt) or a file",
     )
+    ev.add_argument("--agent", type=int, default=None, help="which agent of a population run dir (--agents K): 0..K-1")
     ev.add_argument("--episodes", type=int, default=10, help="episodes, each on its own seeded env (default: 10)")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's seed)")
     ev.add_argument("--epsilon", type=float, default=None, help="exploration during evaluation (default: config)")

@@ -156,6 +156,7 @@ class Collector:
         # runs start fresh episodes.
         self.snapshot_envs = not pixels and resolve_vector_mode(cfg) != "async" and not is_minatar_id(cfg.env_id)
         self.recent_returns: deque[float] = deque(maxlen=RECENT_EPISODES)
+        self.generator: torch.Generator | None = None  # acting's random draws; None: torch's default generator
 
     def stage_obs(self, obs: np.ndarray) -> torch.Tensor:
         """Observations (after a reset) on the device, through the staging buffer."""
@@ -169,7 +170,7 @@ class Collector:
 
     def start(self) -> None:
         """Act in all envs on their last observations and start the envs' step."""
-        self.actions_t = self.learner.act(self.obs_t, epsilon_at(self.cfg, self.counters.env_step))
+        self.actions_t = self.learner.act(self.obs_t, epsilon_at(self.cfg, self.counters.env_step), self.generator)
         actions = self.staging.to_host(self.actions_t)  # the one device->host copy of a vector step
         self.learner.observe(self.obs_t)
         self.stepper.start(actions)

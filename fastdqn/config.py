@@ -47,6 +47,11 @@ class Config:
         "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one, else sync",
     )
     seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
+    agents: int = _f(
+        1,
+        "agents trained together in one process, seeds seed..seed+agents-1, with one batched update for all "
+        "(a population: vector observations, uniform replay); each gets its own run dir agent-<k> in the run dir",
+    )
     total_steps: int = _f(50_000, "env steps to train for (all envs together)")
     max_episode_steps: int = _f(0, "time limit per episode, 0 = the env's own")
 
@@ -228,6 +233,7 @@ class Config:
         """Raise ConfigError on a value that is out of range; return self."""
         checks: list[tuple[bool, str]] = [
             (self.num_envs >= 1, f"num_envs must be >= 1, got {self.num_envs}"),
+            (self.agents >= 1, f"agents must be >= 1, got {self.agents}"),
             (self.seed >= 0, f"seed must be >= 0 (gymnasium seeds are non-negative), got {self.seed}"),
             (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
             (self.buffer_size >= 1, f"buffer_size must be >= 1, got {self.buffer_size}"),

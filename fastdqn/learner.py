@@ -38,15 +38,16 @@ def td_targets(
     next_q_online: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * V(s'); for n-step returns r is the discounted sum and gamma is gamma^k.
+    Q-values are (B, n_actions), or (K, B, n_actions) for a population of K agents.
 
     DQN:        V(s') = max_a' Q_target(s', a').
     Double DQN: V(s') = Q_target(s', argmax_a' Q_online(s', a')), when `next_q_online` is given.
     A truncated (time-limit) transition has terminated = 0 and so bootstraps like any other.
     """
     if next_q_online is None:
-        next_v = next_q_target.max(dim=1).values
+        next_v = next_q_target.max(dim=-1).values
     else:
-        next_v = next_q_target.gather(1, next_q_online.argmax(dim=1, keepdim=True)).squeeze(1)
+        next_v = next_q_target.gather(-1, next_q_online.argmax(dim=-1, keepdim=True)).squeeze(-1)
     return rewards + gamma * (1.0 - terminated) * next_v
 
 
@@ -91,6 +92,22 @@ def batch_td_loss(
 ) -> tuple[torch.Tensor, ...]:
     """(loss, Q(s,a), TD targets) of one batch. `q_net` gives the online Q-values (the module itself, or the module
     on stand-in parameter tensors in the single-graph step); `target_net` None is the no-target-network ablation."""
+    q, y = q_and_targets(cfg, q_net, target_net, obs, actions, rewards, next_obs, terminated, discounts)
+    return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
+
+
+def q_and_targets(
+    cfg: Config,
+    q_net: Callable[[torch.Tensor], torch.Tensor],
+    target_net: Callable[[torch.Tensor], torch.Tensor] | None,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q(s,a), TD targets) of a batch (B,), or of a population's batches (K, B) on stacked networks."""
     with autocast(cfg, obs.device.type):  # the networks return float32 Q-values: only convolutions run in bf16
         q_all = q_net(obs)
         with torch.no_grad():  # s' passes need no gradient, so backward only runs over the s batch
@@ -102,8 +119,7 @@ def batch_td_loss(
                 next_q_target = target_net(next_obs)
     gamma = cfg.gamma if discounts is None else discounts
     y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
-    q = q_all.gather(1, actions.unsqueeze(1)).squeeze(1)
-    return td_loss(q, y, cfg.loss, cfg.huber_delta, weights), q, y
+    return q_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1), y
 
 
 def clip_scale(cfg: Config, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -275,17 +291,18 @@ class DQNLearner:
 
     # --- acting ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, epsilon: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Epsilon-greedy actions for a batch of observations, decided on the device.
 
         No forward pass at epsilon 1, when every env explores (the random draws are the same). Always fp32, also with
         `amp`: bf16
         keeps 8 bits of mantissa, so Q-values near 100 are rounded to steps of 0.5, which ties or flips the greedy
-        action between close Q-values (and acting on N observations is cheap).
+        action between close Q-values (and acting on N observations is cheap). The random draws come from
+        `generator` (a population agent's own), else torch's default one.
         """
         n = obs.shape[0]
-        explore = torch.rand(n, device=self.device) < epsilon
-        random_actions = torch.randint(0, self.n_actions, (n,), device=self.device)
+        explore = torch.rand(n, device=self.device, generator=generator) < epsilon
+        random_actions = torch.randint(0, self.n_actions, (n,), device=self.device, generator=generator)
         if epsilon >= 1.0:
             return random_actions
         return torch.where(explore, random_actions, self.q(obs).argmax(dim=1))

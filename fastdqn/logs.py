@@ -36,11 +36,18 @@ class RunLogger:
     """Writes scalars to TensorBoard, metrics.jsonl and any sinks, and drives the console progress bar."""
 
     def __init__(
-        self, run_dir: Path, cfg: Config, start_step: int, show_progress: bool = True, sinks: Sequence[ScalarSink] = ()
+        self,
+        run_dir: Path,
+        cfg: Config,
+        start_step: int,
+        show_progress: bool = True,
+        sinks: Sequence[ScalarSink] = (),
+        label: str = "",
     ):
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
         self.run_dir, self.cfg, self.sinks = Path(run_dir), cfg, list(sinks)
+        self.label = label  # put before console messages (a population's agent)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         # TensorBoard's writer thread dies of a full disk with a traceback; its error reaches us on the next call.
         self.quiet_threads = contextlib.ExitStack()
@@ -139,7 +146,7 @@ class RunLogger:
         self.message(f"eval @ {step:>8} env steps: {mean:8.2f} +- {std:.2f} over {len(returns)} episodes")
 
     def message(self, text: str) -> None:
-        (self.progress.console if self.progress else console).print(text)
+        (self.progress.console if self.progress else console).print(self.label + text)
 
     def hparams(self, final_eval_mean: float) -> None:
         flat = {k: (str(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}

@@ -49,6 +49,16 @@ class RunningNormalizer(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that also takes a population's stacked weights: with a (K, out, in) weight and (K, out) bias (K
+    agents, see population.py) it maps (K, B, in) to (K, B, out), one batched matmul for all agents."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 3:  # computed as (W x^T + b)^T: every operand, and the weight gradient, contiguous
+            return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x)
+
+
 def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` in float32 even under autocast: the Q head, and what follows it (targets, loss), stay exact."""
     with torch.autocast(x.device.type, enabled=False):
@@ -56,7 +66,7 @@ def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class DuelingHead(nn.Module):
-    """features (B, F) -> Q (B, n_actions) = V(s) + A(s, a) - mean_a A(s, a) (Wang et al., 2016).
+    """features (..., B, F) -> Q (..., B, n_actions) = V(s) + A(s, a) - mean_a A(s, a) (Wang et al., 2016).
 
     Subtracting the mean advantage makes V and A identifiable. With `hidden` > 0 each stream has its own
     ReLU hidden layer of that width (the Atari CNN's 512), else each stream is one linear layer.
@@ -67,19 +77,20 @@ class DuelingHead(nn.Module):
 
         def stream(out: int) -> nn.Module:
             if hidden > 0:
-                return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out))
-            return nn.Linear(in_features, out)
+                return nn.Sequential(Linear(in_features, hidden), nn.ReLU(), Linear(hidden, out))
+            return Linear(in_features, out)
 
         self.value, self.advantage = stream(1), stream(n_actions)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         advantage = self.advantage(features)
-        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+        return self.value(features) + advantage - advantage.mean(dim=-1, keepdim=True)
 
 
 class MLPQNetwork(nn.Module):
     """obs (B, obs_dim) -> Q-values (B, n_actions) through ReLU hidden layers, then a linear or dueling head; all of
-    it in float32, also under autocast (see the module doc)."""
+    it in float32, also under autocast (see the module doc). On a population's stacked weights (K, B, obs_dim) ->
+    (K, B, n_actions)."""
 
     def __init__(
         self, obs_dim: int, n_actions: int, hidden_sizes: list[int], normalize_obs: bool = False, dueling: bool = False
@@ -89,9 +100,9 @@ class MLPQNetwork(nn.Module):
         layers: list[nn.Module] = []
         width = obs_dim
         for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            layers += [Linear(width, hidden), nn.ReLU()]
             width = hidden
-        layers.append(DuelingHead(width, n_actions) if dueling else nn.Linear(width, n_actions))
+        layers.append(DuelingHead(width, n_actions) if dueling else Linear(width, n_actions))
         self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -22,16 +22,21 @@ def nstep_returns(
     num_envs: int,
     n: int,
     gamma: float,
+    capacity: int | None = None,
+    base: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For start slots `idx`: (discounted reward sums, slot whose next_obs/terminated bootstrap, gamma^k).
 
     `rewards`, `terminated`, `truncated` are the buffer's whole (capacity,) columns; `write_pos` is the next
     slot to be written (a device tensor in the buffer, so that a CUDA graph capturing this reads its new value).
-    k (1..n) is the number of rewards summed for each sample.
+    k (1..n) is the number of rewards summed for each sample. A population's columns hold K rings of `capacity`
+    slots one after another: `idx` then counts inside a ring and `base` (B,) is the first slot of each sample's.
     """
-    capacity = rewards.shape[0]
+    capacity = rewards.shape[0] if capacity is None else capacity
     j = torch.arange(n, device=idx.device)
     slots = torch.remainder(idx.unsqueeze(1) + j * num_envs, capacity)  # (B, n): the same env's next n slots
+    if base is not None:
+        slots = slots + base.unsqueeze(1)
     # Transitions of the same env written after slot idx (the newest vector step has none).
     newer = torch.remainder(write_pos - 1 - idx, capacity) // num_envs
     ended = ((terminated[slots] != 0) | (truncated[slots] != 0)).int()

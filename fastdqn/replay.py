@@ -185,14 +185,28 @@ class TransitionStorage(RingStorage):
             }
         )
 
-    def gather(self, idx: torch.Tensor) -> Batch:
-        """The transitions starting at slots `idx`: one-step, or n-step returns when n_step > 1."""
+    def gather(self, idx: torch.Tensor, base: torch.Tensor | None = None) -> Batch:
+        """The transitions starting at slots `idx`: one-step, or n-step returns when n_step > 1. A population's
+        storage holds one ring per agent one after another (population.py): `idx` then counts inside a ring and
+        `base` is the first slot of each one's ring."""
+        slot = idx if base is None else idx + base
         if self.n_step == 1:
-            return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx])
+            return Batch(
+                self.obs[slot], self.actions[slot], self.rewards[slot], self.next_obs[slot], self.terminated[slot]
+            )
         returns, last, discounts = nstep_returns(
-            self.rewards, self.terminated, self.truncated, idx, self.head, self.num_envs, self.n_step, self.gamma
+            self.rewards,
+            self.terminated,
+            self.truncated,
+            idx,
+            self.head,
+            self.num_envs,
+            self.n_step,
+            self.gamma,
+            self.capacity,
+            base,
         )
-        return Batch(self.obs[idx], self.actions[idx], returns, self.next_obs[last], self.terminated[last], discounts)
+        return Batch(self.obs[slot], self.actions[slot], returns, self.next_obs[last], self.terminated[last], discounts)
 
     def newest(self) -> Batch:
         """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""

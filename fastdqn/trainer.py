@@ -141,6 +141,24 @@ class TrainResult:
         return summary_table(f"fastdqn: {cfg.env_id}", {**rows, "run dir": str(self.run_dir)})
 
 
+@dataclass
+class RunState:
+    """What one call of `Trainer.run` keeps besides the counters: its logger, clock and the episodes not logged yet
+    ((env step, raw return, length), logged at the next sync point)."""
+
+    logger: RunLogger
+    start_time: float
+    start_step: int
+    episodes: list[tuple[int, float, int]] = field(default_factory=list)
+    interrupted: bool = False
+    stopped_early: bool = False  # on_eval asked the run to stop
+    finished: bool = False  # end_run completed: the final evaluation and checkpoint (or the stop's) are saved
+    end_time: float = 0.0
+
+    def add_episodes(self, env_step: int, ended: list[tuple[float, int]]) -> None:
+        self.episodes += [(env_step, ret, length) for ret, length in ended]
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its current vector step, saves and exits cleanly."""
 
@@ -194,6 +212,8 @@ class Trainer:
         )
         self.min_replay = min(max(cfg.learning_starts, 1), cfg.buffer_size)
         self.first_update: tuple[float, int, float | None] | None = None  # see mark_first_update
+        self.label = ""  # put before the run's console messages (a population names its agent)
+        self.resume_dir = self.run_dir  # what `fastdqn train --resume` continues (a population's dir for its agents)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint (see `checkpointer.load_run_checkpoint`) made with a compatible config."""
@@ -204,65 +224,85 @@ class Trainer:
         """Train to total_steps (or to a SIGINT/SIGTERM), evaluating and checkpointing on the way; then the final
         evaluation and checkpoint. `on_eval(env_step, mean_return)` runs after each periodic evaluation; when it
         returns True the run stops as on SIGINT (checkpoint saved, resumable). `sinks` get every scalar too."""
-        cfg, c = self.cfg, self.counters
-        logger = RunLogger(self.run_dir, cfg, c.env_step, self.show_progress, sinks)
+        run = self.open_run(sinks)
+        try:
+            with StopRequest() as stop, profiled(self):
+                while self.counters.env_step < self.cfg.total_steps and not run.interrupted:
+                    before = self.counters.env_step
+                    run.add_episodes(self.counters.env_step, self.vector_step())
+                    self.after_vector_step(run, before, stop, on_eval)
+            self.end_run(run)
+        except EnvFailure as exc:
+            raise self.env_failure(run, exc) from exc
+        finally:
+            run.logger.close(quiet=not run.finished)  # a failing run reports its own error, not a second one
+            self.close()
+        return self.result(run)
+
+    def open_run(self, sinks: Sequence[ScalarSink] = ()) -> RunState:
+        """Open the run's logs (console, TensorBoard, metrics.jsonl, `sinks`) and start its clock."""
+        logger = RunLogger(self.run_dir, self.cfg, self.counters.env_step, self.show_progress, sinks, self.label)
         logger.message(self.replay_report)
         warning = self.checkpoints.space_warning()
         if warning:
             logger.message(f"[yellow]{warning}[/]")
-        start_time, start_step = time.perf_counter(), c.env_step
-        interrupted = stopped_early = finished = False
-        episodes: list[tuple[int, float, int]] = []  # (env step, raw return, length), logged at the next sync point
-        try:
-            with StopRequest() as stop, profiled(self):
-                while c.env_step < cfg.total_steps:
-                    before = c.env_step
-                    episodes += [(c.env_step, ret, length) for ret, length in self.vector_step()]
-                    done = c.env_step >= cfg.total_steps
-                    log, ckpt = (
-                        crossed(before, c.env_step, cfg.log_every) or done,
-                        crossed(before, c.env_step, cfg.checkpoint_every) and not done,
-                    )
-                    if log:
-                        sps = (c.env_step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                        self.log(logger, sps)
-                    if crossed(before, c.env_step, cfg.eval_every) and not done:
-                        self.evaluate(logger)
-                        if on_eval is not None and on_eval(c.env_step, self.evaluator.evals[-1][1]):
-                            stop.requested = stopped_early = True
-                    if episodes and (log or ckpt or stop.requested):
-                        logger.episodes(episodes)
-                        episodes = []
-                    if ckpt:
-                        self.checkpoints.save()
-                    if stop.requested:
-                        interrupted = True
-                        break
-            end_time = time.perf_counter()
-            wall = end_time - start_time
-            with StopRequest():  # a stop asked for from here on waits for the last checkpoint
-                if interrupted:
-                    self.checkpoints.save()
-                    logger.message(
-                        f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
-                        f"Resume with: fastdqn train --resume {self.run_dir}[/]"
-                    )
-                elif not self.evaluator.evals or self.evaluator.evals[-1][0] != c.env_step:
-                    self.evaluate(logger)  # (a finished run resumed again has its final evaluation and checkpoint)
-                    self.checkpoints.save()
-                    logger.hparams(self.evaluator.evals[-1][1])
-            finished = True
-        except EnvFailure as exc:
-            logger.episodes(episodes)
-            path = self.checkpoints.save()
-            raise EnvFailure(
-                f"{exc}; checkpoint {path.name} saved at env step {c.env_step}, resume with: "
-                f"fastdqn train --resume {self.run_dir}"
-            ) from exc
-        finally:
-            logger.close(quiet=not finished)  # a failing run reports its own error, not a second one from closing
-            self.close()
-        evals = self.evaluator.evals
+        return RunState(logger, time.perf_counter(), self.counters.env_step)
+
+    def after_vector_step(
+        self, run: RunState, before: int, stop: StopRequest, on_eval: Callable[[int, float], bool] | None = None
+    ) -> None:
+        """What is due after the vector step that took the count from `before`: logs, an evaluation, a checkpoint;
+        marks the run interrupted when a stop was asked for (by a signal, or by `on_eval` returning True)."""
+        cfg, c = self.cfg, self.counters
+        done = c.env_step >= cfg.total_steps
+        log, ckpt = (
+            crossed(before, c.env_step, cfg.log_every) or done,
+            crossed(before, c.env_step, cfg.checkpoint_every) and not done,
+        )
+        if log:
+            self.log(run.logger, (c.env_step - run.start_step) / max(time.perf_counter() - run.start_time, 1e-9))
+        if crossed(before, c.env_step, cfg.eval_every) and not done:
+            self.evaluate(run.logger)
+            if on_eval is not None and on_eval(c.env_step, self.evaluator.evals[-1][1]):
+                stop.requested = run.stopped_early = True
+        if run.episodes and (log or ckpt or stop.requested):
+            run.logger.episodes(run.episodes)
+            run.episodes = []
+        if ckpt:
+            self.checkpoints.save()
+        run.interrupted = stop.requested
+
+    def end_run(self, run: RunState) -> None:
+        """Stop the clock; save a stopped run, or evaluate and save a finished one (a stop asked for from here on
+        waits for the last checkpoint)."""
+        c = self.counters
+        run.end_time = time.perf_counter()
+        with StopRequest():
+            if run.interrupted:
+                self.checkpoints.save()
+                run.logger.message(
+                    f"[yellow]stopped at env step {c.env_step}; checkpoint saved. "
+                    f"Resume with: fastdqn train --resume {self.resume_dir}[/]"
+                )
+            elif not self.evaluator.evals or self.evaluator.evals[-1][0] != c.env_step:
+                self.evaluate(run.logger)  # (a finished run resumed again has its final evaluation and checkpoint)
+                self.checkpoints.save()
+                run.logger.hparams(self.evaluator.evals[-1][1])
+        run.finished = True
+
+    def env_failure(self, run: RunState, exc: EnvFailure) -> EnvFailure:
+        """Checkpoint after an env failure; the error to raise, saying where the run stopped and how to resume."""
+        run.logger.episodes(run.episodes)
+        path = self.checkpoints.save()
+        return EnvFailure(
+            f"{exc}; checkpoint {path.name} saved at env step {self.counters.env_step}, resume with: "
+            f"fastdqn train --resume {self.run_dir}"
+        )
+
+    def result(self, run: RunState, table: bool = True) -> TrainResult:
+        """How the run went, printed as a table unless quiet, stopped or not asked for."""
+        c, evals = self.counters, self.evaluator.evals
+        wall = run.end_time - run.start_time
         final_mean, final_std = evals[-1][1:] if evals else (float("nan"), float("nan"))
         result = TrainResult(
             self.run_dir,
@@ -270,20 +310,20 @@ class Trainer:
             c.updates,
             c.episodes,
             wall,
-            (c.env_step - start_step) / max(wall, 1e-9),
+            (c.env_step - run.start_step) / max(wall, 1e-9),
             final_mean,
             final_std,
             self.evaluator.steps_to_solve(),
-            interrupted,
+            run.interrupted,
             list(evals),
             self.evaluator.best,
-            stopped_early=stopped_early,
+            stopped_early=run.stopped_early,
         )
         if self.first_update is not None:
             first_clock, first_step, result.first_update_time = self.first_update
-            result.steady_sps = (c.env_step - first_step) / max(end_time - first_clock, 1e-9)
-        if self.show_progress and not interrupted:
-            console.print(result.table(cfg))
+            result.steady_sps = (c.env_step - first_step) / max(run.end_time - first_clock, 1e-9)
+        if table and self.show_progress and not run.interrupted:
+            console.print(result.table(self.cfg))
         return result
 
     def close(self) -> None:
@@ -309,23 +349,35 @@ class Trainer:
     def train(self, env_step: int | None = None) -> None:
         """Run the gradient updates that are due at `env_step` (default: the env steps counted so far), then any
         target sync that is due."""
+        env_step = self.counters.env_step if env_step is None else env_step
+        n = self.start_updates(env_step)
+        if n and self.first_update is None:  # the run's first update alone, to time it
+            self.updates.run(1)
+            self.mark_first_update(env_step)
+            n -= 1
+        self.updates.run(n)  # each on a new sample; prioritized replay gets new priorities
+        self.sync_targets(env_step)
+
+    def start_updates(self, env_step: int) -> int:
+        """How many gradient updates are due at `env_step`, counted as done, with the learning rate (and
+        prioritized replay's beta) set for them."""
         cfg, c = self.cfg, self.counters
-        env_step = c.env_step if env_step is None else env_step
         due = max(0, env_step - cfg.learning_starts) // cfg.train_every * cfg.gradient_steps
         if len(self.replay) < self.min_replay:
             c.updates = due  # refilling after a resume without saved replay: skip, do not pile up updates
-        if due > c.updates:
-            self.learner.set_learning_rate(learning_rate_at(cfg, env_step))
-            if cfg.prioritized:
-                assert isinstance(self.replay, PrioritizedReplayBuffer), "make_replay: prioritized"
-                self.replay.beta = per_beta_at(cfg, env_step)
-            if self.first_update is None:  # the run's first update alone, to time it
-                self.updates.run(1)
-                self.mark_first_update(env_step)
-                c.updates += 1
-            if due > c.updates:
-                self.updates.run(due - c.updates)  # each on a new sample; prioritized replay gets new priorities
-            c.updates = due
+        n = due - c.updates
+        if n <= 0:
+            return 0
+        self.learner.set_learning_rate(learning_rate_at(cfg, env_step))
+        if cfg.prioritized:
+            assert isinstance(self.replay, PrioritizedReplayBuffer), "make_replay: prioritized"
+            self.replay.beta = per_beta_at(cfg, env_step)
+        c.updates = due
+        return n
+
+    def sync_targets(self, env_step: int) -> None:
+        """Copy the online net to the target net when a target_update_interval boundary has been crossed."""
+        cfg, c = self.cfg, self.counters
         syncs_due = env_step // cfg.target_update_interval
         if cfg.target_update == "hard" and syncs_due > c.target_syncs:
             self.learner.sync_target()

@@ -1,0 +1,379 @@
+"""Populations: K agents trained together in one process (`fastdqn train --agents K`).
+
+Agent k is the run's config with seed + k (and, optionally, its own values of the keys in AGENT_KEYS), built as a
+`Trainer` of its own in RUN/agent-k: its vector env, evaluations, checkpoints, best.pt, metrics.jsonl and
+TensorBoard events are a standalone run's, so `fastdqn eval RUN/agent-k` works on it, and so does `fastdqn train
+--resume RUN/agent-k` (it then goes on alone).
+
+What the agents share is the work that batches. Their weights, target weights, Adam moments and replay columns
+live in stacked tensors with a leading agent dimension, and each agent's own tensors are views into them. One
+update trains all K agents: one sample of (K, B) transitions, one forward and backward pass of the stacked
+networks (`networks.Linear` turns each layer into a batched matmul), then each agent's gradient clipping and Adam
+step exactly as its standalone run takes them.
+
+Each agent draws its random numbers (acting, replay sampling) from a generator of its own, started where its
+standalone run's default generator stands once the network is built, and draws them in the same order. So agent k
+follows the standalone run with seed + k to float tolerance: only the batched matmuls round differently.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fastdqn.config import Config
+from fastdqn.errors import ConfigError
+from fastdqn.faults import EnvFailure
+from fastdqn.learner import DQNLearner, clip_scale, q_and_targets, soft_update_, td_loss
+from fastdqn.logs import ScalarSink, console, summary_table
+from fastdqn.replay import Batch, ReplayBuffer
+from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
+
+POPULATION_FILE = "population.json"
+# Keys an agent may set to its own value: plain numbers used per agent (acting, clipping, Adam, soft updates,
+# the loss). Everything else is the same for all agents, because it shapes what is batched.
+AGENT_KEYS = (
+    "learning_rate",
+    "lr_end",
+    "adam_eps",
+    "max_grad_norm",
+    "huber_delta",
+    "tau",
+    "epsilon_start",
+    "epsilon_end",
+    "epsilon_decay_steps",
+    "epsilon_step_factor",
+)
+
+
+def agent_dir(run_dir: Path, k: int) -> Path:
+    return Path(run_dir) / f"agent-{k}"
+
+
+def agent_configs(cfg: Config, values: dict[str, list[Any]] | None = None) -> list[Config]:
+    """The configs of a population's agents: agent k has seed cfg.seed + k and the k-th of each `values` list."""
+    values = values or {}
+    for key, vals in values.items():
+        if key not in AGENT_KEYS:
+            raise ConfigError(
+                f"agents cannot differ in '{key}': per-agent values are for {', '.join(AGENT_KEYS)}; "
+                "run other values as separate runs (fastdqn sweep)"
+            )
+        if len(vals) != cfg.agents:
+            raise ConfigError(f"'{key}' has {len(vals)} per-agent values for {cfg.agents} agents: give one per agent")
+    return [
+        cfg.updated(agents=1, seed=cfg.seed + k, **{key: vals[k] for key, vals in values.items()})
+        for k in range(cfg.agents)
+    ]
+
+
+def check_population(cfg: Config) -> None:
+    """Refuse, in one line each, what a population cannot batch yet."""
+    refused = [
+        (cfg.prioritized, "prioritized replay", "--no-prioritized"),
+        (not cfg.replay_buffer, "replay_buffer: false", "--replay-buffer"),
+        (cfg.normalize_obs, "normalize_obs", "--no-normalize-obs"),
+        (cfg.profile, "profile", "--no-profile, and profile a single agent"),
+        (cfg.overlap == "always", "overlap: always", "--overlap auto"),
+        (cfg.cuda_graph == "always", "cuda_graph: always", "--cuda-graph auto"),
+    ]
+    for bad, what, fix in refused:
+        if bad:
+            raise ConfigError(f"--agents {cfg.agents} does not support {what} yet: use {fix}, or --agents 1")
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """torch's default generator of `device` (what a standalone run draws from)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def stack_as_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The tensors stacked along a new first dim, and views of each slice to use in their place."""
+    whole = torch.stack([t.detach() for t in tensors])
+    return whole, list(whole.unbind(0))
+
+
+class StackedAgents:
+    """The agents' learners and replays with their tensors stacked, and the update step that trains them all.
+
+    `adopt` moves each agent's weights, target weights, Adam state and replay columns into stacked tensors and points
+    the agent at its slice; it runs at the start and again after a checkpoint load (which gives Adam new tensors).
+    """
+
+    def __init__(
+        self,
+        learners: list[DQNLearner],
+        replays: list[ReplayBuffer],
+        cfgs: list[Config],
+        generators: list[torch.Generator],
+    ):
+        self.learners, self.replays, self.cfgs, self.cfg = learners, replays, cfgs, cfgs[0]
+        self.k, self.device, self.generators = len(learners), learners[0].device, generators
+        self.names = [name for name, _ in learners[0].q.named_parameters()]
+        self.net = copy.deepcopy(learners[0].q)  # the structure the stacked weights run through (functional_call)
+        self.storage = copy.copy(replays[0])  # agent 0's ring, whose columns become every agent's rings below
+        self.ring_starts = (torch.arange(self.k, device=self.device) * replays[0].capacity).unsqueeze(1)  # (K, 1)
+        self.q_params: list[torch.Tensor] = []
+        self.target_params: list[torch.Tensor] | None = None
+        self.adopt()
+
+    def adopt(self) -> None:
+        """Stack every agent's tensors and make each agent's own tensors views of its slice."""
+        moments = [[learner.optimizer.state[p] for p in learner.optimizer.params] for learner in self.learners]
+        self.q_params = [p.requires_grad_() for p in self._stack_params([learner.q for learner in self.learners])]
+        no_target = self.learners[0].target_net is None
+        self.target_params = None if no_target else self._stack_params([lr.target for lr in self.learners])
+        for learner in self.learners:
+            opt = learner.optimizer
+            learner.optimizer = type(opt)(list(learner.q.parameters()), learner.lr, opt.betas, opt.eps)
+        for i in range(len(self.names)):
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                _, views = stack_as_views([agent[i][key] for agent in moments])
+                for learner, view in zip(self.learners, views):
+                    learner.optimizer.state[learner.optimizer.params[i]][key] = view
+        for learner in self.learners:
+            learner.optimizer.use_state(learner.optimizer.state)
+        for name in self.replays[0].columns():
+            whole, views = stack_as_views([rb.columns()[name] for rb in self.replays])
+            for rb, view in zip(self.replays, views):
+                setattr(rb, name, view)
+            setattr(self.storage, name, whole.view(-1, *whole.shape[2:]))
+
+    def _stack_params(self, nets: list[nn.Module]) -> list[torch.Tensor]:
+        """Stack each parameter of `nets` and make every net's parameter a view of its slice."""
+        stacked = []
+        for name in self.names:
+            module_name, _, attr = name.rpartition(".")
+            whole, views = stack_as_views([net.get_parameter(name) for net in nets])
+            for net, view in zip(nets, views):
+                net.get_submodule(module_name)._parameters[attr] = nn.Parameter(view, requires_grad=False)
+            stacked.append(whole)
+        return stacked
+
+    def sample(self) -> Batch:
+        """(K, B) transitions: each agent's B drawn from its own ring with its own generator, as its replay's
+        `sample` draws them."""
+        size, batch = len(self.replays[0]), self.cfg.batch_size
+        idx = torch.stack([torch.randint(0, size, (batch,), device=self.device, generator=g) for g in self.generators])
+        base = self.ring_starts.expand(self.k, batch)
+        flat = self.storage.gather(idx.reshape(-1), base.reshape(-1))
+        return Batch._make(None if t is None else t.view(self.k, batch, *t.shape[1:]) for t in flat)
+
+    def stacked_net(self, params: list[torch.Tensor]) -> Any:
+        by_name = dict(zip(self.names, params))
+        return lambda x: functional_call(self.net, by_name, (x,))
+
+    def step(self) -> torch.Tensor:
+        """One update of every agent on a new sample; returns the (K, 3) [loss, mean Q, grad norm] of each."""
+        return self.update(self.sample())
+
+    def update(self, batch: Batch) -> torch.Tensor:
+        """One update of every agent, agent k on `batch`'s k-th (B,) slice, with its own clipping and Adam step as
+        `DQNLearner.step_on` takes them; returns the (K, 3) [loss, mean Q, grad norm] of each."""
+        target = None if self.target_params is None else self.stacked_net(self.target_params)
+        q, y = q_and_targets(
+            self.cfg,
+            self.stacked_net(self.q_params),
+            target,
+            batch.obs,
+            batch.actions,
+            batch.rewards,
+            batch.next_obs,
+            batch.terminated,
+            batch.discounts,
+        )
+        losses = torch.stack([td_loss(q[k], y[k], c.loss, c.huber_delta) for k, c in enumerate(self.cfgs)])
+        # the fused Adam kernel reads memory in order: a transposed gradient would be stepped with the wrong moments
+        # (networks.Linear gives contiguous ones, and then contiguous() copies nothing)
+        grads = [g.contiguous() for g in torch.autograd.grad(losses.sum(), self.q_params)]
+        norms = []
+        with torch.no_grad():
+            for k, (learner, cfg) in enumerate(zip(self.learners, self.cfgs)):
+                agent_grads = [g[k] for g in grads]
+                norm, scale = clip_scale(cfg, agent_grads)
+                if scale is not None:
+                    torch._foreach_mul_(agent_grads, scale)
+                learner.optimizer.step(agent_grads)
+                if cfg.target_update == "soft":
+                    soft_update_(learner.target, learner.q, cfg.tau)
+                norms.append(norm)
+            return torch.stack([losses, q.mean(dim=1), torch.stack(norms)], dim=1)
+
+
+@dataclass
+class PopulationResult:
+    """How a population run went: one TrainResult per agent, and the wall time of the whole."""
+
+    run_dir: Path
+    agents: list[TrainResult]
+    wall_time: float
+
+    @property
+    def interrupted(self) -> bool:
+        return any(r.interrupted for r in self.agents)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON result of `fastdqn train --agents K --quiet`: the population's and each agent's."""
+        return {
+            "run_dir": str(self.run_dir),
+            "agents": len(self.agents),
+            "wall_time": round(self.wall_time, 2),
+            "final_eval_means": [r.final_eval_mean for r in self.agents],
+            "interrupted": self.interrupted,
+            "agent_results": [r.summary() for r in self.agents],
+        }
+
+    def table(self, cfg: Config) -> Any:
+        """The console summary: each agent's final and best evaluation."""
+        rows: dict[str, Any] = {}
+        for k, r in enumerate(self.agents):
+            best = f"{r.best_eval[1]:g} at {r.best_eval[0]}" if r.best_eval else "no evaluation"
+            rows[f"agent {k} (seed {cfg.seed + k})"] = f"final {r.final_eval_mean:g}, best {best}"
+        rows["env steps per agent"] = self.agents[0].env_steps
+        rows["wall time (s)"] = round(self.wall_time, 1)
+        return summary_table(f"fastdqn: {cfg.agents} agents on {cfg.env_id}", {**rows, "run dir": str(self.run_dir)})
+
+
+class Population:
+    """K agents (`agent_configs`) as Trainers in `run_dir/agent-k` (or the given `dirs`), stepped in lockstep, with
+    one batched update for all (`StackedAgents`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        show_progress: bool = True,
+        values: dict[str, list[Any]] | None = None,
+        dirs: list[Path] | None = None,
+    ):
+        check_population(cfg)
+        self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), show_progress
+        self.cfgs = agent_configs(cfg, values)
+        self.dirs = dirs or [agent_dir(run_dir, k) for k in range(cfg.agents)]
+        self.trainers: list[Trainer] = []
+        generators = []
+        try:
+            for k, (agent_cfg, path) in enumerate(zip(self.cfgs, self.dirs)):
+                trainer = Trainer(agent_cfg, path, show_progress=show_progress and k == 0)
+                trainer.label, trainer.resume_dir = f"agent {k}: ", self.run_dir
+                self.trainers.append(trainer)
+                # where the standalone run's generator stands now, its network built: the agent goes on from here
+                generator = torch.Generator(trainer.device)
+                generator.set_state(default_generator(trainer.device).get_state())
+                trainer.collector.generator = trainer.checkpoints.generator = generator
+                generators.append(generator)
+            first = self.trainers[0]
+            if not isinstance(first.replay, ReplayBuffer) or any(
+                isinstance(m, nn.Conv2d) for m in first.learner.q.modules()
+            ):
+                raise ConfigError(
+                    f"--agents {cfg.agents} takes vector observations (MLP networks) for now, and {cfg.env_id} "
+                    "gives images or grids: run its seeds as separate runs (fastdqn sweep), or --agents 1"
+                )
+            self.stacked = StackedAgents(
+                [t.learner for t in self.trainers],
+                [t.replay for t in self.trainers],  # type: ignore[misc]  # checked above: uniform replays
+                self.cfgs,
+                generators,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.metrics_sum = torch.zeros(cfg.agents, 3, device=first.device)
+        for k, trainer in enumerate(self.trainers):  # each agent's runner keeps its row, read by its logs
+            trainer.updates.metrics_sum = self.metrics_sum[k]
+        self.first_update_done = False
+
+    def restore(self, states: list[dict[str, Any]]) -> None:
+        """Continue every agent from its checkpoint (all of one env step), then stack the loaded tensors again."""
+        for trainer, state in zip(self.trainers, states):
+            trainer.restore(state)
+        self.stacked.adopt()
+        self.first_update_done = False
+
+    def close(self) -> None:
+        for trainer in self.trainers:
+            trainer.close()
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def run(self, sinks: Sequence[ScalarSink] = ()) -> PopulationResult:
+        """Train every agent to total_steps (or to a SIGINT/SIGTERM) in lockstep: each vector step collects every
+        agent's envs, then runs the due updates of all agents together; logs, evaluations and checkpoints are
+        each agent's own, as in `Trainer.run`."""
+        runs: list[RunState] = []
+        lead = self.trainers[0]
+        try:
+            runs = [t.open_run(sinks) for t in self.trainers]
+            with StopRequest() as stop:
+                while lead.counters.env_step < lead.cfg.total_steps and not runs[0].interrupted:
+                    before = lead.counters.env_step
+                    for trainer, run in zip(self.trainers, runs):
+                        run.add_episodes(before + trainer.cfg.num_envs, trainer.collector.collect())
+                    self.train(before + lead.cfg.num_envs)
+                    for trainer, run in zip(self.trainers, runs):
+                        trainer.after_vector_step(run, before, stop)
+            for trainer, run in zip(self.trainers, runs):
+                trainer.end_run(run)
+        except EnvFailure as exc:
+            for trainer, run in zip(self.trainers, runs):
+                run.logger.episodes(run.episodes)
+                trainer.checkpoints.save()
+            raise EnvFailure(
+                f"{exc}; every agent's checkpoint saved at env step {lead.counters.env_step}, resume with: "
+                f"fastdqn train --resume {self.run_dir}"
+            ) from exc
+        finally:
+            for run in runs:
+                run.logger.close(quiet=not run.finished)
+            self.close()
+        results = [trainer.result(run, table=False) for trainer, run in zip(self.trainers, runs)]
+        wall = max(run.end_time for run in runs) - min(run.start_time for run in runs)
+        result = PopulationResult(self.run_dir, results, wall)
+        if self.show_progress and not result.interrupted:
+            console.print(result.table(self.cfg))
+        return result
+
+    def train(self, env_step: int) -> None:
+        """The updates due at `env_step` (the same number for every agent), for all agents at once, then each
+        agent's due target sync."""
+        due = [trainer.start_updates(env_step) for trainer in self.trainers]
+        assert len(set(due)) == 1, f"agents in lockstep have the same updates due, got {due}"
+        for _ in range(due[0]):
+            self.metrics_sum += self.stacked.step()
+            for trainer in self.trainers:
+                trainer.updates.metrics_count += 1
+            if not self.first_update_done:
+                for trainer in self.trainers:
+                    trainer.mark_first_update(env_step)
+                self.first_update_done = True
+        for trainer in self.trainers:
+            trainer.sync_targets(env_step)
+
+
+def write_population_file(run_dir: Path, cfg: Config, values: dict[str, list[Any]], dirs: list[Path]) -> None:
+    """population.json: how many agents, their per-agent values and their dirs (relative to the run dir when inside)."""
+    from fastdqn.disk import run_write
+
+    names = [str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else str(d) for d in dirs]
+    text = json.dumps({"agents": cfg.agents, "values": values, "dirs": names}, indent=1)
+    with run_write(run_dir / POPULATION_FILE, "the population file", len(text)):
+        (run_dir / POPULATION_FILE).write_text(text)
+
+
+def read_population_file(run_dir: Path) -> tuple[dict[str, list[Any]], list[Path]] | None:
+    """(per-agent values, agent dirs) of a population run dir; None for a run dir of one agent."""
+    path = Path(run_dir) / POPULATION_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data["values"], [Path(run_dir) / d for d in data["dirs"]]

@@ -1,0 +1,198 @@
+"""Populations (`--agents K`): each agent is its standalone run to float tolerance, the batched update is each
+agent's own update, agent dirs are standalone run dirs, and a population checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdqn import api
+from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+from fastdqn.config import Config
+from fastdqn.errors import CheckpointError, ConfigError
+from fastdqn.population import Population, agent_configs
+from fastdqn.replay import Batch
+from fastdqn.trainer import Trainer
+
+SMALL = dict(
+    num_envs=4,
+    vector_mode="native",
+    device="cpu",
+    torch_threads=1,
+    total_steps=2_000,
+    learning_starts=400,
+    buffer_size=2_000,
+    batch_size=32,
+    train_every=16,
+    gradient_steps=4,
+    target_update_interval=200,
+    hidden_sizes=[64, 64],
+    epsilon_decay_steps=1_000,
+    eval_every=1_000,
+    eval_episodes=2,
+    log_every=500,
+    checkpoint_every=0,
+)
+
+
+def small(**changes) -> Config:
+    return Config(**{**SMALL, **changes}).validate()
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.learner.q.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_agents_follow_their_standalone_runs(tmp_path: Path) -> None:
+    """Agent k acts, stores and learns as the standalone run with seed + k: the same actions in every replay
+    slot, the same episodes and updates, and weights equal to float tolerance after ~400 updates."""
+    cfg = small(agents=3, seed=4)
+    population = Population(cfg, tmp_path / "pop", show_progress=False)
+    population.run()
+    for k, agent in enumerate(population.trainers):
+        alone = Trainer(cfg.updated(agents=1, seed=4 + k), tmp_path / f"alone-{k}", show_progress=False)
+        alone.run()
+        assert agent.counters == alone.counters
+        assert torch.equal(agent.replay.actions, alone.replay.actions)  # every action of the run
+        assert torch.equal(agent.replay.obs, alone.replay.obs)
+        assert max_diff(weights(agent), weights(alone)) < 1e-3
+        assert [e[0] for e in agent.evaluator.evals] == [e[0] for e in alone.evaluator.evals]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"dueling": True, "target_update": "soft", "n_step": 1, "loss": "mse"},
+        {"target_update": "none", "double_dqn": False, "max_grad_norm": 0.5},
+    ],
+    ids=["default", "dueling-soft-mse", "no-target-clipped"],
+)
+def test_batched_update_is_each_agents_own_update(tmp_path: Path, changes: dict) -> None:
+    """On the same batch, the population's one update gives every agent the loss, Q, gradient norm and new weights
+    of its own eager step (DQNLearner.step_on), per-agent learning rates and Huber deltas included."""
+    cfg = small(agents=3, **changes)
+    values = {"learning_rate": [1e-3, 3e-3, 2e-4], "huber_delta": [1.0, 0.5, 2.0]}
+    population = Population(cfg, tmp_path / "pop", show_progress=False, values=values)
+    alone = [Trainer(c, tmp_path / f"alone-{k}", show_progress=False) for k, c in enumerate(agent_configs(cfg, values))]
+    for _ in range(30):
+        for trainer in population.trainers:
+            trainer.collector.collect()
+    for step in range(3):
+        batch = population.stacked.sample()
+        stats = population.stacked.update(batch)
+        for k, trainer in enumerate(alone):
+            own, _ = trainer.learner.step_on(Batch(*(None if t is None else t[k] for t in batch)))
+            assert torch.allclose(stats[k], own, rtol=1e-5, atol=1e-6), (step, k)
+            assert max_diff(weights(population.trainers[k]), weights(trainer)) < 1e-5, (step, k)
+            target_a, target_b = population.trainers[k].learner.target, trainer.learner.target
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(target_a.parameters(), target_b.parameters()))
+    population.close()
+    for trainer in alone:
+        trainer.close()
+
+
+def test_agent_dirs_are_standalone_run_dirs(tmp_path: Path) -> None:
+    """Each agent has its own config (seed + k, its values), evaluations, best.pt, metrics and TensorBoard events;
+    `fastdqn eval RUN --agent k` evaluates its best.pt, and a population dir without --agent is refused."""
+    run = tmp_path / "pop"
+    result = api.train_population(
+        small(agents=2, seed=7), run, values={"epsilon_end": [0.05, 0.1]}, show_progress=False
+    )
+    assert len(result.agents) == 2 and not result.interrupted
+    for k, agent in enumerate(result.agents):
+        agent_dir = run / f"agent-{k}"
+        assert agent.run_dir == agent_dir
+        saved = Config(**{k_: v for k_, v in load_checkpoint(list_checkpoints(agent_dir)[-1])["config"].items()})
+        assert (saved.seed, saved.epsilon_end, saved.agents) == (7 + k, [0.05, 0.1][k], 1)
+        assert (agent_dir / "best.pt").is_file() and list(agent_dir.glob("events.out.tfevents.*"))
+        evals = [json.loads(line) for line in (agent_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals if e["kind"] == "eval"] == [1000, 2000]
+    assert json.loads((run / "population.json").read_text())["dirs"] == ["agent-0", "agent-1"]
+    cli = [sys.executable, "-m", "fastdqn.cli", "eval", str(run)]
+    ok = subprocess.run([*cli, "--agent", "1", "--episodes", "2"], capture_output=True, text=True, check=True)
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["mean"] == api.evaluate(run / "agent-1", episodes=2).mean
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--agent" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_population_resumes_exactly(tmp_path: Path) -> None:
+    """With save_replay, a population resumed from its checkpoints at env step 1000 ends with the weights of the
+    run that never stopped, for every agent."""
+    cfg = small(agents=2, checkpoint_every=1_000, keep_checkpoints=3, save_replay=True)
+    run = tmp_path / "pop"
+    api.train_population(cfg, run, show_progress=False)
+    finals = [load_checkpoint(run / f"agent-{k}" / "ckpt-000000002000.pt")["learner"]["q"] for k in range(2)]
+    for k in range(2):
+        (run / f"agent-{k}" / "ckpt-000000002000.pt").unlink()
+    resumed = api.train_population(None, run, resume=True, show_progress=False)
+    assert [r.env_steps for r in resumed.agents] == [2_000, 2_000]
+    for k in range(2):
+        again = load_checkpoint(run / f"agent-{k}" / "ckpt-000000002000.pt")["learner"]["q"]
+        assert all(torch.equal(finals[k][name], again[name]) for name in finals[k]), k
+
+
+def test_resume_goes_back_to_the_last_step_all_agents_saved(tmp_path: Path) -> None:
+    """A kill while the agents were saving leaves some a checkpoint ahead: resume takes the newest common one."""
+    cfg = small(agents=2, total_steps=1_000, checkpoint_every=500, keep_checkpoints=3)
+    run = tmp_path / "pop"
+    api.train_population(cfg, run, show_progress=False)
+    (run / "agent-1" / "ckpt-000000001000.pt").unlink()  # agent 1 never wrote its step-1000 checkpoint
+    resumed = api.train_population(cfg.updated(total_steps=1_500), run, resume=True, show_progress=False)
+    assert [r.env_steps for r in resumed.agents] == [1_500, 1_500]
+    for k in range(2):
+        shutil.rmtree(run / f"agent-{k}")
+        (run / f"agent-{k}").mkdir()
+    (run / "agent-0" / "ckpt-000000000500.pt").write_bytes(b"")  # only one agent has any checkpoint
+    with pytest.raises(CheckpointError, match="in common"):
+        api.train_population(None, run, resume=True, show_progress=False)
+
+
+def test_one_agent_is_a_standalone_run(tmp_path: Path) -> None:
+    """--agents 1 (the default) trains the standalone loop, bit for bit: no population dir, the weights of a run
+    without the key. A population of one agent runs the batched update and matches it to float tolerance."""
+    cfg = small()
+    plain = api.train(cfg, tmp_path / "plain", show_progress=False)
+    flagged = subprocess.run(
+        [sys.executable, "-m", "fastdqn.cli", "train", "--quiet", "--run-dir", str(tmp_path / "one"), "--agents", "1"]
+        + [f"--set={k}={v}" for k, v in SMALL.items()],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert not (tmp_path / "one" / "population.json").exists()
+    a = load_checkpoint(list_checkpoints(plain.run_dir)[-1])["learner"]["q"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "one")[-1])["learner"]["q"]
+    assert all(torch.equal(a[n], b[n]) for n in a), flagged.stdout[-300:]
+    population = Population(cfg.updated(agents=1), tmp_path / "pop1", show_progress=False)
+    population.run()
+    assert max_diff(weights(population.trainers[0]), {k: v for k, v in a.items()}) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("changes", "values", "message"),
+    [
+        ({"prioritized": True}, None, "prioritized replay"),
+        ({}, {"gamma": [0.9, 0.99]}, "cannot differ in 'gamma'"),
+        ({}, {"learning_rate": [1e-3]}, "1 per-agent values for 2 agents"),
+    ],
+)
+def test_what_a_population_cannot_take_is_refused(tmp_path: Path, changes, values, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Population(small(agents=2, **changes), tmp_path / "pop", show_progress=False, values=values)
+    assert not (tmp_path / "pop").exists()
+
+
+def test_train_points_a_population_to_train_population(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_population"):
+        api.train(small(agents=2), tmp_path / "pop")
