@@ -31,11 +31,16 @@ from fastdqn.errors import ConfigError
 from fastdqn.logs import console
 
 IN_PROCESS = ("update-mlp", "update-cnn", "replay", "loop")
-TRAINING = ("e2e", "cleanrl", "overlap")
+TRAINING = ("e2e", "cleanrl", "overlap", "population")
 SUITES = IN_PROCESS + TRAINING
 # Env steps and warm-up steps of a training run when --steps / --learning-starts are not given: the cleanrl
 # suite takes dqn.py's learning_starts and enough steps after it for a steady state.
-SCHEDULES = {"e2e": (20_000, 2_000), "cleanrl": (50_000, 10_000), "overlap": (16_000, 3_200)}
+SCHEDULES = {
+    "e2e": (20_000, 2_000),
+    "cleanrl": (50_000, 10_000),
+    "overlap": (16_000, 3_200),
+    "population": (50_000, 1_000),
+}
 
 
 def cpu_name() -> str:
@@ -186,6 +191,8 @@ def check(opts: argparse.Namespace) -> None:
         (all(n >= 0 for n in opts.cleanrl_threads), "--cleanrl-threads takes counts >= 0, e.g. 0,1"),
         (all(n >= 1 for n in opts.envs), "--envs takes positive env counts, e.g. 1,16,64"),
         (opts.overlap_envs >= 1, "--overlap-envs must be >= 1"),
+        (min(opts.agents) >= 1, "--agents must list agent counts >= 1"),
+        (min(opts.agent_threads) >= 1, "--agent-threads must list thread counts >= 1"),
         (
             opts.clock == "wall" or (opts.threads == 1 and opts.device == "cpu"),
             "--clock cpu measures one CPU thread: add --device cpu --threads 1, or use --clock wall",
@@ -352,6 +359,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="Pong envs of the overlap suite, one update per vector step of them (64 balance env "
         "stepping and the update on a 2-core CPU; see fastdqn.bench_training.overlap_cases)",
+    )
+    parser.add_argument(
+        "--agents",
+        type=int_list,
+        default=[1, 5],
+        help="population suite: agent counts (--agents K in one process, the default CartPole config); the first, "
+        "with the first of --agent-threads, is the baseline",
+    )
+    parser.add_argument(
+        "--agent-threads",
+        type=int_list,
+        default=[1, 2],
+        help="population suite: torch threads of each population of more than one agent (a single agent runs "
+        "with the config's, 1, its fastest)",
     )
     parser.add_argument("--cleanrl-script", help="CleanRL's dqn.py in a CleanRL checkout (cleanrl/dqn.py)")
     parser.add_argument("--cleanrl-python", help="the python of the environment CleanRL's dqn.py runs in")

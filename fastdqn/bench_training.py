@@ -156,6 +156,15 @@ class FastDQNRun:
         result = next((json.loads(line) for _, line in reversed(done.lines) if line.startswith("{")), None)
         if done.returncode != 0 or result is None:
             raise failure(case, done, "failed" if done.returncode else "printed no JSON result")
+        if "agent_results" in result:  # a population: its first update, and every agent's env steps
+            agents = result["agent_results"]
+            if any(r["steady_sps"] is None for r in agents):
+                raise failure(case, done, "reported no first update")
+            return {
+                "first_update_s": agents[0]["first_update_time"],
+                "steady_sps": sum(r["steady_sps"] for r in agents),
+                "reported_sps": sum(r["env_steps"] for r in agents) / result["wall_time"],
+            }
         if result["first_update_time"] is None or result["steady_sps"] is None:
             raise failure(case, done, "reported no first update (no update ran, or the OS gives no process start time)")
         return {
@@ -365,7 +374,20 @@ def overlap_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     ]
 
 
-SUITE_CASES = {"e2e": e2e_cases, "cleanrl": cleanrl_cases, "overlap": overlap_cases}
+def population_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
+    """The default CartPole config (evaluations, checkpoints and all) trained by one process per --agents count:
+    one agent with the config's one torch thread, populations with each of --agent-threads. A population's
+    env steps are every agent's (K x total_steps)."""
+    base = Config(device=opts.device, total_steps=opts.steps, learning_starts=opts.learning_starts)
+    cases: list[tuple[TrainingCase, Any]] = []
+    for k in opts.agents:
+        for threads in [base.torch_threads] if k == 1 else opts.agent_threads:
+            name = f"{k} agent{'s' * (k > 1)}, default config, {threads} torch thread{'s' * (threads > 1)}"
+            cases += fastdqn_cases("population", name, base.updated(agents=k, torch_threads=threads), opts, caches)
+    return cases
+
+
+SUITE_CASES = {"e2e": e2e_cases, "cleanrl": cleanrl_cases, "overlap": overlap_cases, "population": population_cases}
 
 
 def bench_training(suite: str, opts: Any) -> list[TrainingCase]:

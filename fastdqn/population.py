@@ -125,6 +125,12 @@ class StackedAgents:
         self.ring_starts = (torch.arange(self.k, device=self.device) * replays[0].capacity).unsqueeze(1)  # (K, 1)
         self.q_params: list[torch.Tensor] = []
         self.target_params: list[torch.Tensor] | None = None
+        # Agents that share their Adam and soft-update settings (seeds of one config) take one fused Adam step and one
+        # target update for all; agents with their own values take them one agent at a time.
+        self.shared = all(
+            len({getattr(c, key) for c in cfgs}) == 1 for key in ("learning_rate", "lr_end", "adam_eps", "tau")
+        )
+        self.grad_limits = torch.tensor([c.max_grad_norm for c in cfgs], device=self.device)
         self.adopt()
 
     def adopt(self) -> None:
@@ -136,9 +142,11 @@ class StackedAgents:
         for learner in self.learners:
             opt = learner.optimizer
             learner.optimizer = type(opt)(list(learner.q.parameters()), learner.lr, opt.betas, opt.eps)
+        self.moments: dict[str, list[torch.Tensor]] = {key: [] for key in ("step", "exp_avg", "exp_avg_sq")}
         for i in range(len(self.names)):
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                _, views = stack_as_views([agent[i][key] for agent in moments])
+            for key, stacked in self.moments.items():
+                whole, views = stack_as_views([agent[i][key] for agent in moments])
+                stacked.append(whole)
                 for learner, view in zip(self.learners, views):
                     learner.optimizer.state[learner.optimizer.params[i]][key] = view
         for learner in self.learners:
@@ -196,18 +204,57 @@ class StackedAgents:
         # the fused Adam kernel reads memory in order: a transposed gradient would be stepped with the wrong moments
         # (networks.Linear gives contiguous ones, and then contiguous() copies nothing)
         grads = [g.contiguous() for g in torch.autograd.grad(losses.sum(), self.q_params)]
-        norms = []
         with torch.no_grad():
-            for k, (learner, cfg) in enumerate(zip(self.learners, self.cfgs)):
-                agent_grads = [g[k] for g in grads]
-                norm, scale = clip_scale(cfg, agent_grads)
-                if scale is not None:
-                    torch._foreach_mul_(agent_grads, scale)
-                learner.optimizer.step(agent_grads)
-                if cfg.target_update == "soft":
-                    soft_update_(learner.target, learner.q, cfg.tau)
-                norms.append(norm)
-            return torch.stack([losses, q.mean(dim=1), torch.stack(norms)], dim=1)
+            norms = self.step_all(grads) if self.shared else self.step_each(grads)
+            return torch.stack([losses, q.mean(dim=1), norms], dim=1)
+
+    def step_all(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Clip each agent's gradients to its max_grad_norm (as `clip_scale` does), then one fused Adam step and one
+        soft target update for all agents; returns the (K,) gradient norms."""
+        per_param = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (params, K)
+        norms = torch.linalg.vector_norm(per_param, dim=0)
+        limits = self.grad_limits
+        scale = torch.where(limits > 0, torch.clamp(limits / (norms + 1e-6), max=1.0), torch.ones_like(norms))
+        for g in grads:
+            g.mul_(scale.view(-1, *(1,) * (g.dim() - 1)))
+        torch._foreach_add_(self.moments["step"], 1)
+        lead = self.learners[0].optimizer  # its step counts are views of the stacked ones, all equal
+        torch._fused_adam_(
+            self.q_params,
+            grads,
+            self.moments["exp_avg"],
+            self.moments["exp_avg_sq"],
+            [],
+            lead.steps,
+            amsgrad=False,
+            lr=lead.lr,
+            beta1=lead.betas[0],
+            beta2=lead.betas[1],
+            weight_decay=0.0,
+            eps=lead.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+        if self.cfg.target_update == "soft":
+            assert self.target_params is not None, "a soft target update has a target net"
+            torch._foreach_lerp_(self.target_params, self.q_params, self.cfg.tau)
+        return norms
+
+    def step_each(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Each agent's clipping, Adam step and soft target update with its own settings, as `DQNLearner.step_on`
+        takes them; returns the (K,) gradient norms."""
+        norms = []
+        for k, (learner, cfg) in enumerate(zip(self.learners, self.cfgs)):
+            agent_grads = [g[k] for g in grads]
+            norm, scale = clip_scale(cfg, agent_grads)
+            if scale is not None:
+                torch._foreach_mul_(agent_grads, scale)
+            learner.optimizer.step(agent_grads)
+            if cfg.target_update == "soft":
+                soft_update_(learner.target, learner.q, cfg.tau)
+            norms.append(norm)
+        return torch.stack(norms)
 
 
 @dataclass

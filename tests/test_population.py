@@ -69,20 +69,24 @@ def test_agents_follow_their_standalone_runs(tmp_path: Path) -> None:
         assert [e[0] for e in agent.evaluator.evals] == [e[0] for e in alone.evaluator.evals]
 
 
+OWN_VALUES = {"learning_rate": [1e-3, 3e-3, 2e-4], "huber_delta": [1.0, 0.5, 2.0], "tau": [0.01, 0.005, 0.1]}
+
+
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "values"),
     [
-        {},
-        {"dueling": True, "target_update": "soft", "n_step": 1, "loss": "mse"},
-        {"target_update": "none", "double_dqn": False, "max_grad_norm": 0.5},
+        ({}, None),
+        ({"dueling": True, "target_update": "soft", "n_step": 1, "loss": "mse"}, None),
+        ({"target_update": "none", "double_dqn": False}, {"max_grad_norm": [0.5, 0.0, 10.0]}),
+        ({"target_update": "soft", "max_grad_norm": 0.5}, OWN_VALUES),
     ],
-    ids=["default", "dueling-soft-mse", "no-target-clipped"],
+    ids=["shared", "shared-dueling-soft-mse", "shared-no-target-own-clipping", "own-lr-huber-tau"],
 )
-def test_batched_update_is_each_agents_own_update(tmp_path: Path, changes: dict) -> None:
+def test_batched_update_is_each_agents_own_update(tmp_path: Path, changes: dict, values: dict | None) -> None:
     """On the same batch, the population's one update gives every agent the loss, Q, gradient norm and new weights
-    of its own eager step (DQNLearner.step_on), per-agent learning rates and Huber deltas included."""
+    of its own eager step (DQNLearner.step_on): agents of one config (one fused Adam step for all) and agents with
+    their own learning rate, Huber delta, tau or clipping (a step per agent)."""
     cfg = small(agents=3, **changes)
-    values = {"learning_rate": [1e-3, 3e-3, 2e-4], "huber_delta": [1.0, 0.5, 2.0]}
     population = Population(cfg, tmp_path / "pop", show_progress=False, values=values)
     alone = [Trainer(c, tmp_path / f"alone-{k}", show_progress=False) for k, c in enumerate(agent_configs(cfg, values))]
     for _ in range(30):
