@@ -145,15 +145,17 @@ def train_population(
     resume: bool = False,
     *,
     values: dict[str, list[Any]] | None = None,
+    dirs: list[Path] | None = None,
     overwrite: bool = False,
     runs_root: str | Path = "runs",
     show_progress: bool = True,
 ) -> PopulationResult:
     """Train `config.agents` agents together in one process (population.py) and return each one's result.
 
-    Agent k is `config` with seed + k and the k-th of each list in `values` (keys of population.AGENT_KEYS); its
-    run dir is `run_dir/agent-k`, a standalone run's in every way. `resume=True` continues the population in
-    `run_dir` from the newest checkpoint every agent has (`config` None, or with changes a resume may make).
+    Agent k is `config` with seed + k and the k-th of each list in `values` (seed or keys of
+    population.AGENT_KEYS); its run dir is `run_dir/agent-k` (or `dirs[k]`), a standalone run's in every way.
+    `resume=True` continues the population in `run_dir` from the newest checkpoint every agent has (`config`
+    None, or with changes a resume may make).
     """
     if resume:
         run_dir = _existing_run_dir(run_dir)
@@ -181,12 +183,16 @@ def train_population(
     cfg = (config if config is not None else Config()).validate()
     resolve_device(cfg.device)
     run_dir = _new_run_dir(cfg, run_dir, runs_root, overwrite)
-    population = Population(cfg, run_dir, show_progress, values)  # bad envs and configs fail here, before the disk
+    population = Population(cfg, run_dir, show_progress, values, dirs)  # bad envs and configs fail here
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with disk_full_fix(run_dir, cfg), RunDirLock(run_dir):
+        with disk_full_fix(run_dir, cfg), contextlib.ExitStack() as locks:
+            locks.enter_context(RunDirLock(run_dir))
             for path in _contents(run_dir):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for path in population.dirs:  # (agent dirs outside run_dir, an experiment's, are not emptied)
+                path.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(RunDirLock(path))
             write_config(cfg, run_dir)
             write_population_file(run_dir, cfg, values or {}, population.dirs)
             for agent_cfg, path in zip(population.cfgs, population.dirs):

@@ -190,7 +190,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from fastdqn.plans import ablation_plan
 
     ids = args.variants.split(",") if args.variants else None
-    return run_experiment(args, lambda cfg: ablation_plan(cfg, 5 if args.seeds is None else args.seeds, ids))
+    seeds = 5 if args.seeds is None else args.seeds
+    return run_experiment(args, lambda cfg: ablation_plan(cfg, seeds, ids, populations=not args.separate_runs))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -204,7 +205,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return run_experiment(
             args,
             lambda cfg: sweep_plan(
-                cfg, parse_grid(args.grid or []), 3 if args.seeds is None else args.seeds, args.metric
+                cfg,
+                parse_grid(args.grid or []),
+                3 if args.seeds is None else args.seeds,
+                args.metric,
+                populations=not args.separate_runs,
             ),
         )
     if args.seeds not in (None, 1):
@@ -273,6 +278,12 @@ def add_experiment_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     )
     parser.add_argument("--runs-root", default="runs", help="parent of new experiment dirs")
     parser.add_argument("--resume", metavar="DIR", help="continue an experiment dir: finished runs are not run again")
+    parser.add_argument(
+        "--separate-runs",
+        action="store_true",
+        help="train every seed as a run of its own; by default a point's seeds train together as one population "
+        "(fastdqn train --agents <seeds>) where its config allows (vector observations, uniform replay)",
+    )
     backend = parser.add_argument_group("where the runs train")
     backend.add_argument(
         "--backend",

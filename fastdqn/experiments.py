@@ -21,7 +21,7 @@ import yaml
 
 from fastdqn.backends import Backend, BackendSpec, LocalBackend
 from fastdqn.errors import ConfigError
-from fastdqn.jobs import RunJob, run_dir_in_use
+from fastdqn.jobs import RunJob, population_job, run_dir_in_use
 from fastdqn.outcomes import read_result
 from fastdqn.plans import METRICS, Plan, Point, prepare_dir, run_dir_of
 from fastdqn.reports import BEST_FILE, CSV_FILE, PLOT_FILE, TABLE_FILE, best_point, report, summarize
@@ -44,19 +44,23 @@ def default_out(kind: str, root: Path) -> Path:
 
 
 class PlanRuns:
-    """The runs of a fixed plan still to train, seed-major (a stopped experiment has covered every point)."""
+    """The runs of a fixed plan still to train: first the points whose seeds train as one population (a job
+    each), then the single runs seed-major (a stopped experiment has covered every point)."""
 
     def __init__(self, plan: Plan, out: Path, track: Tracking | None):
         self.plan, self.out, self.track = plan, out, track
         pairs = list(itertools.product(plan.seeds, plan.points))
-        self.todo = deque((p, s) for s, p in pairs if read_result(run_dir_of(out, p, s)) is None)
-        self.total, self.done = len(pairs), len(pairs) - len(self.todo)
+        todo = [(p, s) for s, p in pairs if read_result(run_dir_of(out, p, s)) is None]
+        # (runs tracked on W&B are single runs: a population's agents would share one W&B run)
+        grouped = [p for p in plan.points if track is None and plan.as_population(p) and any(q is p for q, _ in todo)]
+        self.todo: deque[RunJob] = deque(
+            population_job([make_job(plan, out, p, s, None) for s in plan.seeds]) for p in grouped
+        )
+        self.todo.extend(make_job(plan, out, p, s, track) for p, s in todo if p not in grouped)
+        self.total, self.done = len(pairs), len(pairs) - len(todo)
 
     def next(self) -> RunJob | None:
-        if not self.todo:
-            return None
-        point, seed = self.todo.popleft()
-        return make_job(self.plan, self.out, point, seed, self.track)
+        return self.todo.popleft() if self.todo else None
 
     def ended(self, job: RunJob, result: dict[str, Any]) -> None:
         self.done += 1
@@ -118,6 +122,17 @@ def make_job(plan: Plan, out: Path, point: Point, seed: int, track: Tracking | N
     return RunJob(point, seed, str(cfg_path), str(rdir), track=track)
 
 
+def population_note(plan: Plan) -> str:
+    """Which points train their seeds as one population (one process with --agents <seeds>), for the plan line."""
+    grouped = [p.name for p in plan.points if plan.as_population(p)]
+    if not grouped:
+        return ""
+    n = len(plan.seeds)
+    if len(grouped) == len(plan.points):
+        return f"; each point's {n} seeds train as one population (--agents {n})"
+    return f"; the {n} seeds of {len(grouped)} of {len(plan.points)} points train as one population each (--agents {n})"
+
+
 def best_so_far(plan: Plan, out: Path) -> str:
     best = best_point(plan, summarize(plan, out))
     if best is None:
@@ -157,7 +172,7 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
         what = (
             f"{plan.search.trials} trials of Optuna's {plan.search.sampler} search"
             if plan.search
-            else f"{len(plan.points)} points x {len(plan.seeds)} seeds = {runs.total} runs"
+            else f"{len(plan.points)} points x {len(plan.seeds)} seeds = {runs.total} runs" + population_note(plan)
         )
         console.print(
             f"[bold]fastdqn {plan.kind}[/]: {what}, {workers.describe()}, in {out} (stop with Ctrl-C; "
@@ -169,16 +184,17 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
                 workers.submit(job)
             if workers.running() == 0:
                 break
-            for job, result in workers.wait():
-                runs.ended(job, result)
-                if "error" in result and not result.get("locked"):
-                    failures.append(f"{job.point.name} seed {job.seed}: {result['error']}")
-                queued = max(0, runs.total - runs.done - workers.running())
-                best = best_so_far(plan, out) if plan.kind == "sweep" else ""
-                console.print(
-                    f"[{runs.done}/{runs.total} done, {workers.running()} running, {queued} queued] "
-                    f"{run_line(job, result, time.perf_counter() - start)}{best}"
-                )
+            for ended, results in workers.wait():
+                for job, result in zip(ended.members, results["members"]) if ended.members else [(ended, results)]:
+                    runs.ended(job, result)
+                    if "error" in result and not result.get("locked"):
+                        failures.append(f"{job.point.name} seed {job.seed}: {result['error']}")
+                    queued = max(0, runs.total - runs.done - workers.running() * max(1, len(ended.members)))
+                    best = best_so_far(plan, out) if plan.kind == "sweep" else ""
+                    console.print(
+                        f"[{runs.done}/{runs.total} done, {workers.running()} running, {queued} queued] "
+                        f"{run_line(job, result, time.perf_counter() - start)}{best}"
+                    )
     except KeyboardInterrupt:
         console.print("[yellow]stopping: each running run saves a checkpoint[/]")
         workers.stop()

@@ -36,10 +36,19 @@ class RunJob:
     run_dir: str
     trial: TrialRef | None = None
     track: Tracking | None = None
+    members: tuple[RunJob, ...] = ()  # a population job: these runs (one point, its seeds) train as one process
 
     @property
     def log_path(self) -> Path:
         return Path(self.run_dir).parent / f"{Path(self.run_dir).name}.log"
+
+
+def population_job(members: list[RunJob]) -> RunJob:
+    """The runs `members` (one point's seeds) as one population job: `run_dir` is the population's dir beside
+    theirs, its config the first member's."""
+    first = members[0]
+    rdir = Path(first.run_dir).parent / "population"
+    return RunJob(first.point, first.seed, first.config_path, str(rdir), members=tuple(members))
 
 
 def train_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
@@ -56,6 +65,8 @@ def train_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
     finished = read_result(rdir)
     if finished is not None:
         return finished
+    if job.members:
+        return train_population_job(job, threads)
     if threads > 0:
         torch.set_num_threads(threads)
     deadline = time.monotonic() + LOCK_WAIT_S
@@ -76,6 +87,49 @@ def train_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
     if not result["interrupted"] or result["pruned"]:
         write_result(rdir, result)
     return result
+
+
+def train_population_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
+    """Train (or resume, or just report) a population job; returns {"members": [each member's result line]} (a
+    failure gives every member the error). Each member run dir gets its result.json as a single run's would."""
+    import torch
+
+    from fastdqn import api
+    from fastdqn import config as C
+    from fastdqn.errors import describe
+    from fastdqn.population import POPULATION_FILE
+
+    done = [read_result(Path(m.run_dir)) for m in job.members]
+    if all(r is not None for r in done):
+        return {"members": done}
+    if threads > 0:
+        torch.set_num_threads(threads)
+    rdir = Path(job.run_dir)
+    with job.log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            if (rdir / POPULATION_FILE).is_file():
+                outcome = api.train_population(None, rdir, resume=True, show_progress=False)
+            else:
+                cfg = C.from_dict(C.load_yaml(job.config_path), where=job.config_path)
+                outcome = api.train_population(
+                    cfg.updated(agents=len(job.members)),
+                    rdir,
+                    values={"seed": [m.seed for m in job.members]},
+                    dirs=[Path(m.run_dir) for m in job.members],
+                    overwrite=True,
+                    show_progress=False,
+                )
+        except Exception as exc:
+            print(f"fastdqn: error: {describe(exc)}", file=log)
+            error = f"{describe(exc)[:200]} (see {job.log_path})"
+            return {"members": [{"run_dir": m.run_dir, "error": error} for m in job.members]}
+    results = []
+    for member, agent in zip(job.members, outcome.agents):
+        result = {**agent.summary(), "pruned": False, "population": str(rdir)}
+        if not result["interrupted"]:
+            write_result(Path(member.run_dir), result)
+        results.append(result)
+    return {"members": results}
 
 
 def run_dir_in_use(run_dir: Path) -> bool:

@@ -100,6 +100,7 @@ class Plan:
     seeds: list[int]
     metric: str = "final_return"
     search: Search | None = None
+    populations: bool = False  # train each point's seeds as one population (one process) where the point can
 
     def to_json(self) -> dict[str, Any]:
         data = {
@@ -108,6 +109,7 @@ class Plan:
             "seeds": self.seeds,
             "metric": self.metric,
             "points": [{"name": p.name, "changes": p.changes} for p in self.points],
+            "populations": self.populations,
         }
         if self.search is not None:
             data["search"] = asdict(self.search)
@@ -123,10 +125,18 @@ class Plan:
             data["seeds"],
             data.get("metric", "final_return"),
             search,
+            data.get("populations", False),  # plans written before populations: one run per seed
         )
 
     def config(self, point: Point, seed: int) -> C.Config:
         return C.from_dict({**self.base, **point.changes, "seed": seed}, where=f"point '{point.name}'")
+
+    def as_population(self, point: Point) -> bool:
+        """Whether the point's seeds train as one population: the plan asks for it, there is more than one seed and
+        the point's config can be batched (population.unbatchable)."""
+        from fastdqn.population import unbatchable
+
+        return self.populations and len(self.seeds) > 1 and unbatchable(self.config(point, self.seeds[0])) is None
 
     @property
     def solve_line(self) -> float | None:
@@ -140,15 +150,16 @@ def seed_list(base: C.Config, seeds: int) -> list[int]:
     return [base.seed + i for i in range(seeds)]
 
 
-def ablation_plan(base: C.Config, seeds: int, ids: list[str] | None = None) -> Plan:
-    """The classic ablation rows (or the variants named by id, extensions included) over `seeds` seeds."""
+def ablation_plan(base: C.Config, seeds: int, ids: list[str] | None = None, populations: bool = True) -> Plan:
+    """The classic ablation rows (or the variants named by id, extensions included) over `seeds` seeds; with
+    `populations` each variant's seeds train as one population where the variant allows."""
     variants = ablation_variants(base)
     unknown = [i for i in ids or [] if i not in variants]
     if unknown:
         raise ConfigError(f"unknown variant '{unknown[0]}': choose from {', '.join(variants)}")
     full = base.updated(**CLASSIC).to_dict()
     points = [Point(*variants[i]) for i in ids or TABLE]
-    plan = Plan("ablate", full, points, seed_list(base, seeds))
+    plan = Plan("ablate", full, points, seed_list(base, seeds), populations=populations)
     for point in points:
         plan.config(point, base.seed)  # every variant is a valid config, checked before anything runs
     return plan
@@ -201,8 +212,11 @@ def check_solve_metric(plan: Plan) -> None:
         )
 
 
-def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, metric: str = "final_return") -> Plan:
-    """Every grid point over `seeds` seeds each."""
+def sweep_plan(
+    base: C.Config, grid: dict[str, list[str]], seeds: int, metric: str = "final_return", populations: bool = True
+) -> Plan:
+    """Every grid point over `seeds` seeds each; with `populations` each point's seeds train as one population
+    where the point allows."""
     check_metric(metric)
     ranged = [k for k, v in grid.items() if parse_range(k, v) is not None]
     if ranged:
@@ -215,7 +229,7 @@ def sweep_plan(base: C.Config, grid: dict[str, list[str]], seeds: int, metric: s
         if name not in seen:
             seen.add(name)
             points.append(Point(name, changes))
-    plan = Plan("sweep", base.to_dict(), points, seed_list(base, seeds), metric)
+    plan = Plan("sweep", base.to_dict(), points, seed_list(base, seeds), metric, populations=populations)
     check_solve_metric(plan)
     for point in points:
         plan.config(point, base.seed)

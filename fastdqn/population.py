@@ -34,6 +34,7 @@ from fastdqn.errors import ConfigError
 from fastdqn.faults import EnvFailure
 from fastdqn.learner import DQNLearner, clip_scale, q_and_targets, soft_update_, td_loss
 from fastdqn.logs import ScalarSink, console, summary_table
+from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
 
@@ -59,24 +60,23 @@ def agent_dir(run_dir: Path, k: int) -> Path:
 
 
 def agent_configs(cfg: Config, values: dict[str, list[Any]] | None = None) -> list[Config]:
-    """The configs of a population's agents: agent k has seed cfg.seed + k and the k-th of each `values` list."""
-    values = values or {}
+    """The configs of a population's agents: agent k has seed cfg.seed + k (or the k-th of values["seed"]) and
+    the k-th of each `values` list."""
+    values = {"seed": [cfg.seed + k for k in range(cfg.agents)], **(values or {})}
     for key, vals in values.items():
-        if key not in AGENT_KEYS:
+        if key not in ("seed", *AGENT_KEYS):
             raise ConfigError(
-                f"agents cannot differ in '{key}': per-agent values are for {', '.join(AGENT_KEYS)}; "
+                f"agents cannot differ in '{key}': per-agent values are for seed, {', '.join(AGENT_KEYS)}; "
                 "run other values as separate runs (fastdqn sweep)"
             )
         if len(vals) != cfg.agents:
             raise ConfigError(f"'{key}' has {len(vals)} per-agent values for {cfg.agents} agents: give one per agent")
-    return [
-        cfg.updated(agents=1, seed=cfg.seed + k, **{key: vals[k] for key, vals in values.items()})
-        for k in range(cfg.agents)
-    ]
+    return [cfg.updated(agents=1, **{key: vals[k] for key, vals in values.items()}) for k in range(cfg.agents)]
 
 
-def check_population(cfg: Config) -> None:
-    """Refuse, in one line each, what a population cannot batch yet."""
+def unbatchable(cfg: Config) -> tuple[str, str] | None:
+    """(what, the fix) when a config cannot train as a population yet; None when it can. Image and grid envs
+    are known by their id here (Atari, MinAtar) and by their observation once built (`Population`)."""
     refused = [
         (cfg.prioritized, "prioritized replay", "--no-prioritized"),
         (not cfg.replay_buffer, "replay_buffer: false", "--replay-buffer"),
@@ -84,10 +84,16 @@ def check_population(cfg: Config) -> None:
         (cfg.profile, "profile", "--no-profile, and profile a single agent"),
         (cfg.overlap == "always", "overlap: always", "--overlap auto"),
         (cfg.cuda_graph == "always", "cuda_graph: always", "--cuda-graph auto"),
+        (is_atari_id(cfg.env_id) or is_minatar_id(cfg.env_id), "image or grid observations", "separate runs"),
     ]
-    for bad, what, fix in refused:
-        if bad:
-            raise ConfigError(f"--agents {cfg.agents} does not support {what} yet: use {fix}, or --agents 1")
+    return next(((what, fix) for bad, what, fix in refused if bad), None)
+
+
+def check_population(cfg: Config) -> None:
+    """Refuse, in one line, what a population cannot batch yet."""
+    refused = unbatchable(cfg)
+    if refused is not None:
+        raise ConfigError(f"--agents {cfg.agents} does not support {refused[0]} yet: use {refused[1]}, or --agents 1")
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -285,7 +291,7 @@ class PopulationResult:
         rows: dict[str, Any] = {}
         for k, r in enumerate(self.agents):
             best = f"{r.best_eval[1]:g} at {r.best_eval[0]}" if r.best_eval else "no evaluation"
-            rows[f"agent {k} (seed {cfg.seed + k})"] = f"final {r.final_eval_mean:g}, best {best}"
+            rows[f"agent {k} ({r.run_dir.name})"] = f"final {r.final_eval_mean:g}, best {best}"
         rows["env steps per agent"] = self.agents[0].env_steps
         rows["wall time (s)"] = round(self.wall_time, 1)
         return summary_table(f"fastdqn: {cfg.agents} agents on {cfg.env_id}", {**rows, "run dir": str(self.run_dir)})

@@ -99,7 +99,8 @@ def solved_definition(plan: Plan) -> str:
     )
     rest = (
         "Final greedy return: mean +- std over seeds of each run's last evaluation; best greedy return: of each "
-        "run's best evaluation (the policy its best.pt keeps). Wall time: mean per run."
+        "run's best evaluation (the policy its best.pt keeps). Wall time: mean per run (the runs of a population, "
+        "trained together, each count its whole wall time)."
     )
     if line is None:
         return f"{b['env_id']} has no solve line: scores only. Each {evals} is the mean return. {rest}"

@@ -200,3 +200,28 @@ def test_what_a_population_cannot_take_is_refused(tmp_path: Path, changes, value
 def test_train_points_a_population_to_train_population(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train_population"):
         api.train(small(agents=2), tmp_path / "pop")
+
+
+def test_ablate_trains_each_variants_seeds_as_one_population(tmp_path: Path) -> None:
+    """A variant that batches trains its seeds as one population (population dir, each seed's run dir with its
+    result); one that cannot (no replay buffer) trains a run per seed; --separate-runs trains every seed alone."""
+    flags = ["--seeds", "2", "--set", "total_steps=600", "--set", "learning_starts=200", "--set", "eval_every=0"]
+    cli = [sys.executable, "-m", "fastdqn.cli", "ablate", "--variants", "full,no-replay", *flags]
+    out = tmp_path / "grouped"
+    done = subprocess.run([*cli, "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "the 2 seeds of 1 of 2 points train as one population each" in " ".join((done.stdout + done.stderr).split())
+    assert json.loads((out / "plan.json").read_text())["populations"] is True
+    population = json.loads((out / "full-DQN" / "population" / "population.json").read_text())
+    assert population["values"] == {"seed": [1, 2]}
+    for seed in (1, 2):
+        result = json.loads((out / "full-DQN" / f"seed-{seed}" / "result.json").read_text())
+        assert result["env_steps"] == 600 and result["population"].endswith("population")
+        saved = Config(**load_checkpoint(list_checkpoints(out / "full-DQN" / f"seed-{seed}")[-1])["config"])
+        assert saved.seed == seed
+        assert (out / "no-replay-buffer" / f"seed-{seed}" / "result.json").is_file()
+    assert not (out / "no-replay-buffer" / "population").exists()
+    assert "full DQN" in (out / "results.md").read_text()
+    alone = tmp_path / "alone"
+    subprocess.run([*cli, "--separate-runs", "--out", str(alone)], capture_output=True, text=True, check=True)
+    assert not (alone / "full-DQN" / "population").exists()
+    assert (alone / "full-DQN" / "seed-2" / "result.json").is_file()
