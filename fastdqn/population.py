@@ -19,8 +19,9 @@ follows the standalone run with seed + k to float tolerance: only the batched ma
 from __future__ import annotations
 
 import copy
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from fastdqn.logs import ScalarSink, console, summary_table
 from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
+from fastdqn.update_runner import compile_mode
 
 POPULATION_FILE = "population.json"
 # Keys an agent may set to its own value: plain numbers used per agent (acting, clipping, Adam, soft updates,
@@ -109,6 +111,38 @@ def stack_as_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[
     return whole, list(whole.unbind(0))
 
 
+def stacked_losses(
+    cfgs: Sequence[Config],
+    net: nn.Module,
+    names: list[str],
+    q_params: list[torch.Tensor],
+    target_params: list[torch.Tensor] | None,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each agent's loss (K,), Q(s,a) (K, B)): the population's forward pass on `net`'s structure with the stacked
+    weights, agent k's loss with its own loss settings. A plain function of its arguments, which `--compile`
+    compiles (its backward with it) once for every population in the process."""
+
+    def on(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        by_name = dict(zip(names, params))
+        return lambda x: functional_call(net, by_name, (x,))
+
+    target = None if target_params is None else on(target_params)
+    q, y = q_and_targets(cfgs[0], on(q_params), target, obs, actions, rewards, next_obs, terminated, discounts)
+    return torch.stack([td_loss(q[k], y[k], c.loss, c.huber_delta) for k, c in enumerate(cfgs)]), q
+
+
+@functools.cache
+def compiled_stacked_losses(mode: str) -> Callable:
+    """`stacked_losses` compiled once per mode for the whole process."""
+    return torch.compile(stacked_losses, mode=mode)
+
+
 class StackedAgents:
     """The agents' learners and replays with their tensors stacked, and the update step that trains them all.
 
@@ -137,6 +171,7 @@ class StackedAgents:
             len({getattr(c, key) for c in cfgs}) == 1 for key in ("learning_rate", "lr_end", "adam_eps", "tau")
         )
         self.grad_limits = torch.tensor([c.max_grad_norm for c in cfgs], device=self.device)
+        self.losses = compiled_stacked_losses(compile_mode(self.cfg)) if self.cfg.compile else stacked_losses
         self.adopt()
 
     def adopt(self) -> None:
@@ -183,10 +218,6 @@ class StackedAgents:
         flat = self.storage.gather(idx.reshape(-1), base.reshape(-1))
         return Batch._make(None if t is None else t.view(self.k, batch, *t.shape[1:]) for t in flat)
 
-    def stacked_net(self, params: list[torch.Tensor]) -> Any:
-        by_name = dict(zip(self.names, params))
-        return lambda x: functional_call(self.net, by_name, (x,))
-
     def step(self) -> torch.Tensor:
         """One update of every agent on a new sample; returns the (K, 3) [loss, mean Q, grad norm] of each."""
         return self.update(self.sample())
@@ -194,11 +225,12 @@ class StackedAgents:
     def update(self, batch: Batch) -> torch.Tensor:
         """One update of every agent, agent k on `batch`'s k-th (B,) slice, with its own clipping and Adam step as
         `DQNLearner.step_on` takes them; returns the (K, 3) [loss, mean Q, grad norm] of each."""
-        target = None if self.target_params is None else self.stacked_net(self.target_params)
-        q, y = q_and_targets(
-            self.cfg,
-            self.stacked_net(self.q_params),
-            target,
+        losses, q = self.losses(
+            self.cfgs,
+            self.net,
+            self.names,
+            self.q_params,
+            self.target_params,
             batch.obs,
             batch.actions,
             batch.rewards,
@@ -206,10 +238,10 @@ class StackedAgents:
             batch.terminated,
             batch.discounts,
         )
-        losses = torch.stack([td_loss(q[k], y[k], c.loss, c.huber_delta) for k, c in enumerate(self.cfgs)])
         # the fused Adam kernel reads memory in order: a transposed gradient would be stepped with the wrong moments
         # (networks.Linear gives contiguous ones, and then contiguous() copies nothing)
         grads = [g.contiguous() for g in torch.autograd.grad(losses.sum(), self.q_params)]
+        losses, q = losses.detach(), q.detach()
         with torch.no_grad():
             norms = self.step_all(grads) if self.shared else self.step_each(grads)
             return torch.stack([losses, q.mean(dim=1), norms], dim=1)
