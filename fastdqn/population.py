@@ -37,6 +37,7 @@ from fastdqn.learner import DQNLearner, clip_scale, q_and_targets, soft_update_,
 from fastdqn.logs import ScalarSink, console, summary_table
 from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
+from fastdqn.schedules import epsilon_at
 from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
 from fastdqn.update_runner import compile_mode
 
@@ -208,6 +209,28 @@ class StackedAgents:
                 net.get_submodule(module_name)._parameters[attr] = nn.Parameter(view, requires_grad=False)
             stacked.append(whole)
         return stacked
+
+    @torch.no_grad()
+    def act(self, obs: list[torch.Tensor], epsilons: list[float]) -> list[torch.Tensor]:
+        """Each agent's epsilon-greedy actions for its envs' observations, as `DQNLearner.act` draws them from the
+        agent's generator, with the greedy actions of all agents from one forward pass of the stacked networks
+        (none while every agent's epsilon is 1)."""
+        n_actions = self.learners[0].n_actions
+        draws = [
+            (
+                torch.rand(len(o), device=self.device, generator=g) < eps,
+                torch.randint(0, n_actions, (len(o),), device=self.device, generator=g),
+            )
+            for o, eps, g in zip(obs, epsilons, self.generators)
+        ]
+        if min(epsilons) >= 1.0:
+            return [random for _, random in draws]
+        by_name = dict(zip(self.names, self.q_params))
+        greedy = functional_call(self.net, by_name, (torch.stack(obs),)).argmax(dim=-1)
+        return [
+            random if eps >= 1.0 else torch.where(explore, random, greedy[k])
+            for k, ((explore, random), eps) in enumerate(zip(draws, epsilons))
+        ]
 
     def sample(self) -> Batch:
         """(K, B) transitions: each agent's B drawn from its own ring with its own generator, as its replay's
@@ -402,8 +425,12 @@ class Population:
             with StopRequest() as stop:
                 while lead.counters.env_step < lead.cfg.total_steps and not runs[0].interrupted:
                     before = lead.counters.env_step
-                    for trainer, run in zip(self.trainers, runs):
-                        run.add_episodes(before + trainer.cfg.num_envs, trainer.collector.collect())
+                    actions = self.stacked.act(
+                        [t.collector.obs_t for t in self.trainers], [epsilon_at(t.cfg, before) for t in self.trainers]
+                    )
+                    for trainer, run, acts in zip(self.trainers, runs, actions):
+                        trainer.collector.start(acts)
+                        run.add_episodes(before + trainer.cfg.num_envs, trainer.collector.finish())
                     self.train(before + lead.cfg.num_envs)
                     for trainer, run in zip(self.trainers, runs):
                         trainer.after_vector_step(run, before, stop)
