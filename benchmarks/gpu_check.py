@@ -1,4 +1,4 @@
-"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs, the
+"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs (one agent, and 64 in one process), the
 MinAtar suite and a Pong run with a fixed wall-clock budget, each stage in its own process with its own time limit.
 
     benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--only STAGE,...] [--dry-run]
@@ -12,7 +12,7 @@ and exits cleanly: the Pong stage ends that way on purpose), then SIGKILL. Stage
 second and stop starting once the budget is spent.
 
 `--dry-run` runs the same plumbing with CPU-sized stages (no GPU needed); the test suite runs it, so the script
-cannot rot unnoticed. To add a stage (a population of agents), append a `Stage` in `stages()`.
+cannot rot unnoticed. To add a stage, append a `Stage` in `stages()`.
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
             "pip install minatar",
         )
 
+    population = ["--total-steps", "20000", "--eval-every", "0", "--eval-episodes", "2", "--checkpoint-every", "0"]
     cartpole_dry = ["--total-steps", "600", "--learning-starts", "200", "--eval-every", "0", "--eval-episodes", "1"]
     return [
         Stage(
@@ -261,6 +262,17 @@ def stages(python: list[str], log_dir: Path, runs: Path, dry: bool) -> list[Stag
             ["--envs", "16", "--amp", *cartpole_dry],
             60 if dry else 120,
             doc="--envs 16 --compile --amp to 50k env steps (CUDA graph on): wall time, compile included",
+        ),
+        *(
+            train(
+                f"population-{k}",
+                ["--agents", str(k), *population],
+                ["--agents", str(min(k, 2)), *cartpole_dry],
+                60 if dry else 120,
+                doc=f"{k} CartPole agent(s) of the default config in one process (--agents {k}), 20k env steps "
+                "each, the final evaluation only: the population's wall time against one agent's",
+            )
+            for k in (1, 64)
         ),
         minatar(log_dir / "minatar" / "minatar-gpu.json", dry),
         bench(

@@ -52,10 +52,16 @@ def td_targets(
 
 
 def td_loss(
-    q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float, weights: torch.Tensor | None = None
+    q: torch.Tensor,
+    y: torch.Tensor,
+    kind: str,
+    huber_delta: float,
+    weights: torch.Tensor | None = None,
+    per_agent: bool = False,
 ) -> torch.Tensor:
-    """Mean Huber or squared TD error; with `weights` (prioritized replay) the mean of weight * loss."""
-    if weights is None:
+    """Mean Huber or squared TD error; with `weights` (prioritized replay) the mean of weight * loss; with
+    `per_agent`, (K, B) inputs of a population give each agent's mean, (K,)."""
+    if weights is None and not per_agent:
         if kind == "huber":
             return F.huber_loss(q, y, delta=huber_delta)
         return F.mse_loss(q, y)
@@ -63,7 +69,9 @@ def td_loss(
         per_sample = F.huber_loss(q, y, delta=huber_delta, reduction="none")
     else:
         per_sample = F.mse_loss(q, y, reduction="none")
-    return (weights * per_sample).mean()
+    if weights is not None:
+        per_sample = weights * per_sample
+    return per_sample.mean(dim=-1) if per_agent else per_sample.mean()
 
 
 ADAM_BETAS = (0.9, 0.999)

@@ -135,6 +135,10 @@ def stacked_losses(
 
     target = None if target_params is None else on(target_params)
     q, y = q_and_targets(cfgs[0], on(q_params), target, obs, actions, rewards, next_obs, terminated, discounts)
+    kinds = {(c.loss, c.huber_delta) for c in cfgs}
+    if len(kinds) == 1:  # one loss for all agents: computed for all at once
+        kind, delta = kinds.pop()
+        return td_loss(q, y, kind, delta, per_agent=True), q
     return torch.stack([td_loss(q[k], y[k], c.loss, c.huber_delta) for k, c in enumerate(cfgs)]), q
 
 

@@ -135,7 +135,7 @@ def test_every_fastdqn_command_of_the_check_is_one_the_cli_accepts(tmp_path, dry
         if args.command == "train":
             cfg = config_from_args(args)
             assert cfg.device == ("cpu" if dry else "cuda")
-    assert fastdqn_commands == 5
+    assert fastdqn_commands == 7
     minatar = next(stage for stage in stages if stage.name == "minatar")
     curves = minatar_curves.build_parser().parse_args(minatar.argv[2:])
     values = minatar_curves.config_values(curves)
@@ -170,6 +170,8 @@ def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
         "bench-update": "ok",
         "cartpole-default": "ok",
         "cartpole-16envs-compile-amp": "ok",
+        "population-1": "ok",
+        "population-64": "ok",
         "minatar": "ok",
         "bench-e2e": "ok",
         "pong": "stopped",
@@ -178,6 +180,7 @@ def test_the_dry_run_goes_through_every_stage_on_the_cpu(tmp_path):
     assert cuda["tests"] == cuda["skipped"] > 10 and cuda["failures"] == cuda["errors"] == 0  # no CUDA here
     assert stages["cartpole-default"]["results"]["result"]["env_steps"] >= 600
     assert stages["cartpole-default"]["results"]["eval_curve"]
+    assert [len(r["final_eval_means"]) for r in (stages["population-64"]["results"]["result"],)] == [2]  # dry: 2
     assert stages["bench-update"]["results"]["cases"] and stages["bench-e2e"]["results"]["training"]
     assert stages["pong"]["results"]["result"]["interrupted"]
     assert [(r["env_id"], r["env_steps"] >= 300) for r in stages["minatar"]["results"]["runs"]] == [
