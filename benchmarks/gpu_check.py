@@ -1,5 +1,6 @@
-"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs (one agent, and 64 in one process), the
-MinAtar suite and a Pong run with a fixed wall-clock budget, each stage in its own process with its own time limit.
+"""GPU evidence in one run of under 8 minutes: the CUDA tests, the update benchmarks, CartPole training runs (one
+agent, and 64 in one process), the MinAtar suite and a Pong run with a fixed wall-clock budget, each stage in its own
+process with its own time limit.
 
     benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--only STAGE,...] [--dry-run]
 
