@@ -2,6 +2,9 @@
 
     python benchmarks/cartpole_stability.py --variants default,lr-linear --seeds 1 2 3 4 5
     python benchmarks/cartpole_stability.py --report          # rebuild the JSON and table from runs on disk
+    python benchmarks/cartpole_stability.py --variants r25-lr-nstep-3,r25-lr-nstep-3-agents \
+        --out runs/cartpole-population --json benchmarks/results/cartpole_population.json \
+        --plot docs/cartpole-population.png                 # 5 separate runs against one population of 5
     python benchmarks/cartpole_stability.py --variants r25-lr-nstep-3-amp,r25-lr-nstep-3-envs16-compile-amp \
         --out runs/cartpole-stability-amp --json benchmarks/results/cartpole_stability_amp.json \
         --plot docs/cartpole-stability-amp.png              # the --amp table, beside the fp32 one
@@ -9,7 +12,8 @@
 Each variant is the default config as it was before this investigation (`BEFORE` below) with a few keys
 changed, run as an experiment of `fastdqn.experiments` (the runner behind `fastdqn sweep`), one per seed in
 `--out/<variant>/s<seed>/`: finished runs are kept, a stopped batch goes on where it stopped, and seeds can be
-added to a variant later. Runs go one at a time (start two of these with different variants to use two cores).
+added to a variant later (a population variant's seeds train together, `fastdqn train --agents <seeds>`: its CPU
+time is the population's). Runs go one at a time (start two of these with different variants to use two cores).
 The JSON (benchmarks/results/cartpole_stability.json) holds, for every variant and seed, the whole greedy-eval
 curve, the final and best eval, the update count and the run's wall and CPU time; the summary counts the seeds
 whose *final* evaluation is solved and how well the late evaluations (the last 20% of the run) hold.
@@ -78,7 +82,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "compile": True,
         "amp": True,
     },
+    # Today's default config trained as one population of all the seeds (`fastdqn train --agents 5`): agent k is the
+    # standalone run with its seed to float tolerance, so its table should match the separate runs'.
+    "r25-lr-nstep-3-agents": {"gradient_steps": 64, "lr_schedule": "linear", "n_step": 3},
 }
+POPULATIONS = {"r25-lr-nstep-3-agents"}  # variants whose seeds train together, as one population
 
 OUT_JSON = Path("benchmarks/results/cartpole_stability.json")
 CPU_FILE = "cpu_time.json"  # CPU seconds of a run, measured around it (absent for runs resumed or made elsewhere)
@@ -86,7 +94,7 @@ LATE = 0.8  # evaluations at or after this fraction of total_steps count as "lat
 
 
 def variant_plan(name: str, changes: dict[str, Any], seeds: list[int], base: dict[str, Any]) -> Plan:
-    return Plan("sweep", base, [Point(name, changes)], seeds)
+    return Plan("sweep", base, [Point(name, changes)], seeds, populations=name in POPULATIONS)
 
 
 def cpu_seconds() -> float:
@@ -218,9 +226,10 @@ def main() -> None:
         for name in args.variants.split(","):
             if name not in VARIANTS:
                 raise SystemExit(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
-            for seed in args.seeds:  # one experiment per seed, so seeds can be added to a variant later
-                out, before = args.out / name / f"s{seed}", cpu_seconds()
-                if execute(variant_plan(name, VARIANTS[name], [seed], base), out, BackendSpec(workers=1)) == 130:
+            # one experiment per seed, so seeds can be added to a variant later; a population's seeds in one
+            for seeds in [args.seeds] if name in POPULATIONS else [[seed] for seed in args.seeds]:
+                out, before = args.out / name / "-".join(f"s{seed}" for seed in seeds), cpu_seconds()
+                if execute(variant_plan(name, VARIANTS[name], seeds, base), out, BackendSpec(workers=1)) == 130:
                     raise SystemExit(130)
                 if not (out / CPU_FILE).is_file():  # runs in this process: its CPU time is the run's
                     (out / CPU_FILE).write_text(json.dumps(round(cpu_seconds() - before, 1)))

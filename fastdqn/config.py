@@ -44,7 +44,8 @@ class Config:
     vector_mode: Literal["auto", "sync", "async", "native"] = _f(
         "auto",
         "sync: the envs in-process, one after another; async: one process per env; native: gymnasium's "
-        "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one, else sync",
+        "numpy-vectorized env, all envs in one call (CartPole only); auto: native where there is one and num_envs >= 6 "
+        "(below that one Python env per env steps faster), else sync",
     )
     seed: int = _f(1, "seeds envs, action sampling, network init and replay sampling")
     agents: int = _f(

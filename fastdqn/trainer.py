@@ -355,7 +355,8 @@ class Trainer:
             self.updates.run(1)
             self.mark_first_update(env_step)
             n -= 1
-        self.updates.run(n)  # each on a new sample; prioritized replay gets new priorities
+        if n:
+            self.updates.run(n)  # each on a new sample; prioritized replay gets new priorities
         self.sync_targets(env_step)
 
     def start_updates(self, env_step: int) -> int:

@@ -95,7 +95,7 @@ def test_trainer_stores_clipped_rewards_reports_raw_scores_uint8_to_device(tmp_p
         trainer.envs.step = lambda actions: (lambda o, r, te, tr, i: (o, r * 0 + 7.0, te, tr, i))(*step(actions))
         act = trainer.learner.act
         seen = []
-        trainer.learner.act = lambda obs, eps: (seen.append(obs.dtype), act(obs, eps))[1]
+        trainer.learner.act = lambda obs, eps, generator=None: (seen.append(obs.dtype), act(obs, eps))[1]
         for _ in range(20):
             trainer.collector.collect()
         assert set(seen) == {torch.uint8} and trainer.replay.frames.dtype == torch.uint8

@@ -28,7 +28,7 @@ def test_collector_stores_true_transitions_and_counts_the_finished_episodes(tiny
     cfg = classic(tiny_cfg, env_id=COUNTER_ENV, num_envs=3, buffer_size=300, epsilon_decay_steps=150)
     collector = counter_collector(cfg)
     act, epsilons, finished = collector.learner.act, [], []
-    collector.learner.act = lambda obs, epsilon: (epsilons.append(epsilon), act(obs, epsilon))[1]
+    collector.learner.act = lambda obs, epsilon, generator=None: (epsilons.append(epsilon), act(obs, epsilon))[1]
     try:
         for _ in range(100):
             finished += collector.collect()

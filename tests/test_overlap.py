@@ -84,9 +84,9 @@ def recorded_run(cfg, run_dir: Path) -> tuple[Trainer, list[tuple], list[float]]
         run_updates(n)
 
     trainer.updates.run, trainer.train = updates, recording_train
-    trainer.learner.act = lambda obs, epsilon: (
+    trainer.learner.act = lambda obs, epsilon, generator=None: (
         epsilons.append(epsilon) if len(obs) == cfg.num_envs else None,
-        act(obs, epsilon),
+        act(obs, epsilon, generator),
     )[1]
     trainer.run()
     return trainer, phases, epsilons
