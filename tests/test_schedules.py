@@ -64,7 +64,7 @@ def record_schedules(cfg: Config, run_dir, env_steps: int) -> tuple[dict[int, fl
         act, set_lr, sync = learner.act, learner.set_learning_rate, learner.sync_target
         syncs = 0
 
-        def recording_act(obs, epsilon):
+        def recording_act(obs, epsilon, generator=None):
             epsilons[trainer.counters.env_step] = epsilon
             return act(obs, epsilon)
 
