@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError
@@ -114,10 +113,8 @@ def stack_as_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[
 
 def stacked_losses(
     cfgs: Sequence[Config],
-    net: nn.Module,
-    names: list[str],
-    q_params: list[torch.Tensor],
-    target_params: list[torch.Tensor] | None,
+    q_net: nn.Module,
+    target_net: nn.Module | None,
     obs: torch.Tensor,
     actions: torch.Tensor,
     rewards: torch.Tensor,
@@ -125,16 +122,10 @@ def stacked_losses(
     terminated: torch.Tensor,
     discounts: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each agent's loss (K,), Q(s,a) (K, B)): the population's forward pass on `net`'s structure with the stacked
-    weights, agent k's loss with its own loss settings. A plain function of its arguments, which `--compile`
-    compiles (its backward with it) once for every population in the process."""
-
-    def on(params: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        by_name = dict(zip(names, params))
-        return lambda x: functional_call(net, by_name, (x,))
-
-    target = None if target_params is None else on(target_params)
-    q, y = q_and_targets(cfgs[0], on(q_params), target, obs, actions, rewards, next_obs, terminated, discounts)
+    """(each agent's loss (K,), Q(s,a) (K, B)): the population's forward pass through the stacked networks, agent
+    k's loss with its own loss settings. A plain function of its arguments, which `--compile` compiles (its backward
+    with it) once for every population in the process."""
+    q, y = q_and_targets(cfgs[0], q_net, target_net, obs, actions, rewards, next_obs, terminated, discounts)
     kinds = {(c.loss, c.huber_delta) for c in cfgs}
     if len(kinds) == 1:  # one loss for all agents: computed for all at once
         kind, delta = kinds.pop()
@@ -165,11 +156,13 @@ class StackedAgents:
         self.learners, self.replays, self.cfgs, self.cfg = learners, replays, cfgs, cfgs[0]
         self.k, self.device, self.generators = len(learners), learners[0].device, generators
         self.names = [name for name, _ in learners[0].q.named_parameters()]
-        self.net = copy.deepcopy(learners[0].q)  # the structure the stacked weights run through (functional_call)
+        # The agents' network with stacked weights in place of its own (networks.Linear runs them batched); another
+        # holds the stacked target weights (None: the no-target-network ablation, whose target is the online net).
+        self.q_net: nn.Module = copy.deepcopy(learners[0].q)
+        self.target_net: nn.Module | None = None
         self.storage = copy.copy(replays[0])  # agent 0's ring, whose columns become every agent's rings below
         self.ring_starts = (torch.arange(self.k, device=self.device) * replays[0].capacity).unsqueeze(1)  # (K, 1)
-        self.q_params: list[torch.Tensor] = []
-        self.target_params: list[torch.Tensor] | None = None
+        self.q_params: list[torch.Tensor] = []  # q_net's stacked weights, in `names` order
         # Agents that share their Adam and soft-update settings (seeds of one config) take one fused Adam step and one
         # target update for all; agents with their own values take them one agent at a time.
         self.shared = all(
@@ -182,9 +175,10 @@ class StackedAgents:
     def adopt(self) -> None:
         """Stack every agent's tensors and make each agent's own tensors views of its slice."""
         moments = [[learner.optimizer.state[p] for p in learner.optimizer.params] for learner in self.learners]
-        self.q_params = [p.requires_grad_() for p in self._stack_params([learner.q for learner in self.learners])]
-        no_target = self.learners[0].target_net is None
-        self.target_params = None if no_target else self._stack_params([lr.target for lr in self.learners])
+        self.q_params = self._stack_params([learner.q for learner in self.learners], self.q_net, grad=True)
+        if self.learners[0].target_net is not None:
+            self.target_net = copy.deepcopy(self.q_net)
+            self._stack_params([learner.target for learner in self.learners], self.target_net, grad=False)
         for learner in self.learners:
             opt = learner.optimizer
             learner.optimizer = type(opt)(list(learner.q.parameters()), learner.lr, opt.betas, opt.eps)
@@ -203,15 +197,16 @@ class StackedAgents:
                 setattr(rb, name, view)
             setattr(self.storage, name, whole.view(-1, *whole.shape[2:]))
 
-    def _stack_params(self, nets: list[nn.Module]) -> list[torch.Tensor]:
-        """Stack each parameter of `nets` and make every net's parameter a view of its slice."""
-        stacked = []
+    def _stack_params(self, nets: list[nn.Module], stacked_net: nn.Module, grad: bool) -> list[torch.Tensor]:
+        """Stack each parameter of `nets` into `stacked_net`'s, and make every net's parameter a view of its slice."""
+        stacked: list[torch.Tensor] = []
         for name in self.names:
             module_name, _, attr = name.rpartition(".")
             whole, views = stack_as_views([net.get_parameter(name) for net in nets])
             for net, view in zip(nets, views):
                 net.get_submodule(module_name)._parameters[attr] = nn.Parameter(view, requires_grad=False)
-            stacked.append(whole)
+            param = stacked_net.get_submodule(module_name)._parameters[attr] = nn.Parameter(whole, requires_grad=grad)
+            stacked.append(param)
         return stacked
 
     @torch.no_grad()
@@ -229,8 +224,7 @@ class StackedAgents:
         ]
         if min(epsilons) >= 1.0:
             return [random for _, random in draws]
-        by_name = dict(zip(self.names, self.q_params))
-        greedy = functional_call(self.net, by_name, (torch.stack(obs),)).argmax(dim=-1)
+        greedy = self.q_net(torch.stack(obs)).argmax(dim=-1)
         return [
             random if eps >= 1.0 else torch.where(explore, random, greedy[k])
             for k, ((explore, random), eps) in enumerate(zip(draws, epsilons))
@@ -254,10 +248,8 @@ class StackedAgents:
         `DQNLearner.step_on` takes them; returns the (K, 3) [loss, mean Q, grad norm] of each."""
         losses, q = self.losses(
             self.cfgs,
-            self.net,
-            self.names,
-            self.q_params,
-            self.target_params,
+            self.q_net,
+            self.target_net,
             batch.obs,
             batch.actions,
             batch.rewards,
@@ -302,8 +294,8 @@ class StackedAgents:
             found_inf=None,
         )
         if self.cfg.target_update == "soft":
-            assert self.target_params is not None, "a soft target update has a target net"
-            torch._foreach_lerp_(self.target_params, self.q_params, self.cfg.tau)
+            assert self.target_net is not None, "a soft target update has a target net"
+            torch._foreach_lerp_(list(self.target_net.parameters()), self.q_params, self.cfg.tau)
         return norms
 
     def step_each(self, grads: list[torch.Tensor]) -> torch.Tensor:
