@@ -249,3 +249,12 @@ def test_compiled_population_update_matches_the_eager_one(tmp_path: Path) -> Non
         assert max_diff(weights(a), weights(b)) < 1e-4
     eager.close()
     compiled.close()
+
+
+def test_an_agent_dir_resumes_as_a_run_of_its_own(tmp_path: Path) -> None:
+    """`fastdqn train --resume RUN/agent-k` goes on with that agent alone, from its checkpoint and generator."""
+    run = tmp_path / "pop"
+    api.train_population(small(agents=2, checkpoint_every=1_000), run, show_progress=False)
+    result = api.train(small(total_steps=3_000, seed=2), run / "agent-1", resume=True, show_progress=False)
+    assert result.env_steps == 3_000 and result.evals[-1][0] == 3_000
+    assert [e[0] for e in result.evals] == [1_000, 2_000, 3_000]
