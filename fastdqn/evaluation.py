@@ -35,21 +35,33 @@ def own_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def eval_seeds(seed: int, episodes: int) -> list[int]:
+    """The env seeds of an evaluation of `episodes` episodes with seed `seed`: episode i's is
+    seed + EVAL_SEED_OFFSET + i."""
+    return [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
+
+
 def evaluate(
-    policy: Callable[[torch.Tensor], torch.Tensor], cfg: Config, episodes: int, seed: int, device: torch.device
+    policy: Callable[[torch.Tensor], torch.Tensor],
+    cfg: Config,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    seeds: list[int] | None = None,
 ) -> np.ndarray:
-    """Returns of `episodes` episodes, episode i on an env reset with seed `seed + EVAL_SEED_OFFSET + i`.
+    """Returns of `episodes` episodes, episode i on an env reset with seed `seed + EVAL_SEED_OFFSET + i` (or with
+    `seeds[i]`: a population evaluates all its agents' episodes at once).
 
     `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
     """
-    envs = make_vector_env(cfg, episodes, mode="sync")  # per-episode seeds need one env each
-    seeds = [seed + EVAL_SEED_OFFSET + i for i in range(episodes)]
+    seeds = eval_seeds(seed, episodes) if seeds is None else seeds
+    envs = make_vector_env(cfg, len(seeds), mode="sync")  # per-episode seeds need one env each
     with own_rng(seed + EVAL_SEED_OFFSET, device):
         try:
             if is_pixel_shape(obs_shape(envs.single_observation_space)):  # NEXT_STEP envs; raw whole-game scores
                 return evaluate_games(envs, policy, seeds, device)
             obs, _ = envs.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env; VectorEnv says int
-            returns = np.full(episodes, np.nan)
+            returns = np.full(len(seeds), np.nan)
             while np.isnan(returns).any():
                 actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()
                 obs, _, _, _, infos = envs.step(actions)
@@ -69,17 +81,23 @@ class Evaluator:
 
     def __init__(self, cfg: Config, learner: DQNLearner):
         self.cfg, self.learner = cfg, learner
+        # what plays the episodes of an evaluation at an env step; a population plays all its agents' at once
+        self.play: Callable[[int], np.ndarray] = self.play_episodes
         self.evals: list[tuple[int, float, float]] = []
         self.best: tuple[int, float, float] | None = None  # the evaluation best.pt holds (step, mean, std)
 
     def evaluate(self, step: int) -> np.ndarray:
         """Evaluate now, at env step `step`, and record it; returns each episode's return."""
-        cfg = self.cfg
-        returns = evaluate(
-            lambda obs: self.learner.act(obs, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed, self.learner.device
-        )
+        returns = self.play(step)
         self.evals.append((step, float(returns.mean()), float(returns.std())))
         return returns
+
+    def play_episodes(self, step: int) -> np.ndarray:
+        """The returns of eval_episodes episodes of the learner's current policy at eval_epsilon."""
+        cfg = self.cfg
+        return evaluate(
+            lambda obs: self.learner.act(obs, cfg.eval_epsilon), cfg, cfg.eval_episodes, cfg.seed, self.learner.device
+        )
 
     def newest_is_best(self) -> bool:
         """Whether the newest evaluation beats every earlier one (and best.pt's); it then becomes the best."""

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError
+from fastdqn.evaluation import EVAL_SEED_OFFSET, eval_seeds, evaluate
 from fastdqn.faults import EnvFailure
 from fastdqn.learner import DQNLearner, clip_scale, q_and_targets, soft_update_, td_loss
 from fastdqn.logs import ScalarSink, console, summary_table
@@ -210,17 +212,19 @@ class StackedAgents:
         return stacked
 
     @torch.no_grad()
-    def act(self, obs: list[torch.Tensor], epsilons: list[float]) -> list[torch.Tensor]:
+    def act(
+        self, obs: list[torch.Tensor], epsilons: list[float], generators: list[torch.Generator] | None = None
+    ) -> list[torch.Tensor]:
         """Each agent's epsilon-greedy actions for its envs' observations, as `DQNLearner.act` draws them from the
-        agent's generator, with the greedy actions of all agents from one forward pass of the stacked networks
-        (none while every agent's epsilon is 1)."""
+        agent's generator (or from `generators`), with the greedy actions of all agents from one forward pass of the
+        stacked networks (none while every agent's epsilon is 1)."""
         n_actions = self.learners[0].n_actions
         draws = [
             (
                 torch.rand(len(o), device=self.device, generator=g) < eps,
                 torch.randint(0, n_actions, (len(o),), device=self.device, generator=g),
             )
-            for o, eps, g in zip(obs, epsilons, self.generators)
+            for o, eps, g in zip(obs, epsilons, generators or self.generators)
         ]
         if min(epsilons) >= 1.0:
             return [random for _, random in draws]
@@ -314,6 +318,41 @@ class StackedAgents:
         return torch.stack(norms)
 
 
+class PopulationEvaluation:
+    """Every agent's evaluation at an env step, played at once: all agents' episodes (each agent's env seeds and
+    random draws those of its standalone evaluation) in one vector env, the actions of all from one forward pass of
+    the stacked networks. Agent k's evaluator takes its share (`agent(k)`), played when the first agent asks."""
+
+    def __init__(self, stacked: StackedAgents, cfgs: list[Config]):
+        self.stacked, self.cfgs = stacked, cfgs
+        self.step: int | None = None
+        self.returns: list[np.ndarray] = []
+
+    def agent(self, k: int) -> Callable[[int], np.ndarray]:
+        return lambda step: self.returns_at(step)[k]
+
+    def returns_at(self, step: int) -> list[np.ndarray]:
+        if step != self.step:
+            self.returns, self.step = self.play(), step
+        return self.returns
+
+    def play(self) -> list[np.ndarray]:
+        """Each agent's eval_episodes returns of its current policy at its eval_epsilon."""
+        cfgs, device, k = self.cfgs, self.stacked.device, len(self.cfgs)
+        episodes = cfgs[0].eval_episodes
+        generators = [torch.Generator(device).manual_seed(c.seed + EVAL_SEED_OFFSET) for c in cfgs]
+
+        def policy(obs: torch.Tensor) -> torch.Tensor:
+            actions = self.stacked.act(
+                list(obs.view(k, episodes, *obs.shape[1:])), [c.eval_epsilon for c in cfgs], generators
+            )
+            return torch.cat(actions)
+
+        seeds = [s for c in cfgs for s in eval_seeds(c.seed, episodes)]
+        returns = evaluate(policy, cfgs[0], len(seeds), cfgs[0].seed, device, seeds)
+        return list(returns.reshape(k, episodes))
+
+
 @dataclass
 class PopulationResult:
     """How a population run went: one TrainResult per agent, and the wall time of the whole."""
@@ -393,6 +432,9 @@ class Population:
         except BaseException:
             self.close()
             raise
+        self.evaluation = PopulationEvaluation(self.stacked, self.cfgs)
+        for k, trainer in enumerate(self.trainers):
+            trainer.evaluator.play = self.evaluation.agent(k)
         self.metrics_sum = torch.zeros(cfg.agents, 3, device=first.device)
         for k, trainer in enumerate(self.trainers):  # each agent's runner keeps its row, read by its logs
             trainer.updates.metrics_sum = self.metrics_sum[k]

@@ -258,3 +258,18 @@ def test_an_agent_dir_resumes_as_a_run_of_its_own(tmp_path: Path) -> None:
     result = api.train(small(total_steps=3_000, seed=2), run / "agent-1", resume=True, show_progress=False)
     assert result.env_steps == 3_000 and result.evals[-1][0] == 3_000
     assert [e[0] for e in result.evals] == [1_000, 2_000, 3_000]
+
+
+@pytest.mark.parametrize("eval_epsilon", [0.0, 0.3])
+def test_population_evaluation_is_each_agents_own(tmp_path: Path, eval_epsilon: float) -> None:
+    """The population plays every agent's evaluation at once; each agent's returns are those of its standalone
+    evaluation (Evaluator.play_episodes) of the same weights: the same env seeds, actions and random draws."""
+    cfg = small(agents=3, total_steps=1_500, eval_every=0, eval_epsilon=eval_epsilon, eval_episodes=4)
+    population = Population(cfg, tmp_path / "pop", show_progress=False)
+    population.run()
+    together = population.evaluation.play()
+    for k, trainer in enumerate(population.trainers):
+        alone = trainer.evaluator.play_episodes(trainer.counters.env_step)
+        assert together[k].tolist() == alone.tolist(), k
+    assert len({tuple(r.tolist()) for r in together}) > 1  # the agents play differently
+    assert [t.evaluator.evals[-1][1] for t in population.trainers] == [r.mean() for r in together]
