@@ -18,6 +18,36 @@ from torch import nn
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
+def fused_adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """torch's fused Adam kernel on these tensors, in place, with step counts already counted for this step."""
+    torch._fused_adam_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        amsgrad=False,
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=0.0,
+        eps=eps,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
 class FusedAdam:
     """Adam over a fixed list of parameters with a tensor learning rate (changed in place by the LR schedule).
 
@@ -74,23 +104,7 @@ class FusedAdam:
     def step(self, grads: list[torch.Tensor]) -> None:
         """One Adam step of every parameter with `grads` (one per parameter, in order)."""
         torch._foreach_add_(self.steps, 1)
-        torch._fused_adam_(
-            self.params,
-            grads,
-            self.exp_avgs,
-            self.exp_avg_sqs,
-            [],
-            self.steps,
-            amsgrad=False,
-            lr=self.lr,
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            weight_decay=0.0,
-            eps=self.eps,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
-        )
+        fused_adam_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.lr, self.betas, self.eps)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.Adam's format: state by parameter index, the group's hyperparameters and flags."""

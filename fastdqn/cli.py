@@ -126,16 +126,9 @@ def train_population(args: argparse.Namespace, values: dict[str, list[Any]]) -> 
 
 def parse_agent_values(items: list[str]) -> dict[str, list[Any]]:
     """`--agent-values KEY=V1,V2,...` items -> {key: [values]} (typed like the key; population.py checks them)."""
-    out: dict[str, list[Any]] = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not values:
-            raise ConfigError(f"--agent-values expects KEY=V1,V2,... (one value per agent), got '{item}'")
-        if key not in C.FIELDS:
-            raise C.unknown_key_error(key, "--agent-values")
-        out[key] = [C.coerce(key, v.strip()) for v in values.split(",")]
-    return out
+    from fastdqn.plans import parse_grid
+
+    return {key: [C.coerce(key, v) for v in values] for key, values in parse_grid(items, "--agent-values").items()}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -165,16 +165,16 @@ def ablation_plan(base: C.Config, seeds: int, ids: list[str] | None = None, popu
     return plan
 
 
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """`key=v1,v2` items -> {key: [v1, v2]}; commas inside [...] (list values) do not split."""
+def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[str]]:
+    """`key=v1,v2` items (of `flag`) -> {key: [v1, v2]}; commas inside [...] (list values) do not split."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not values:
-            raise ConfigError(f"--grid expects key=value1,value2,..., got '{item}'")
+            raise ConfigError(f"{flag} expects key=value1,value2,..., got '{item}'")
         if key not in C.FIELDS:
-            raise C.unknown_key_error(key, "--grid")
+            raise C.unknown_key_error(key, flag)
         grid[key] = [v.strip() for v in re.split(r",(?![^\[]*\])", values)]
     return grid
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastdqn.adam import fused_adam_
 from fastdqn.config import Config
 from fastdqn.errors import ConfigError
 from fastdqn.evaluation import EVAL_SEED_OFFSET, eval_seeds, evaluate
@@ -280,22 +281,9 @@ class StackedAgents:
             g.mul_(scale.view(-1, *(1,) * (g.dim() - 1)))
         torch._foreach_add_(self.moments["step"], 1)
         lead = self.learners[0].optimizer  # its step counts are views of the stacked ones, all equal
-        torch._fused_adam_(
-            self.q_params,
-            grads,
-            self.moments["exp_avg"],
-            self.moments["exp_avg_sq"],
-            [],
-            lead.steps,
-            amsgrad=False,
-            lr=lead.lr,
-            beta1=lead.betas[0],
-            beta2=lead.betas[1],
-            weight_decay=0.0,
-            eps=lead.eps,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
+        moments = self.moments
+        fused_adam_(
+            self.q_params, grads, moments["exp_avg"], moments["exp_avg_sq"], lead.steps, lead.lr, lead.betas, lead.eps
         )
         if self.cfg.target_update == "soft":
             assert self.target_net is not None, "a soft target update has a target net"
