@@ -52,10 +52,11 @@ class PlanRuns:
         pairs = list(itertools.product(plan.seeds, plan.points))
         todo = [(p, s) for s, p in pairs if read_result(run_dir_of(out, p, s)) is None]
         # (runs tracked on W&B are single runs: a population's agents would share one W&B run)
-        grouped = [p for p in plan.points if track is None and plan.as_population(p) and any(q is p for q, _ in todo)]
+        groups = [g for g in plan.population_groups() if any(q in g for q, _ in todo)] if track is None else []
         self.todo: deque[RunJob] = deque(
-            population_job([make_job(plan, out, p, s, None) for s in plan.seeds]) for p in grouped
+            population_job([make_job(plan, out, p, s, None) for p in group for s in plan.seeds]) for group in groups
         )
+        grouped = [p for group in groups for p in group]
         self.todo.extend(make_job(plan, out, p, s, track) for p, s in todo if p not in grouped)
         self.total, self.done = len(pairs), len(pairs) - len(todo)
 
@@ -123,14 +124,17 @@ def make_job(plan: Plan, out: Path, point: Point, seed: int, track: Tracking | N
 
 
 def population_note(plan: Plan) -> str:
-    """Which points train their seeds as one population (one process with --agents <seeds>), for the plan line."""
-    grouped = [p.name for p in plan.points if plan.as_population(p)]
-    if not grouped:
+    """Which points train as populations (one process each, `fastdqn train --agents K`), for the plan line."""
+    groups = plan.population_groups()
+    if not groups:
         return ""
-    n = len(plan.seeds)
-    if len(grouped) == len(plan.points):
-        return f"; each point's {n} seeds train as one population (--agents {n})"
-    return f"; the {n} seeds of {len(grouped)} of {len(plan.points)} points train as one population each (--agents {n})"
+    points = sum(len(g) for g in groups)
+    sizes = sorted({len(g) * len(plan.seeds) for g in groups})
+    many = "s" if len(groups) > 1 else ""
+    return (
+        f"; {points} of {len(plan.points)} points train as {len(groups)} population{many} of "
+        f"{' or '.join(map(str, sizes))} agents (one process each)"
+    )
 
 
 def best_so_far(plan: Plan, out: Path) -> str:

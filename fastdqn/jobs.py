@@ -44,8 +44,8 @@ class RunJob:
 
 
 def population_job(members: list[RunJob]) -> RunJob:
-    """The runs `members` (one point's seeds) as one population job: `run_dir` is the population's dir beside
-    theirs, its config the first member's."""
+    """The runs `members` (the seeds of one point, or of points that differ only in keys an agent may set) as one
+    population job: `run_dir` is the population's dir beside the first member's, its config the first member's."""
     first = members[0]
     rdir = Path(first.run_dir).parent / "population"
     return RunJob(first.point, first.seed, first.config_path, str(rdir), members=tuple(members))
@@ -97,7 +97,7 @@ def train_population_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
     from fastdqn import api
     from fastdqn import config as C
     from fastdqn.errors import describe
-    from fastdqn.population import POPULATION_FILE
+    from fastdqn.population import AGENT_KEYS, POPULATION_FILE
 
     done = [read_result(Path(m.run_dir)) for m in job.members]
     if all(r is not None for r in done):
@@ -110,11 +110,16 @@ def train_population_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
             if (rdir / POPULATION_FILE).is_file():
                 outcome = api.train_population(None, rdir, resume=True, show_progress=False)
             else:
-                cfg = C.from_dict(C.load_yaml(job.config_path), where=job.config_path)
+                cfgs = [C.from_dict(C.load_yaml(m.config_path), where=m.config_path) for m in job.members]
+                values = {
+                    key: [getattr(c, key) for c in cfgs]
+                    for key in ("seed", *AGENT_KEYS)
+                    if key == "seed" or len({getattr(c, key) for c in cfgs}) > 1
+                }
                 outcome = api.train_population(
-                    cfg.updated(agents=len(job.members)),
+                    cfgs[0].updated(agents=len(job.members)),
                     rdir,
-                    values={"seed": [m.seed for m in job.members]},
+                    values=values,
                     dirs=[Path(m.run_dir) for m in job.members],
                     overwrite=True,
                     show_progress=False,

@@ -131,12 +131,21 @@ class Plan:
     def config(self, point: Point, seed: int) -> C.Config:
         return C.from_dict({**self.base, **point.changes, "seed": seed}, where=f"point '{point.name}'")
 
-    def as_population(self, point: Point) -> bool:
-        """Whether the point's seeds train as one population: the plan asks for it, there is more than one seed and
-        the point's config can be batched (population.unbatchable)."""
-        from fastdqn.population import unbatchable
+    def population_groups(self) -> list[list[Point]]:
+        """The points whose runs train together as one population (one process), when the plan asks for it: the
+        points that can be batched (population.unbatchable) grouped by their config apart from the seed and the
+        keys an agent may set (population.AGENT_KEYS), each group's points x seeds making one population."""
+        from fastdqn.population import AGENT_KEYS, unbatchable
 
-        return self.populations and len(self.seeds) > 1 and unbatchable(self.config(point, self.seeds[0])) is None
+        if not self.populations:
+            return []
+        groups: dict[str, list[Point]] = {}
+        for point in self.points:
+            cfg = self.config(point, self.seeds[0])
+            if unbatchable(cfg) is None:
+                shared = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", *AGENT_KEYS)}
+                groups.setdefault(json.dumps(shared, sort_keys=True), []).append(point)
+        return [group for group in groups.values() if len(group) * len(self.seeds) > 1]
 
     @property
     def solve_line(self) -> float | None:

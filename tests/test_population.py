@@ -209,7 +209,7 @@ def test_ablate_trains_each_variants_seeds_as_one_population(tmp_path: Path) -> 
     cli = [sys.executable, "-m", "fastdqn.cli", "ablate", "--variants", "full,no-replay", *flags]
     out = tmp_path / "grouped"
     done = subprocess.run([*cli, "--out", str(out)], capture_output=True, text=True, check=True)
-    assert "the 2 seeds of 1 of 2 points train as one population each" in " ".join((done.stdout + done.stderr).split())
+    assert "1 of 2 points train as 1 population of 2 agents" in " ".join((done.stdout + done.stderr).split())
     assert json.loads((out / "plan.json").read_text())["populations"] is True
     population = json.loads((out / "full-DQN" / "population" / "population.json").read_text())
     assert population["values"] == {"seed": [1, 2]}
@@ -273,3 +273,29 @@ def test_population_evaluation_is_each_agents_own(tmp_path: Path, eval_epsilon: 
         assert together[k].tolist() == alone.tolist(), k
     assert len({tuple(r.tolist()) for r in together}) > 1  # the agents play differently
     assert [t.evaluator.evals[-1][1] for t in population.trainers] == [r.mean() for r in together]
+
+
+def test_sweep_points_that_differ_in_agent_keys_train_as_one_population(tmp_path: Path) -> None:
+    """A learning-rate grid of 2 points x 2 seeds is one population of 4 agents (seed and learning rate per
+    agent); a grid over a key that shapes the batch (hidden sizes) gives one population per point."""
+    flags = ["--seeds", "2", "--set", "total_steps=600", "--set", "learning_starts=200", "--set", "eval_every=0"]
+    cli = [sys.executable, "-m", "fastdqn.cli", "sweep", *flags]
+    out = tmp_path / "lr"
+    done = subprocess.run(
+        [*cli, "--grid", "learning_rate=1e-3,3e-3", "--out", str(out)], capture_output=True, text=True, check=True
+    )
+    assert "2 of 2 points train as 1 population of 4 agents" in " ".join((done.stdout + done.stderr).split())
+    (population,) = list(out.glob("*/population/population.json"))
+    assert json.loads(population.read_text())["values"] == {
+        "seed": [1, 2, 1, 2],
+        "learning_rate": [1e-3, 1e-3, 3e-3, 3e-3],
+    }
+    for run in (path for path in out.glob("*/seed-*") if path.is_dir()):
+        saved = load_checkpoint(list_checkpoints(run)[-1])["config"]
+        assert f"learning_rate={saved['learning_rate']:g}" in run.parent.name and run.name == f"seed-{saved['seed']}"
+    assert len(list(out.glob("*/seed-*/result.json"))) == 4
+    sizes = tmp_path / "sizes"
+    done = subprocess.run(
+        [*cli, "--grid", "hidden_sizes=[16],[32]", "--out", str(sizes)], capture_output=True, text=True, check=True
+    )
+    assert "2 of 2 points train as 2 populations of 2 agents" in " ".join((done.stdout + done.stderr).split())
