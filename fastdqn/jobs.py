@@ -129,9 +129,9 @@ def train_population_job(job: RunJob, threads: int = 0) -> dict[str, Any]:
             error = f"{describe(exc)[:200]} (see {job.log_path})"
             return {"members": [{"run_dir": m.run_dir, "error": error} for m in job.members]}
     results = []
-    for member, agent in zip(job.members, outcome.agents):
-        result = {**agent.summary(), "pruned": False, "population": str(rdir)}
-        if not result["interrupted"]:
+    for member, agent, before in zip(job.members, outcome.agents, done):
+        result = before or {**agent.summary(), "pruned": False, "population": str(rdir)}
+        if before is None and not result["interrupted"]:  # a member that had finished keeps its result
             write_result(Path(member.run_dir), result)
         results.append(result)
     return {"members": results}
