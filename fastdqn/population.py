@@ -331,10 +331,11 @@ class PopulationEvaluation:
         generators = [torch.Generator(device).manual_seed(c.seed + EVAL_SEED_OFFSET) for c in cfgs]
 
         def policy(obs: torch.Tensor) -> torch.Tensor:
-            actions = self.stacked.act(
-                list(obs.view(k, episodes, *obs.shape[1:])), [c.eval_epsilon for c in cfgs], generators
-            )
-            return torch.cat(actions)
+            grouped = obs.view(k, episodes, *obs.shape[1:])
+            if all(c.eval_epsilon == 0 for c in cfgs):  # greedy: the random draws could change no action
+                with torch.no_grad():
+                    return self.stacked.q_net(grouped).argmax(dim=-1).flatten()
+            return torch.cat(self.stacked.act(list(grouped), [c.eval_epsilon for c in cfgs], generators))
 
         seeds = [s for c in cfgs for s in eval_seeds(c.seed, episodes)]
         returns = evaluate(policy, cfgs[0], len(seeds), cfgs[0].seed, device, seeds)
