@@ -168,7 +168,9 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
         track.check()
     workers: Backend = make_backend(backend, out)  # refuses what cannot work before anything is written
     failures: list[str] = []
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    # `kill` stops as cleanly as Ctrl-C, and Ctrl-C (SIGINT) stops even a driver that a shell started in the
+    # background, where SIGINT arrives ignored and Python would leave it so
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         prepare_dir(plan, out)
         workers.start(out)
@@ -208,7 +210,8 @@ def execute(plan: Plan, out: Path, backend: BackendSpec = BackendSpec(), track: 
         return 130
     finally:
         workers.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     written = report(out)
     console.print(written.table)
     console.print(written.note)
