@@ -168,13 +168,14 @@ class Collector:
         """A host copy of the envs' last observations (those the next vector step acts on)."""
         return self.obs_t.cpu().numpy().copy()
 
-    def start(self, actions_t: torch.Tensor | None = None) -> None:
-        """Act in all envs on their last observations (or take `actions_t`, from a population's batched acting)
-        and start the envs' step."""
+    def start(self, actions_t: torch.Tensor | None = None, actions: np.ndarray | None = None) -> None:
+        """Act in all envs on their last observations (or take `actions_t` and their host copy `actions`, from a
+        population's batched acting, which copies all agents' actions at once) and start the envs' step."""
         if actions_t is None:
             actions_t = self.learner.act(self.obs_t, epsilon_at(self.cfg, self.counters.env_step), self.generator)
         self.actions_t = actions_t
-        actions = self.staging.to_host(self.actions_t)  # the one device->host copy of a vector step
+        if actions is None:
+            actions = self.staging.to_host(self.actions_t)  # the one device->host copy of a vector step
         self.learner.observe(self.obs_t)
         self.stepper.start(actions)
 

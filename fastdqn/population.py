@@ -166,6 +166,7 @@ class StackedAgents:
         self.storage = copy.copy(replays[0])  # agent 0's ring, whose columns become every agent's rings below
         self.ring_starts = (torch.arange(self.k, device=self.device) * replays[0].capacity).unsqueeze(1)  # (K, 1)
         self.q_params: list[torch.Tensor] = []  # q_net's stacked weights, in `names` order
+        self.target_params: list[torch.Tensor] = []  # target_net's, when there is one
         # Agents that share their Adam and soft-update settings (seeds of one config) take one fused Adam step and one
         # target update for all; agents with their own values take them one agent at a time.
         self.shared = all(
@@ -181,7 +182,7 @@ class StackedAgents:
         self.q_params = self._stack_params([learner.q for learner in self.learners], self.q_net, grad=True)
         if self.learners[0].target_net is not None:
             self.target_net = copy.deepcopy(self.q_net)
-            self._stack_params([learner.target for learner in self.learners], self.target_net, grad=False)
+            self.target_params = self._stack_params([lr.target for lr in self.learners], self.target_net, grad=False)
         for learner in self.learners:
             opt = learner.optimizer
             learner.optimizer = type(opt)(list(learner.q.parameters()), learner.lr, opt.betas, opt.eps)
@@ -287,7 +288,7 @@ class StackedAgents:
         )
         if self.cfg.target_update == "soft":
             assert self.target_net is not None, "a soft target update has a target net"
-            torch._foreach_lerp_(list(self.target_net.parameters()), self.q_params, self.cfg.tau)
+            torch._foreach_lerp_(self.target_params, self.q_params, self.cfg.tau)
         return norms
 
     def step_each(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -427,14 +428,12 @@ class Population:
         self.metrics_sum = torch.zeros(cfg.agents, 3, device=first.device)
         for k, trainer in enumerate(self.trainers):  # each agent's runner keeps its row, read by its logs
             trainer.updates.metrics_sum = self.metrics_sum[k]
-        self.first_update_done = False
 
     def restore(self, states: list[dict[str, Any]]) -> None:
         """Continue every agent from its checkpoint (all of one env step), then stack the loaded tensors again."""
         for trainer, state in zip(self.trainers, states):
             trainer.restore(state)
         self.stacked.adopt()
-        self.first_update_done = False
 
     def close(self) -> None:
         for trainer in self.trainers:
@@ -455,8 +454,10 @@ class Population:
                     actions = self.stacked.act(
                         [t.collector.obs_t for t in self.trainers], [epsilon_at(t.cfg, before) for t in self.trainers]
                     )
-                    for trainer, run, acts in zip(self.trainers, runs, actions):
-                        trainer.collector.start(acts)
+                    # one device->host copy of every agent's actions, then each agent's envs start their step
+                    on_host = np.split(lead.collector.staging.to_host(torch.cat(actions)), len(actions))
+                    for trainer, run, acts, host in zip(self.trainers, runs, actions, on_host):
+                        trainer.collector.start(acts, host)
                         run.add_episodes(before + trainer.cfg.num_envs, trainer.collector.finish())
                     self.train(before + lead.cfg.num_envs)
                     for trainer, run in zip(self.trainers, runs):
@@ -491,10 +492,9 @@ class Population:
             self.metrics_sum += self.stacked.step()
             for trainer in self.trainers:
                 trainer.updates.metrics_count += 1
-            if not self.first_update_done:
+            if self.trainers[0].first_update is None:  # the population's first update, timed for every agent
                 for trainer in self.trainers:
                     trainer.mark_first_update(env_step)
-                self.first_update_done = True
         for trainer in self.trainers:
             trainer.sync_targets(env_step)
 
