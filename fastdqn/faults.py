@@ -19,6 +19,7 @@ import gymnasium as gym
 import torch
 from torch.utils._pytree import tree_leaves, tree_structure
 
+from fastdqn import compile_cache
 from fastdqn.config import Config
 from fastdqn.errors import DeviceError, EnvError
 from fastdqn.logs import console
@@ -199,8 +200,12 @@ def compile_unavailable(device: torch.device) -> str | None:
 
 
 def compile_or_eager(cfg: Config, device: torch.device) -> Config:
-    """The learner's config: `compile` turned off, with a warning, where torch.compile cannot run here."""
-    reason = compile_unavailable(device) if cfg.compile else None
+    """The learner's config: `compile` turned off, with a warning, where torch.compile cannot run here.
+    Its caches are set up first (compile_cache.py), before anything of torch's reads where they are."""
+    if not cfg.compile:
+        return cfg
+    compile_cache.prepare(device)
+    reason = compile_unavailable(device)
     if reason is None:
         return cfg
     if cfg.compile_strict:
