@@ -1,7 +1,7 @@
 """Where each loop iteration's time goes in a profiler trace of an overlapped run, and how much of the updates ran
 while the envs stepped.
 
-    fastdqn profile --env-id ALE/Pong-v5 --num-envs 64 --env-threads 1 --torch-threads 1 --train-every 64 \\
+    fastdqn profile --env-id ALE/Pong-v5 --num-envs 96 --env-threads 1 --torch-threads 1 --train-every 96 \\
         --gradient-steps 1 --batch-size 32 --buffer-size 16000 --learning-starts 3200 --overlap always \\
         --profile-schedule "[2,2,6,1]" --run-dir runs/overlap-trace
     python benchmarks/overlap_trace.py runs/overlap-trace/profile/trace_*.json \\

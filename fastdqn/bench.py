@@ -38,7 +38,7 @@ SUITES = IN_PROCESS + TRAINING
 SCHEDULES = {
     "e2e": (20_000, 2_000),
     "cleanrl": (50_000, 10_000),
-    "overlap": (16_000, 3_200),
+    "overlap": (32_000, 3_200),
     "population": (50_000, 1_000),
 }
 
@@ -342,7 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="env steps per training run (default: e2e 20,000; cleanrl 50,000; overlap 16,000)",
+        help="env steps per training run (default: e2e 20,000; cleanrl 50,000; overlap 32,000)",
     )
     parser.add_argument(
         "--learning-starts",
@@ -356,8 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap-envs",
         type=int,
-        default=64,
-        help="Pong envs of the overlap suite, one update per vector step of them (64 balance env "
+        default=96,
+        help="Pong envs of the overlap suite, one update per vector step of them (96 balance env "
         "stepping and the update on a 2-core CPU; see fastdqn.bench_training.overlap_cases)",
     )
     parser.add_argument(

@@ -351,9 +351,10 @@ def cleanrl_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
 def overlap_cases(opts: Any, caches: Path) -> list[tuple[TrainingCase, Any]]:
     """Pong through ale-py's vector env on one C++ thread, the Nature-CNN update (batch 32) on one torch thread,
     one update per vector step of --overlap-envs envs: the sequential loop (overlap never) against the envs
-    stepping while the update runs (overlap always). The env count balances the two: on this project's 2-core
-    CPU a Pong env step took about 0.5 ms on one ALE thread and an eager update about 30 ms on one torch thread
-    (60 ms under load), so 64 envs step in about as long as one update takes."""
+    stepping while the update runs (overlap always). The env count balances the two, chosen by measurement on this
+    project's 2-core CPU: at 64 envs the envs' step was the shorter one (the overlap gained 1.46x,
+    benchmarks/results/bench-20261202-021132.json); at 96 a profile of the overlapped loop shows the envs' step (30
+    ms) and the update (28.5 ms) about equal, with a 14.5 ms act before them (benchmarks/results/overlap_trace.json)."""
     n = opts.overlap_envs
     cfg = training_config(
         opts,
