@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -72,6 +71,11 @@ def variant_dir(name: str, changes: dict[str, str]) -> str:
     return name + "".join(f"+{key}={value}" for key, value in sorted(changes.items()))
 
 
+def setting(key: str, value: Any) -> str:
+    """`key=value` as a user types it after --set or in YAML (booleans lowercase)."""
+    return f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
+
+
 def sb3_hyperparams(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     """SB3 DQN keyword arguments for the same run (one env), and the config keys SB3's DQN cannot match."""
     params = {
@@ -92,7 +96,7 @@ def sb3_hyperparams(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     if cfg.lr_schedule == "linear":
         params["learning_rate_end"] = cfg.lr_end  # sb3_dqn.py turns the pair into SB3's linear schedule
     unmatched = [
-        f"{k}={v}"
+        setting(k, v)
         for k, v, same in (
             ("double_dqn", cfg.double_dqn, not cfg.double_dqn),
             ("n_step", cfg.n_step, cfg.n_step == 1),
@@ -122,28 +126,14 @@ def env_plan(name: str, seeds: list[int], changes: dict[str, str], out: Path) ->
     return plan
 
 
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its finished children: the runs, in-process or in workers."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def finished_seeds(out: Path, plan: Plan) -> set[int]:
-    return {seed for seed in plan.seeds if (run_dir_of(out, plan.points[0], seed) / "result.json").is_file()}
-
-
-def stamp_load(out: Path, plan: Plan, before: set[int], cpu_time: float) -> None:
-    """Add the machine's load now, when the env's runs have ended, to each result.json that has none yet, and
-    `cpu_time` (this batch's) to the run that finished in it if it was the only one: on a shared machine, CPU
-    time compares trainers more fairly than wall time."""
-    new = finished_seeds(out, plan) - before
+def stamp_load(out: Path, plan: Plan) -> None:
+    """Add the machine's load now, when the env's runs have ended, to each result.json that has none yet (each run
+    records its own CPU time: on a shared machine it compares trainers more fairly than wall time)."""
     for seed in plan.seeds:
         path = run_dir_of(out, plan.points[0], seed) / "result.json"
         if path.is_file():
             data = json.loads(path.read_text())
             data.setdefault("load_after", round(os.getloadavg()[0], 2))
-            if new == {seed}:
-                data.setdefault("cpu_time", round(cpu_time, 1))
             path.write_text(json.dumps(data))
 
 
@@ -309,7 +299,7 @@ def markdown(record: dict[str, Any], variants: list[dict[str, Any]] = ()) -> str
         lines.append(f"- Solve line of {record['env_id']}: {record['solve_line']:g}.")
     for v in variants:
         runs = v["fastdqn"]["runs"]
-        change = " ".join(f"--set {k}={val}" for k, val in sorted(v["changes"].items()))
+        change = " ".join(f"--set {setting(k, val)}" for k, val in sorted(v["changes"].items()))
         lines.append(
             f"- Variant `{change}` ({seeds(runs)}: "
             + ", ".join(f"seed {r['seed']} final {r['final_eval']:.1f}, best {r['best_eval']:.1f}" for r in runs)
@@ -428,10 +418,9 @@ def main() -> None:
                 raise SystemExit("--sb3-python runs the shipped configs only: drop --set")
             if not args.sb3_only:
                 plan = env_plan(name, args.seeds, changes, out)
-                before, cpu = finished_seeds(out, plan), cpu_seconds()
                 if execute(plan, out, BackendSpec(workers=args.workers)) == 130:
                     raise SystemExit(130)
-                stamp_load(out, plan, before, cpu_seconds() - cpu)
+                stamp_load(out, plan)
             if args.sb3_python:
                 for seed in args.seeds:
                     run_sb3(name, seed, args.sb3_python, out)

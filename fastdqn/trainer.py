@@ -104,6 +104,9 @@ class TrainResult:
     first_update_time: float | None = None  # seconds from process start to the end of this run's first update
     steady_sps: float | None = None  # env steps/s from the end of the first update to the end of training
     stopped_early: bool = False  # on_eval asked the run to stop (e.g. a search pruned it); interrupted too
+    # CPU seconds (user + system, every thread of this process; not async env workers) over the same span as
+    # wall_time: on a shared machine it compares trainers more fairly than wall time
+    cpu_time: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON result of `fastdqn train --quiet` (and of each run of an experiment)."""
@@ -116,6 +119,7 @@ class TrainResult:
             "best_eval_step": best_step,
             "steps_to_solve": self.steps_to_solve,
             "wall_time": round(self.wall_time, 2),
+            "cpu_time": round(self.cpu_time, 2),
             "first_update_time": self.first_update_time,
             "steady_sps": self.steady_sps,
             "interrupted": self.interrupted,
@@ -154,6 +158,8 @@ class RunState:
     stopped_early: bool = False  # on_eval asked the run to stop
     finished: bool = False  # end_run completed: the final evaluation and checkpoint (or the stop's) are saved
     end_time: float = 0.0
+    start_cpu: float = field(default_factory=time.process_time)  # this process's CPU clock, as start_time
+    end_cpu: float = 0.0
 
     def add_episodes(self, env_step: int, ended: list[tuple[float, int]]) -> None:
         self.episodes += [(env_step, ret, length) for ret, length in ended]
@@ -276,7 +282,7 @@ class Trainer:
         """Stop the clock; save a stopped run, or evaluate and save a finished one (a stop asked for from here on
         waits for the last checkpoint)."""
         c = self.counters
-        run.end_time = time.perf_counter()
+        run.end_time, run.end_cpu = time.perf_counter(), time.process_time()
         with StopRequest():
             if run.interrupted:
                 self.checkpoints.save()
@@ -318,6 +324,7 @@ class Trainer:
             list(evals),
             self.evaluator.best,
             stopped_early=run.stopped_early,
+            cpu_time=run.end_cpu - run.start_cpu,
         )
         if self.first_update is not None:
             first_clock, first_step, result.first_update_time = self.first_update

@@ -41,6 +41,8 @@ def test_train_from_python_writes_a_run_and_returns_its_result(tmp_path):
     assert result.run_dir.parent == tmp_path and result.run_dir.name.startswith("CartPole-v1-s1-")
     assert (result.run_dir / "config.yaml").is_file() and list_checkpoints(result.run_dir)
     assert np.isfinite(result.final_eval_mean) and result.summary()["env_steps"] == 2_000
+    # the run's own CPU time, over the span of its wall time (not the process's since it started)
+    assert 0 < result.cpu_time < 4 * result.wall_time + 0.5 and result.summary()["cpu_time"] > 0
 
 
 def test_train_refuses_a_used_run_dir_and_resume_continues_it(tmp_path):
