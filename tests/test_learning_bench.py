@@ -45,7 +45,7 @@ def test_sb3_hyperparams_translate_the_config_and_name_what_sb3_lacks():
     assert params["exploration_fraction"] == pytest.approx(0.12) and params["learning_rate_end"] == 1e-5
     assert params["net_arch"] == cfg.hidden_sizes and unmatched == []
     _, unmatched = learning.sb3_hyperparams(cfg.updated(double_dqn=True, n_step=3, num_envs=4))
-    assert unmatched[:2] == ["double_dqn=True", "n_step=3"] and unmatched[2].startswith("num_envs=4")
+    assert unmatched[:2] == ["double_dqn=true", "n_step=3"] and unmatched[2].startswith("num_envs=4")
 
 
 def test_the_env_page_and_index_compare_with_rl_zoo_and_sb3():
