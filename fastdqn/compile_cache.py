@@ -14,6 +14,7 @@ again; the first run sets it too, after its own check, so every run's compile ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,13 +41,12 @@ def cache_dir() -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
-def prepare(device: torch.device) -> Path:
+def prepare(device: torch.device) -> None:
     """Point torch.compile at the cache and, on an x86 CPU, skip inductor's per-process instruction-set probe where
-    this machine passed it before. Call before the first compile; returns the cache dir."""
+    this machine passed it before. Call before the first compile."""
     cache = cache_dir()
     if device.type == "cpu" and platform.machine() in ("x86_64", "AMD64"):
         trust_checked_isa(cache)
-    return cache
 
 
 def isa_fingerprint() -> tuple[str, list[str]]:
@@ -85,9 +85,13 @@ def trust_checked_isa(cache: Path) -> None:
         passed = None
     if passed is None:
         passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # inductor's probe, once per machine
-        record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "candidates": candidates, "passed": passed}))
-        os.replace(tmp, record)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"key": key, "candidates": candidates, "passed": passed}))
+            os.replace(tmp, record)
+        except OSError:  # a read-only or full cache: the next run probes again
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     if candidates and sorted(passed) == sorted(candidates):
         config.cpp.vec_isa_ok = True

@@ -86,3 +86,10 @@ def test_the_fingerprint_names_this_machines_candidates_and_changes_with_torch(m
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     assert compile_cache.isa_fingerprint() == (compile_cache.isa_fingerprint()[0], candidates)
     assert compile_cache.isa_fingerprint()[0] != key  # an upgraded torch probes again
+
+
+def test_a_cache_that_cannot_be_written_still_trusts_this_runs_probe(isa_probe, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache dir should be: mkdir fails
+    compile_cache.trust_checked_isa(blocked / "cache")
+    assert isa_probe["calls"] == 1 and inductor_config.cpp.vec_isa_ok is True
