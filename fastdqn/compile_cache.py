@@ -35,9 +35,15 @@ def default_cache_dir() -> Path:
 
 def cache_dir() -> Path:
     """The compile cache this process uses: TORCHINDUCTOR_CACHE_DIR when set, else fastdqn's default (which is then
-    set, so that torch uses it too)."""
+    set, so that torch uses it too), else, where that cannot be made (a read-only home), torch's own default."""
     if not os.environ.get(CACHE_ENV):
-        os.environ[CACHE_ENV] = str(default_cache_dir())
+        try:
+            default_cache_dir().mkdir(parents=True, exist_ok=True)
+            os.environ[CACHE_ENV] = str(default_cache_dir())
+        except OSError:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir as torch_cache_dir
+
+            return Path(torch_cache_dir())  # which sets the variable itself
     return Path(os.environ[CACHE_ENV])
 
 

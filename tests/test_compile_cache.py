@@ -93,3 +93,12 @@ def test_a_cache_that_cannot_be_written_still_trusts_this_runs_probe(isa_probe, 
     blocked.write_text("")  # a file where the cache dir should be: mkdir fails
     compile_cache.trust_checked_isa(blocked / "cache")
     assert isa_probe["calls"] == 1 and inductor_config.cpp.vec_isa_ok is True
+
+
+def test_a_home_where_the_cache_cannot_be_made_leaves_torchs_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # mkdir under a file fails
+    chosen = compile_cache.cache_dir()
+    assert chosen.is_dir() and "file" not in str(chosen)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
