@@ -87,7 +87,6 @@ def unbatchable(cfg: Config) -> tuple[str, str] | None:
         (not cfg.replay_buffer, "replay_buffer: false", "--replay-buffer"),
         (cfg.normalize_obs, "normalize_obs", "--no-normalize-obs"),
         (cfg.profile, "profile", "--no-profile, and profile a single agent"),
-        (cfg.overlap == "always", "overlap: always", "--overlap auto"),
         (cfg.cuda_graph == "always", "cuda_graph: always", "--cuda-graph auto"),
         (is_atari_id(cfg.env_id) or is_minatar_id(cfg.env_id), "image or grid observations", "separate runs"),
     ]
@@ -442,8 +441,8 @@ class Population:
     # --- the loop -------------------------------------------------------------------------------------
     def run(self, sinks: Sequence[ScalarSink] = ()) -> PopulationResult:
         """Train every agent to total_steps (or to a SIGINT/SIGTERM) in lockstep: each vector step collects every
-        agent's envs, then runs the due updates of all agents together; logs, evaluations and checkpoints are
-        each agent's own, as in `Trainer.run`."""
+        agent's envs, then runs the due updates of all agents together (with the overlap, while the envs step);
+        logs, evaluations and checkpoints are each agent's own, as in `Trainer.run`."""
         runs: list[RunState] = []
         lead = self.trainers[0]
         try:
@@ -456,10 +455,16 @@ class Population:
                     )
                     # one device->host copy of every agent's actions, then each agent's envs start their step
                     on_host = np.split(lead.collector.staging.to_host(torch.cat(actions)), len(actions))
-                    for trainer, run, acts, host in zip(self.trainers, runs, actions, on_host):
+                    for trainer, acts, host in zip(self.trainers, actions, on_host):
                         trainer.collector.start(acts, host)
+                    # with the overlap the updates run while the envs step, as in Trainer.vector_step
+                    overlapped = lead.overlap and len(lead.replay) >= lead.min_replay
+                    if overlapped:
+                        self.train(before + lead.cfg.num_envs)
+                    for trainer, run in zip(self.trainers, runs):
                         run.add_episodes(before + trainer.cfg.num_envs, trainer.collector.finish())
-                    self.train(before + lead.cfg.num_envs)
+                    if not overlapped:
+                        self.train(before + lead.cfg.num_envs)
                     for trainer, run in zip(self.trainers, runs):
                         trainer.after_vector_step(run, before, stop)
             for trainer, run in zip(self.trainers, runs):
