@@ -5,7 +5,8 @@
 - eager: the learner's `step_on` (autograd engine, fused Adam);
 - compiled: `single_graph_step` under torch.compile, one pure function of the learner's tensors, so every learner
   in a process (bench, sweeps) shares one compiled graph instead of recompiling, and after torch's recompile
-  limit silently running eager;
+  limit silently running eager; on a CPU compiled ahead of time and stored in the compile cache, so a later run of
+  the same config loads it instead of compiling (compile_cache.py);
 - graphed: sampling, gather and the update (eager or compiled) captured once into a CUDA graph and replayed, one
   launch per update.
 
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastdqn.compile_cache import StoredSteps
 from fastdqn.config import Config
 from fastdqn.cuda_graph import CaptureError, capture, on_side_stream
 from fastdqn.errors import ConfigError, DeviceError, FastDQNError
@@ -45,26 +47,39 @@ def compiled_graph_step(mode: str) -> Callable:
     return torch.compile(single_graph_step, mode=mode)
 
 
+@functools.cache
+def stored_graph_steps(mode: str) -> StoredSteps:
+    """`single_graph_step` compiled ahead of time per argument signature and kept in the compile cache (CPU)."""
+    return StoredSteps(single_graph_step, mode)
+
+
 def compiled_step(learner: DQNLearner) -> StepFn:
-    """The shared compiled `single_graph_step` on `learner`'s tensors.
+    """The shared compiled `single_graph_step` on `learner`'s tensors: on a CPU the stored one (compile_cache.py),
+    which a later run of the same config loads instead of compiling; on CUDA torch.compile's, which the graphed
+    runner captures.
 
     Called under no_grad, which torch.func's gradients ignore: the compiled step is then an inference graph,
     without the autograd wrapper around it that nothing outside would use.
     """
-    step = compiled_graph_step(compile_mode(learner.cfg))
+    mode = compile_mode(learner.cfg)
+    step: Callable | None = compiled_graph_step(mode) if learner.device.type == "cuda" else None
 
     def run(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal step
+        args = (
+            *learner.functional_state(),
+            batch.obs,
+            batch.actions,
+            batch.rewards,
+            batch.next_obs,
+            batch.terminated,
+            batch.discounts,
+            batch.weights,
+        )
         with torch.no_grad():
-            return step(
-                *learner.functional_state(),
-                batch.obs,
-                batch.actions,
-                batch.rewards,
-                batch.next_obs,
-                batch.terminated,
-                batch.discounts,
-                batch.weights,
-            )
+            if step is None:  # the first update: this learner's stored step
+                step = stored_graph_steps(mode).for_args(args)
+            return step(*args)
 
     return run
 

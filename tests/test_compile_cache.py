@@ -11,6 +11,9 @@ from torch._inductor import config as inductor_config
 from torch._inductor import cpu_vec_isa
 
 from fastdqn import compile_cache
+from fastdqn.config import Config
+from fastdqn.learner import DQNLearner, single_graph_step
+from fastdqn.replay import Batch
 
 CANDIDATES = ["avx512", "avx2"]
 
@@ -102,3 +105,96 @@ def test_a_home_where_the_cache_cannot_be_made_leaves_torchs_default(monkeypatch
     chosen = compile_cache.cache_dir()
     assert chosen.is_dir() and "file" not in str(chosen)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
+
+
+# --- stored update steps -------------------------------------------------------------------------------------
+def stored_cfg(**changes) -> Config:
+    return Config(**{"device": "cpu", "compile": True, "hidden_sizes": [32, 32], "batch_size": 16, **changes})
+
+
+def learner_of(cfg: Config) -> DQNLearner:
+    torch.manual_seed(0)
+    return DQNLearner(cfg, (4,), 2, torch.device("cpu"))
+
+
+def step_batches(n: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        Batch(
+            torch.randn(16, 4, generator=g),
+            torch.randint(0, 2, (16,), generator=g),
+            torch.randn(16, generator=g),
+            torch.randn(16, 4, generator=g),
+            (torch.rand(16, generator=g) < 0.1).float(),
+            torch.full((16,), 0.97),
+        )
+        for _ in range(n)
+    ]
+
+
+def args_of(learner: DQNLearner, b: Batch) -> tuple:
+    return (*learner.functional_state(), b.obs, b.actions, b.rewards, b.next_obs, b.terminated, b.discounts, b.weights)
+
+
+def train_stored(steps: compile_cache.StoredSteps, cfg: Config, data: list[Batch]) -> DQNLearner:
+    learner = learner_of(cfg)
+    with torch.no_grad():
+        step = steps.for_args(args_of(learner, data[0]))
+        for b in data:
+            step(*args_of(learner, b))
+    return learner
+
+
+def train_eager(cfg: Config, data: list[Batch]) -> DQNLearner:
+    learner = learner_of(cfg)
+    for b in data:
+        learner.step_on(b)
+    return learner
+
+
+def assert_same_weights(a: DQNLearner, b: DQNLearner) -> None:
+    for p, q in zip([*a.q.parameters(), *a.target.parameters()], [*b.q.parameters(), *b.target.parameters()]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stored_step_loads_in_a_later_run_and_trains_as_the_eager_one(tmp_path):
+    cfg, data = stored_cfg(), step_batches(6)
+    compiled_before = compile_cache.uses["compiled"]
+    first = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), cfg, data)
+    assert compile_cache.uses["compiled"] == compiled_before + 1 and len(list(tmp_path.glob("*.bin"))) == 1
+    loaded_before = compile_cache.uses["loaded"]
+    later = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), cfg, data)  # a new run
+    assert compile_cache.uses["loaded"] == loaded_before + 1 and compile_cache.uses["compiled"] == compiled_before + 1
+    eager = train_eager(cfg, data)
+    assert_same_weights(first, eager)
+    assert_same_weights(later, eager)
+
+
+def test_a_stored_step_serves_only_its_own_config_and_a_broken_one_is_compiled_again(tmp_path):
+    data = step_batches(4)
+    train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), stored_cfg(), data)
+    # gamma is baked into the graph, and a stored step keeps no guard on it: the key must keep them apart
+    other = stored_cfg(gamma=0.5)
+    compiled_before = compile_cache.uses["compiled"]
+    learner = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), other, data)
+    assert compile_cache.uses["compiled"] == compiled_before + 1
+    assert_same_weights(learner, train_eager(other, data))
+    for path in tmp_path.glob("*.bin"):
+        path.write_bytes(b"cut short")
+    learner = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), other, data)
+    assert compile_cache.uses["compiled"] == compiled_before + 2
+    assert_same_weights(learner, train_eager(other, data))
+
+
+def test_the_key_is_the_config_the_step_reads_and_the_shapes():
+    learner, b = learner_of(stored_cfg()), step_batches(1)[0]
+
+    def key(**changes) -> str:
+        other = learner_of(stored_cfg(**changes))
+        return compile_cache.step_key("default", args_of(other, b))
+
+    same = key()
+    assert key(seed=7, total_steps=10, learning_rate=0.1, eval_every=5) == same  # read outside the step
+    assert key(gamma=0.5) != same and key(loss="mse") != same and key(hidden_sizes=[32, 16]) != same
+    half = Batch(*(t[:8] for t in b[:5]), b.discounts[:8])
+    assert compile_cache.step_key("default", args_of(learner, half)) != same
