@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -149,7 +150,7 @@ NOT_IN_STEP = frozenset(
         "compile_strict",
     }
 )
-uses: Counter[str] = Counter()  # stored steps "loaded" from disk, "compiled" and stored, "reused" in this process
+uses: Counter[str] = Counter()  # stored steps "loaded" from disk and "compiled" (and stored) by this process
 
 
 @functools.cache
@@ -194,7 +195,6 @@ class StoredSteps:
         """The compiled step for calls with arguments like `args`: from memory, from disk, or compiled now."""
         key = step_key(self.mode, args)
         if key in self.steps:
-            uses["reused"] += 1
             return self.steps[key]
         path = (self.root or cache_dir() / STEPS_DIR) / f"{key}.bin"
         step = load_step(path, args)
@@ -231,12 +231,19 @@ def compile_and_store(fn: Callable, mode: str, args: tuple, path: Path) -> Calla
     compiled: Any = torch.compile(fn, mode=mode, fullgraph=True)
     try:
         step = compiled.aot_compile((args, {}))
-    except Exception:
+    except Exception as exc:
+        warnings.warn(
+            f"compiling the update step ahead of time failed ({type(exc).__name__}: {exc}); compiling it as usual, "
+            "so later runs compile it again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return torch.compile(fn, mode=mode)
     uses["compiled"] += 1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         step.save_compiled_function(str(path))
-    except Exception:
+    except Exception:  # an unwritable cache, or a step torch cannot serialize: only the next run compiles again
         pass
+    step.disable_guard_check()  # as for a loaded step: the key covers what the guards check
     return step

@@ -198,3 +198,14 @@ def test_the_key_is_the_config_the_step_reads_and_the_shapes():
     assert key(gamma=0.5) != same and key(loss="mse") != same and key(hidden_sizes=[32, 16]) != same
     half = Batch(*(t[:8] for t in b[:5]), b.discounts[:8])
     assert compile_cache.step_key("default", args_of(learner, half)) != same
+
+
+def test_a_step_the_ahead_of_time_api_cannot_take_is_compiled_as_usual_with_a_warning(tmp_path):
+    def with_a_break(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        torch._dynamo.graph_break()  # fullgraph capture refuses this
+        return y + 1
+
+    with pytest.warns(RuntimeWarning, match="ahead of time failed.*compiling it as usual"):
+        step = compile_cache.StoredSteps(with_a_break, "default", tmp_path).for_args((torch.ones(3),))
+    assert torch.equal(step(torch.ones(3)), torch.full((3,), 3.0)) and not list(tmp_path.glob("*.bin"))
