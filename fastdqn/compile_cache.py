@@ -232,9 +232,10 @@ def compile_and_store(fn: Callable, mode: str, args: tuple, path: Path) -> Calla
     try:
         step = compiled.aot_compile((args, {}))
     except Exception as exc:
+        first_line = (str(exc).splitlines() or [""])[0]
         warnings.warn(
-            f"compiling the update step ahead of time failed ({type(exc).__name__}: {exc}); compiling it as usual, "
-            "so later runs compile it again",
+            f"compiling the update step ahead of time failed ({type(exc).__name__}: {first_line}); compiling it as "
+            "usual, so later runs compile it again",
             RuntimeWarning,
             stacklevel=2,
         )
