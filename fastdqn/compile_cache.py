@@ -10,6 +10,10 @@ build and load, by compiling a probe and loading it in a fresh Python for each o
 that check once per machine (torch version, compiler and CPU flags) and keeps its outcome beside the cache. When
 every instruction set the CPU reports passed, later runs tell inductor so (`cpp.vec_isa_ok`) instead of probing
 again; the first run sets it too, after its own check, so every run's compile cache key is the same.
+
+On a CPU the update step itself is stored there too (`StoredSteps`): compiled ahead of time, keyed by torch's
+version, fastdqn's source, the shapes of its arguments and the config fields it reads, and loaded by a later run
+instead of traced and compiled again. Deleting the folder makes the next run compile afresh.
 """
 
 from __future__ import annotations
