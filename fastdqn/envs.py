@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv
+from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 
 from fastdqn.atari import GRID_MAX_SIDE, is_atari_id, is_image_space, make_pixel_vector_env
@@ -87,6 +88,17 @@ class SameStepCartPole(CartPoleVectorEnv):
         self.episode_returns[:] = 0.0
         self.episode_lengths[:] = 0
         return super().reset(seed=seed, options=options)
+
+    def reset_each(self, seeds: list[int]) -> np.ndarray:
+        """Reset, env i to the start state `CartPole-v*` reset with seeds[i] draws (the same generator, the same
+        draw), so that its episode is that env's, step for step; returns the observations. Later resets draw
+        from the generator of seeds[0]."""
+        assert len(seeds) == self.num_envs, "one seed per env"
+        self.reset(seed=seeds[0])
+        assert self.state is not None, "reset() sets it"
+        for i, seed in enumerate(seeds):
+            self.state[:, i] = seeding.np_random(seed)[0].uniform(low=self.low, high=self.high, size=(4,))
+        return self.state.T.astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         obs, reward, terminated, truncated, _ = super().step(action)

@@ -12,7 +12,7 @@ import torch
 
 from fastdqn.atari import evaluate_games
 from fastdqn.config import Config
-from fastdqn.envs import make_vector_env
+from fastdqn.envs import SameStepCartPole, has_native_vector_env, make_native_vector_env, make_vector_env
 from fastdqn.learner import DQNLearner
 from fastdqn.networks import is_pixel_shape
 from fastdqn.spaces import obs_shape
@@ -55,12 +55,19 @@ def evaluate(
     `policy` maps a batch of observations on `device` to actions; the caller decides greedy vs epsilon.
     """
     seeds = eval_seeds(seed, episodes) if seeds is None else seeds
-    envs = make_vector_env(cfg, len(seeds), mode="sync")  # per-episode seeds need one env each
+    # One env per episode, each reset with its own seed. CartPole's are gymnasium's numpy env, one array step for
+    # all of them, each started where its own seeded env starts: the same episodes as Python envs, several times
+    # faster (tested); a population evaluates all its agents' episodes together.
+    native = has_native_vector_env(cfg.env_id)
+    envs = make_native_vector_env(cfg, len(seeds)) if native else make_vector_env(cfg, len(seeds), mode="sync")
     with own_rng(seed + EVAL_SEED_OFFSET, device):
         try:
             if is_pixel_shape(obs_shape(envs.single_observation_space)):  # NEXT_STEP envs; raw whole-game scores
                 return evaluate_games(envs, policy, seeds, device)
-            obs, _ = envs.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env; VectorEnv says int
+            if isinstance(envs, SameStepCartPole):
+                obs = envs.reset_each(seeds)
+            else:
+                obs, _ = envs.reset(seed=seeds)  # type: ignore[arg-type]  # one seed per env; VectorEnv says int
             returns = np.full(len(seeds), np.nan)
             while np.isnan(returns).any():
                 actions = policy(torch.as_tensor(obs, device=device)).cpu().numpy()

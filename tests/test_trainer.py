@@ -17,6 +17,7 @@ import fastdqn.collection as collection_module
 import fastdqn.envs as envs_module
 from compile_checks import assert_compiled
 from core_helpers import COUNTER_ENV, REWARD, classic, drive, trainer_without_run
+from fastdqn import evaluation
 from fastdqn.config import Config
 from fastdqn.evaluation import Evaluator, evaluate
 from fastdqn.learner import DQNLearner
@@ -218,6 +219,30 @@ def test_evaluation_with_exploration_is_reproducible(tmp_path, tiny_cfg):
         torch.rand(10)  # whatever the caller drew in between
         second = evaluate(lambda o: trainer.learner.act(o, 0.5), cfg, 4, cfg.seed, trainer.device)
     assert first.tolist() == second.tolist()
+
+
+POLICIES = {
+    "short episodes": lambda obs: (obs[:, 2] > 0).long(),
+    "long, varied episodes": lambda obs: ((obs[:, 2] + obs[:, 3]) > 0).long(),  # 366-500 steps: drifts off track
+    "random draws": lambda obs: torch.where(
+        torch.rand(len(obs)) < 0.2, torch.randint(0, 2, (len(obs),)), ((obs[:, 2] + 0.5 * obs[:, 3]) > 0).long()
+    ),
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cartpole_evaluation_on_the_numpy_env_plays_the_python_envs_episodes(tiny_cfg, monkeypatch, policy):
+    """CartPole evaluations run gymnasium's numpy env, each episode started where its own seeded env starts: every
+    episode's return is the one Python envs give, step for step to the end of 500-step episodes."""
+    cfg = classic(tiny_cfg)
+    device = torch.device("cpu")
+    for seed in (1, 8):
+        native = evaluate(POLICIES[policy], cfg, 10, seed, device)
+        with monkeypatch.context() as m:
+            m.setattr(evaluation, "has_native_vector_env", lambda env_id: False)
+            python = evaluate(POLICIES[policy], cfg, 10, seed, device)
+        assert native.tolist() == python.tolist()
+        assert len(set(native.tolist())) > 1  # episodes that differ: the seeds reached each env
 
 
 def test_evaluator_alone_records_each_evaluation_and_the_first_solved_step(tiny_cfg):
