@@ -201,7 +201,7 @@ class StoredSteps:
         if key in self.steps:
             return self.steps[key]
         path = (self.root or cache_dir() / STEPS_DIR) / f"{key}.bin"
-        step = load_step(path, args)
+        step = load_step(path, args, self.fn.__globals__)
         if step is not None:
             uses["loaded"] += 1
         else:
@@ -210,8 +210,10 @@ class StoredSteps:
         return step
 
 
-def load_step(path: Path, args: tuple) -> Callable | None:
-    """The step stored at `path` if there is one that takes `args`, else None (nothing there, or unreadable)."""
+def load_step(path: Path, args: tuple, f_globals: dict[str, Any]) -> Callable | None:
+    """The step stored at `path` if there is one that takes `args`, else None: nothing there, or (with a warning)
+    a file that cannot be loaded. `f_globals` are the compiled function's module globals, which the stored code
+    may name (torch, for one)."""
     if not path.is_file():
         return None
     from torch._guards import TracingContext, tracing
@@ -220,10 +222,17 @@ def load_step(path: Path, args: tuple) -> Callable | None:
     try:
         # torch 2.13 installs the stored guards as it reads them, which needs a tracing context to put them in
         with path.open("rb") as f, tracing(TracingContext(None)):
-            step = torch.compiler.load_compiled_function(f)
+            step = torch.compiler.load_compiled_function(f, f_globals=f_globals)
         if not step.guard_check(*args):
-            return None
-    except Exception:  # a file of another torch build, cut short, or unreadable: compile again
+            raise ValueError("its guards refuse these arguments")
+    except Exception as exc:  # a file of another torch build, cut short, unreadable...
+        first_line = (str(exc).splitlines() or [""])[0]
+        warnings.warn(
+            f"the stored compiled step {path.name} could not be loaded ({type(exc).__name__}: {first_line}); "
+            "compiling it again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     step.disable_guard_check()  # the key covers what the guards check; the step is called per update
     return step

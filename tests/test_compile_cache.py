@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -163,7 +164,9 @@ def test_a_stored_step_loads_in_a_later_run_and_trains_as_the_eager_one(tmp_path
     first = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), cfg, data)
     assert compile_cache.uses["compiled"] == compiled_before + 1 and len(list(tmp_path.glob("*.bin"))) == 1
     loaded_before = compile_cache.uses["loaded"]
-    later = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), cfg, data)  # a new run
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the stored compiled step")  # a load that fails says so
+        later = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), cfg, data)  # a new run
     assert compile_cache.uses["loaded"] == loaded_before + 1 and compile_cache.uses["compiled"] == compiled_before + 1
     eager = train_eager(cfg, data)
     assert_same_weights(first, eager)
@@ -181,7 +184,8 @@ def test_a_stored_step_serves_only_its_own_config_and_a_broken_one_is_compiled_a
     assert_same_weights(learner, train_eager(other, data))
     for path in tmp_path.glob("*.bin"):
         path.write_bytes(b"cut short")
-    learner = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), other, data)
+    with pytest.warns(RuntimeWarning, match="could not be loaded.*compiling it again"):
+        learner = train_stored(compile_cache.StoredSteps(single_graph_step, "default", tmp_path), other, data)
     assert compile_cache.uses["compiled"] == compiled_before + 2
     assert_same_weights(learner, train_eager(other, data))
 
