@@ -210,6 +210,12 @@ class StoredSteps:
         return step
 
 
+def warn(what: str, exc: Exception, then: str) -> None:
+    """One line: what failed, the first line of why (torch's messages run to pages), what happens instead."""
+    why = (str(exc).splitlines() or [""])[0]
+    warnings.warn(f"{what} ({type(exc).__name__}: {why}); {then}", RuntimeWarning, stacklevel=4)
+
+
 def load_step(path: Path, args: tuple, f_globals: dict[str, Any]) -> Callable | None:
     """The step stored at `path` if there is one that takes `args`, else None: nothing there, or (with a warning)
     a file that cannot be loaded. `f_globals` are the compiled function's module globals, which the stored code
@@ -226,13 +232,7 @@ def load_step(path: Path, args: tuple, f_globals: dict[str, Any]) -> Callable | 
         if not step.guard_check(*args):
             raise ValueError("its guards refuse these arguments")
     except Exception as exc:  # a file of another torch build, cut short, unreadable...
-        first_line = (str(exc).splitlines() or [""])[0]
-        warnings.warn(
-            f"the stored compiled step {path.name} could not be loaded ({type(exc).__name__}: {first_line}); "
-            "compiling it again",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn(f"the stored compiled step {path.name} could not be loaded", exc, "compiling it again")
         return None
     step.disable_guard_check()  # the key covers what the guards check; the step is called per update
     return step
@@ -245,12 +245,10 @@ def compile_and_store(fn: Callable, mode: str, args: tuple, path: Path) -> Calla
     try:
         step = compiled.aot_compile((args, {}))
     except Exception as exc:
-        first_line = (str(exc).splitlines() or [""])[0]
-        warnings.warn(
-            f"compiling the update step ahead of time failed ({type(exc).__name__}: {first_line}); compiling it as "
-            "usual, so later runs compile it again",
-            RuntimeWarning,
-            stacklevel=2,
+        warn(
+            "compiling the update step ahead of time failed",
+            exc,
+            "compiling it as usual, so later runs compile it again",
         )
         return torch.compile(fn, mode=mode)
     uses["compiled"] += 1

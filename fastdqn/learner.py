@@ -255,18 +255,7 @@ class DQNLearner:
         The batch's `discounts` (gamma^k of n-step returns) replace gamma and its `weights` (prioritized replay)
         weight the loss; both are tensors or None.
         """
-        loss, q, y = batch_td_loss(
-            self.cfg,
-            self.q,
-            self.target_net,
-            batch.obs,
-            batch.actions,
-            batch.rewards,
-            batch.next_obs,
-            batch.terminated,
-            batch.discounts,
-            batch.weights,
-        )
+        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, *batch.loss_inputs())
         self.optimizer.zero_grad()
         loss.backward()
         grads = cast(list[torch.Tensor], [p.grad for p in self.optimizer.params])  # backward set every one

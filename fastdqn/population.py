@@ -251,17 +251,7 @@ class StackedAgents:
     def update(self, batch: Batch) -> torch.Tensor:
         """One update of every agent, agent k on `batch`'s k-th (B,) slice, with its own clipping and Adam step as
         `DQNLearner.step_on` takes them; returns the (K, 3) [loss, mean Q, grad norm] of each."""
-        losses, q = self.losses(
-            self.cfgs,
-            self.q_net,
-            self.target_net,
-            batch.obs,
-            batch.actions,
-            batch.rewards,
-            batch.next_obs,
-            batch.terminated,
-            batch.discounts,
-        )
+        losses, q = self.losses(self.cfgs, self.q_net, self.target_net, *batch.loss_inputs()[:-1])  # no weights
         # the fused Adam kernel reads memory in order: a transposed gradient would be stepped with the wrong moments
         # (networks.Linear gives contiguous ones, and then contiguous() copies nothing)
         grads = [g.contiguous() for g in torch.autograd.grad(losses.sum(), self.q_params)]

@@ -19,6 +19,11 @@ import torch
 
 from fastdqn.nstep import nstep_returns
 
+# obs, actions, rewards, next_obs, terminated, discounts (or None), weights (or None): see Batch
+LossInputs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None
+]
+
 
 class Batch(NamedTuple):
     obs: torch.Tensor  # (B, *obs_shape), stored dtype
@@ -29,6 +34,11 @@ class Batch(NamedTuple):
     discounts: torch.Tensor | None = None  # (B,) gamma^k of an n-step return; None = gamma (one step)
     weights: torch.Tensor | None = None  # (B,) importance weights of prioritized replay; None = all 1
     indices: torch.Tensor | None = None  # (B,) slots sampled, for priority updates
+
+    def loss_inputs(self) -> LossInputs:
+        """What a TD loss takes of the batch, in the order of `batch_td_loss`'s batch arguments: every field but the
+        sampled slots."""
+        return self.obs, self.actions, self.rewards, self.next_obs, self.terminated, self.discounts, self.weights
 
 
 class Replay(Protocol):

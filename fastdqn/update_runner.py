@@ -66,16 +66,7 @@ def compiled_step(learner: DQNLearner) -> StepFn:
 
     def run(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal step
-        args = (
-            *learner.functional_state(),
-            batch.obs,
-            batch.actions,
-            batch.rewards,
-            batch.next_obs,
-            batch.terminated,
-            batch.discounts,
-            batch.weights,
-        )
+        args = (*learner.functional_state(), *batch.loss_inputs())
         with torch.no_grad():
             if step is None:  # the first update: this learner's stored step
                 step = stored_graph_steps(mode).for_args(args)

@@ -134,7 +134,7 @@ def step_batches(n: int) -> list[Batch]:
 
 
 def args_of(learner: DQNLearner, b: Batch) -> tuple:
-    return (*learner.functional_state(), b.obs, b.actions, b.rewards, b.next_obs, b.terminated, b.discounts, b.weights)
+    return (*learner.functional_state(), *b.loss_inputs())
 
 
 def train_stored(steps: compile_cache.StoredSteps, cfg: Config, data: list[Batch]) -> DQNLearner:
