@@ -377,7 +377,11 @@ def unknown_key_error(key: str, where: str) -> ConfigError:
 def coerce(name: str, value: Any) -> Any:
     """Turn a YAML value or a command-line string into the type of field `name`, or raise ConfigError."""
     hint = _HINTS[name]
-    bad = ConfigError(f"config key '{name}' expects {field_type_name(name)}, got {value!r}")
+    example = field_default(name)
+    fix = f": write it as {','.join(map(str, example))} or {example}" if typing.get_origin(hint) is list else ""
+    bad = ConfigError(f"config key '{name}' expects {field_type_name(name)}, got {value!r}{fix}")
+    if isinstance(value, str) and typing.get_origin(hint) is list and "[" not in value:
+        value = f"[{value}]"  # a command-line list may leave out the brackets: 120,84
     if isinstance(value, str) and hint is not str:
         try:
             value = yaml.safe_load(value)
