@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
 import json
+import os
 import re
 import sys
+import threading
 import typing
 import warnings
 from collections.abc import Sequence
@@ -555,5 +558,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> NoReturn:
+    """The `fastdqn` command: `main`, then an exit without the interpreter's teardown, which with torch loaded takes
+    about 0.4 s on this project's CPU (a tenth of a short CartPole run). The files are closed by then; stdio is
+    flushed and the exit handlers run (Ray, multiprocessing) as at a normal exit. While a non-daemon thread is still
+    alive, or when `main` raises, the exit is the normal one."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs first; only the teardown after it is skipped
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -82,6 +82,24 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     return run_dir, last_json_line(out.getvalue())
 
 
+def test_the_command_ends_with_every_file_written_and_main_s_exit_code(trained_run, tmp_path):
+    """`fastdqn` (cli.run) exits without the interpreter's teardown: the same run as a process prints its result
+    and leaves the same metrics, TensorBoard points and checkpoints as the in-process one."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run_dir), "--seed", "7", "--envs", "1", *SHORT_RUN]
+    proc = subprocess.run([sys.executable, "-m", "fastdqn", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert last_json_line(proc.stdout)["env_steps"] == 600
+    in_process = trained_run[0]
+    assert scalar_tags(run_dir) == scalar_tags(in_process)
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == [json.loads(line)["kind"] for line in (in_process / "metrics.jsonl").read_text().splitlines()]
+    assert [p.name for p in sorted(run_dir.glob("*.pt"))] == [p.name for p in sorted(in_process.glob("*.pt"))]
+    torch.load(sorted(run_dir.glob("ckpt-*.pt"))[-1], weights_only=True)
+    again = subprocess.run([sys.executable, "-m", "fastdqn", *argv], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already" in again.stderr  # an existing run dir: main's code, not 0
+
+
 def test_train_writes_config_checkpoint_metrics_and_events(trained_run):
     run_dir, result = trained_run
     assert result["env_steps"] == 600 and not result["interrupted"]
