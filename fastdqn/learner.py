@@ -3,6 +3,9 @@
 The update step exists twice, computing the same thing: `DQNLearner.step_on`, the eager step (autograd engine and
 torch's fused Adam), and `single_graph_step`, a pure function written for `torch.compile` to trace as one graph
 (torch.func gradients, torch's functional Adam on the same optimizer state); `batch_td_loss` is the loss both share.
+For a plain MLP the eager step takes its gradients from `hand_gradients`: the backward pass written out, without
+autograd's bookkeeping, which costs a small MLP more than its matmuls (tests/test_hand_gradients.py holds it to
+autograd).
 Which one runs, and whether it is captured in a CUDA graph, is the update runner's choice (update_runner.py).
 Every value that changes during training (learning rate, epsilon) enters as a tensor or stays outside, so a
 compiled step never recompiles.
@@ -24,7 +27,7 @@ from torch.optim.adam import adam
 
 from fastdqn.adam import FusedAdam
 from fastdqn.config import Config
-from fastdqn.networks import build_q_network
+from fastdqn.networks import MLPQNetwork, build_q_network
 from fastdqn.replay import Batch
 
 METRICS = ("loss", "q_mean", "grad_norm")
@@ -118,16 +121,72 @@ def q_and_targets(
     """(Q(s,a), TD targets) of a batch (B,), or of a population's batches (K, B) on stacked networks."""
     with autocast(cfg, obs.device.type):  # the networks return float32 Q-values: only convolutions run in bf16
         q_all = q_net(obs)
-        with torch.no_grad():  # s' passes need no gradient, so backward only runs over the s batch
-            next_q_online: torch.Tensor | None
-            if target_net is None:  # the online net is its own target
-                next_q_target = next_q_online = q_net(next_obs)
-            else:
-                next_q_online = q_net(next_obs) if cfg.double_dqn else None
-                next_q_target = target_net(next_obs)
-    gamma = cfg.gamma if discounts is None else discounts
-    y = td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts)
     return q_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1), y
+
+
+@torch.no_grad()  # s' passes need no gradient, so backward only runs over the s batch
+def batch_targets(
+    cfg: Config,
+    q_net: Callable[[torch.Tensor], torch.Tensor],
+    target_net: Callable[[torch.Tensor], torch.Tensor] | None,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None,
+) -> torch.Tensor:
+    """The TD targets of a batch (B,) or of a population's batches (K, B) (see `td_targets`)."""
+    with autocast(cfg, next_obs.device.type):
+        next_q_online: torch.Tensor | None
+        if target_net is None:  # the online net is its own target
+            next_q_target = next_q_online = q_net(next_obs)
+        else:
+            next_q_online = q_net(next_obs) if cfg.double_dqn else None
+            next_q_target = target_net(next_obs)
+    gamma = cfg.gamma if discounts is None else discounts
+    return td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
+
+
+def td_loss_grad(
+    q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradient of `td_loss` (a batch's mean loss) with respect to q (B,)."""
+    error = q - y
+    grad = error.clamp(-huber_delta, huber_delta) if kind == "huber" else 2.0 * error
+    if weights is not None:
+        grad = grad * weights
+    return grad / q.shape[-1]
+
+
+def hand_gradients(
+    cfg: Config,
+    q_net: nn.Module,
+    target_net: nn.Module | None,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminated: torch.Tensor,
+    discounts: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(loss, Q(s,a), TD targets, the loss's gradients in `q_net.parameters()` order) of a plain MLP, without the
+    autograd engine: `batch_td_loss`'s values, differentiated by `td_loss_grad` and `MLPQNetwork.backward_from`."""
+    assert by_hand(q_net), "hand gradients are those of a plain MLP"
+    q_all, saved = cast(MLPQNetwork, q_net).forward_saving(obs)
+    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts)
+    index = actions.unsqueeze(-1)
+    q = q_all.gather(-1, index).squeeze(-1)
+    loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights)
+    grad_q = torch.zeros_like(q_all).scatter_(
+        -1, index, td_loss_grad(q, y, cfg.loss, cfg.huber_delta, weights)[..., None]
+    )
+    return loss, q, y, cast(MLPQNetwork, q_net).backward_from(saved, grad_q)
+
+
+def by_hand(net: nn.Module) -> bool:
+    """Whether `hand_gradients` takes this network (a plain MLP: no dueling head, no convolutions)."""
+    return isinstance(net, MLPQNetwork) and net.plain
 
 
 def clip_scale(cfg: Config, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -233,6 +292,7 @@ class DQNLearner:
         # Fused on every device: one kernel for all parameters, and with the step counts and the tensor LR on the
         # device it never syncs with the host, so a CUDA graph can capture it.
         self.optimizer = FusedAdam(list(self.q.parameters()), self.lr, ADAM_BETAS, cfg.adam_eps)
+        self.by_hand = by_hand(self.q)  # the eager step differentiates a plain MLP by hand (`hand_gradients`)
         convolutions = any(isinstance(m, nn.Conv2d) for m in self.q.modules())  # all that amp runs in bf16
         if cfg.amp and convolutions and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             warnings.warn(
@@ -255,10 +315,13 @@ class DQNLearner:
         The batch's `discounts` (gamma^k of n-step returns) replace gamma and its `weights` (prioritized replay)
         weight the loss; both are tensors or None.
         """
-        loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, *batch.loss_inputs())
-        self.optimizer.zero_grad()
-        loss.backward()
-        grads = cast(list[torch.Tensor], [p.grad for p in self.optimizer.params])  # backward set every one
+        if self.by_hand:
+            loss, q, y, grads = hand_gradients(self.cfg, self.q, self.target_net, *batch.loss_inputs())
+        else:
+            loss, q, y = batch_td_loss(self.cfg, self.q, self.target_net, *batch.loss_inputs())
+            self.optimizer.zero_grad()
+            loss.backward()
+            grads = cast(list[torch.Tensor], [p.grad for p in self.optimizer.params])  # backward set every one
         grad_norm, scale = clip_scale(self.cfg, grads)
         if scale is not None:
             torch._foreach_mul_(grads, scale)

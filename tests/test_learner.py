@@ -174,6 +174,7 @@ def test_grad_norm_is_reported_before_clipping_and_the_step_uses_the_clipped_gra
     learner = make_learner(max_grad_norm=1e-3)
     batch = fixed_batch()
     reference = make_learner(max_grad_norm=0.0)
+    reference.by_hand = False  # its autograd step leaves the raw gradients in .grad
     update(reference, batch)
     raw_norm = torch.norm(torch.stack([p.grad.norm() for p in reference.q.parameters()])).item()
     stats = update(learner, batch)
@@ -185,8 +186,10 @@ def test_grad_norm_is_reported_before_clipping_and_the_step_uses_the_clipped_gra
 
 def test_zero_grad_sets_gradients_to_none_not_zero():
     learner = make_learner()
+    learner.by_hand = False  # the autograd step (dueling and CNN networks take it)
     batch = fixed_batch()
     reference = make_learner()
+    reference.by_hand = False
     update(reference, batch)
     stale = []
     for p in learner.q.parameters():
@@ -197,6 +200,17 @@ def test_zero_grad_sets_gradients_to_none_not_zero():
         assert p.grad is not old  # a fresh tensor: the old one was dropped (set_to_none), not zeroed in place
         assert torch.equal(old, torch.full_like(p, 1e3))
         assert torch.allclose(p.grad, ref.grad)  # and the stale values were not accumulated
+
+
+def test_hand_gradients_ignore_stale_grad_attributes():
+    learner, reference = make_learner(), make_learner()
+    assert learner.by_hand
+    batch = fixed_batch()
+    update(reference, batch)
+    for p in learner.q.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    update(learner, batch)
+    assert all(torch.equal(a, b) for a, b in zip(params(learner.q), params(reference.q)))
 
 
 def test_learning_rate_tensor_is_what_adam_steps_with():
