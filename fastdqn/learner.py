@@ -150,7 +150,8 @@ def batch_targets(
 def td_loss_grad(
     q: torch.Tensor, y: torch.Tensor, kind: str, huber_delta: float, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The gradient of `td_loss` (a batch's mean loss) with respect to q (B,)."""
+    """The gradient of `td_loss` with respect to q: of a batch's mean loss (B,), or of the sum of a population's
+    per-agent means (K, B), in which each agent's gradient is that of its own mean."""
     error = q - y
     grad = error.clamp(-huber_delta, huber_delta) if kind == "huber" else 2.0 * error
     if weights is not None:
@@ -169,15 +170,17 @@ def hand_gradients(
     terminated: torch.Tensor,
     discounts: torch.Tensor | None,
     weights: torch.Tensor | None,
+    per_agent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(loss, Q(s,a), TD targets, the loss's gradients in `q_net.parameters()` order) of a plain MLP, without the
-    autograd engine: `batch_td_loss`'s values, differentiated by `td_loss_grad` and `MLPQNetwork.backward_from`."""
+    autograd engine: `batch_td_loss`'s values, differentiated by `td_loss_grad` and `MLPQNetwork.backward_from`.
+    With `per_agent` (a population's stacked networks), each agent's loss (K,) and its own gradients."""
     assert by_hand(q_net), "hand gradients are those of a plain MLP"
     q_all, saved = cast(MLPQNetwork, q_net).forward_saving(obs)
     y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts)
     index = actions.unsqueeze(-1)
     q = q_all.gather(-1, index).squeeze(-1)
-    loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights)
+    loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights, per_agent)
     grad_q = torch.zeros_like(q_all).scatter_(
         -1, index, td_loss_grad(q, y, cfg.loss, cfg.huber_delta, weights)[..., None]
     )

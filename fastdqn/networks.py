@@ -131,8 +131,8 @@ class MLPQNetwork(nn.Module):
         `grad_q` with respect to the Q-values of `forward_saving`: the backward pass of Linear and ReLU layers
         written out (dW = g^T x, db = sum of g over the batch, g <- g W; a ReLU zeroes g where it output 0).
 
-        The same values as autograd's, for (B, ...) batches (a population's stacked weights go through autograd). It
-        exists for speed: a small MLP's eager update spent more time in autograd's bookkeeping than in its matmuls."""
+        The same values as autograd's, for (B, ...) batches and a population's stacked (K, B, ...) ones. It exists for
+        speed: a small MLP's eager update spent more time in autograd's bookkeeping than in its matmuls."""
         grads: list[torch.Tensor] = []
         g = grad_q
         for i in range(len(self.net) - 1, -1, -1):
@@ -140,9 +140,18 @@ class MLPQNetwork(nn.Module):
             if isinstance(layer, nn.ReLU):  # autograd's own ReLU backward: g where the output > 0, else 0
                 g = torch.ops.aten.threshold_backward(g, saved[i + 1], 0)
                 continue
-            grads += [g.sum(dim=0), g.t().mm(saved[i])]  # bias, weight: reversed below
+            weight = cast(Linear, layer).weight
+            if weight.dim() == 2:
+                grads += [g.sum(dim=0), g.t().mm(saved[i])]  # bias, weight: reversed below
+                if i > 0:
+                    g = g.mm(weight)
+                continue
+            # stacked (K, out, in) weights: networks.Linear keeps activations as (K, features, B) in memory, so the
+            # backward works on g^T and keeps that layout (elementwise ops on mismatched layouts are slow)
+            g_t = g.transpose(1, 2)
+            grads += [g_t.sum(dim=2), torch.bmm(g_t, saved[i])]
             if i > 0:
-                g = g.mm(cast(Linear, layer).weight)
+                g = torch.bmm(weight.transpose(1, 2), g_t).transpose(1, 2)
         return grads[::-1]
 
 

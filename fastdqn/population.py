@@ -35,7 +35,7 @@ from fastdqn.config import Config
 from fastdqn.errors import ConfigError
 from fastdqn.evaluation import EVAL_SEED_OFFSET, eval_seeds, evaluate
 from fastdqn.faults import EnvFailure
-from fastdqn.learner import DQNLearner, clip_scale, q_and_targets, soft_update_, td_loss
+from fastdqn.learner import DQNLearner, by_hand, clip_scale, hand_gradients, q_and_targets, soft_update_, td_loss
 from fastdqn.logs import ScalarSink, console, summary_table
 from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
@@ -173,6 +173,10 @@ class StackedAgents:
         )
         self.grad_limits = torch.tensor([c.max_grad_norm for c in cfgs], device=self.device)
         self.losses = compiled_stacked_losses(compile_mode(self.cfg)) if self.cfg.compile else stacked_losses
+        # eager plain MLPs with one loss for all agents take their gradients by hand, as DQNLearner.step_on does
+        self.by_hand = (
+            not self.cfg.compile and by_hand(self.q_net) and len({(c.loss, c.huber_delta) for c in cfgs}) == 1
+        )
         self.adopt()
 
     def adopt(self) -> None:
@@ -251,11 +255,16 @@ class StackedAgents:
     def update(self, batch: Batch) -> torch.Tensor:
         """One update of every agent, agent k on `batch`'s k-th (B,) slice, with its own clipping and Adam step as
         `DQNLearner.step_on` takes them; returns the (K, 3) [loss, mean Q, grad norm] of each."""
-        losses, q = self.losses(self.cfgs, self.q_net, self.target_net, *batch.loss_inputs()[:-1])  # no weights
+        inputs = batch.loss_inputs()[:-1]  # no weights: populations have no prioritized replay
+        if self.by_hand:
+            losses, q, _, grads = hand_gradients(self.cfg, self.q_net, self.target_net, *inputs, None, per_agent=True)
+        else:
+            losses, q = self.losses(self.cfgs, self.q_net, self.target_net, *inputs)
+            grads = list(torch.autograd.grad(losses.sum(), self.q_params))
+            losses, q = losses.detach(), q.detach()
         # the fused Adam kernel reads memory in order: a transposed gradient would be stepped with the wrong moments
-        # (networks.Linear gives contiguous ones, and then contiguous() copies nothing)
-        grads = [g.contiguous() for g in torch.autograd.grad(losses.sum(), self.q_params)]
-        losses, q = losses.detach(), q.detach()
+        # (both ways of differentiating give contiguous ones, and then contiguous() copies nothing)
+        grads = [g.contiguous() for g in grads]
         with torch.no_grad():
             norms = self.step_all(grads) if self.shared else self.step_each(grads)
             return torch.stack([losses, q.mean(dim=1), norms], dim=1)

@@ -3,7 +3,7 @@
 A plain MLP's eager update takes its gradients from `MLPQNetwork.backward_from` and `td_loss_grad` instead of the
 autograd engine (faster for small MLPs). They must be autograd's: every loss, target and batch setting, and a
 normalizing network, on the same batch; and a whole `step_on` must leave the weights that the autograd step
-leaves.
+leaves. A population's stacked networks take them too (`StackedAgents.update`), each agent its own.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from fastdqn.config import Config
 from fastdqn.learner import DQNLearner, batch_td_loss, by_hand, hand_gradients
 from fastdqn.networks import MLPQNetwork, build_q_network
+from fastdqn.population import stacked_losses
 from fastdqn.replay import Batch
 
 CPU = torch.device("cpu")
@@ -89,3 +90,53 @@ def test_only_plain_mlps_take_hand_gradients():
     with pytest.raises(AssertionError, match="plain MLP"):
         net = MLPQNetwork(OBS_DIM, N_ACTIONS, [8], dueling=True)
         hand_gradients(cfg, net, copy.deepcopy(net), *batch(0, False, False).loss_inputs())
+
+
+def stacked(nets: list[MLPQNetwork]) -> MLPQNetwork:
+    """A network whose parameters are `nets`' stacked along a first agent dim (as a population holds them)."""
+    out = copy.deepcopy(nets[0])
+    for name, _ in nets[0].named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        whole = torch.stack([net.get_parameter(name).detach() for net in nets])
+        out.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(whole)
+    return out
+
+
+@pytest.mark.parametrize("loss, double_dqn, target_update", SETTINGS)
+def test_a_population_s_hand_gradients_are_autograd_s(loss, double_dqn, target_update):
+    k = 3
+    cfg = Config(device="cpu", hidden_sizes=[32, 16], huber_delta=0.5, loss=loss, double_dqn=double_dqn)
+    cfg = cfg.updated(target_update=target_update).validate()
+    torch.manual_seed(0)
+    q_net = stacked([MLPQNetwork(OBS_DIM, N_ACTIONS, [32, 16]) for _ in range(k)])
+    target = None if target_update == "none" else stacked([MLPQNetwork(OBS_DIM, N_ACTIONS, [32, 16]) for _ in range(k)])
+    parts = [batch(seed, True, False) for seed in range(k)]  # each agent its own batch, n-step discounts
+    b = Batch(
+        *(
+            torch.stack([getattr(p, f) for p in parts])
+            for f in ("obs", "actions", "rewards", "next_obs", "terminated", "discounts")
+        )
+    )
+    inputs = b.loss_inputs()[:-1]
+    losses, q, _, hand = hand_gradients(cfg, q_net, target, *inputs, None, per_agent=True)
+    auto_losses, auto_q = stacked_losses([cfg] * k, q_net, target, *inputs)
+    grads = torch.autograd.grad(auto_losses.sum(), list(q_net.parameters()))
+    assert losses.shape == (k,) and torch.allclose(losses, auto_losses.detach(), rtol=1e-6)
+    assert torch.equal(q, auto_q.detach())
+    for h, a in zip(hand, grads):
+        assert h.shape == a.shape and h.is_contiguous()
+        assert torch.allclose(h, a, rtol=1e-5, atol=1e-7), (h - a).abs().max()
+    # and agent 1's gradients are those of its own network alone
+    own = hand_gradients(
+        cfg, unstack(q_net, 1), None if target is None else unstack(target, 1), *parts[1].loss_inputs()
+    )[3]
+    for h, o in zip(hand, own):
+        assert torch.allclose(h[1], o, rtol=1e-5, atol=1e-7)
+
+
+def unstack(net: MLPQNetwork, j: int) -> MLPQNetwork:
+    """Agent j's network of a stacked one."""
+    out = MLPQNetwork(OBS_DIM, N_ACTIONS, [32, 16])
+    for name, p in out.named_parameters():
+        p.data.copy_(net.get_parameter(name)[j])
+    return out
