@@ -13,6 +13,7 @@ from typing import Any
 # Config changes of each update-step variant of the update suites, as the update runner reads them.
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {"cuda_graph": "never"},
+    "eager-autograd": {"cuda_graph": "never"},  # the eager step with autograd's gradients (update-mlp only)
     "compiled": {"compile": True, "cuda_graph": "never"},
     "compiled+amp": {"compile": True, "amp": True, "cuda_graph": "never"},
     "cuda-graph": {"compile": True, "amp": True, "cuda_graph": "always"},

@@ -73,6 +73,8 @@ def update_fn(
     its time includes sampling."""
     torch.manual_seed(cfg.seed)
     learner = DQNLearner(cfg.updated(**VARIANTS[variant]), obs_shape, n_actions, device)
+    if variant == "eager-autograd":  # what the eager step of a plain MLP would take without its hand gradients
+        learner.by_hand = False
     runner = make_update_runner(learner, replay)
     if variant == "cuda-graph":
         return runner.step
@@ -119,6 +121,8 @@ def bench_update(suite: str, device: torch.device, variants: list[str], opts: ar
     if device.type != "cuda" and "cuda-graph" in variants:
         console.print("[yellow]cuda-graph skipped: it needs a CUDA device[/]")
         variants = [v for v in variants if v != "cuda-graph"]
+    if suite != "update-mlp":  # a CNN's eager step takes autograd's gradients anyway
+        variants = [v for v in variants if v != "eager-autograd"]
     fns = {v: update_fn(cfg, v, obs_shape, n_actions, replay, device) for v in variants}
     iters = opts.iters if suite == "update-mlp" else max(1, opts.iters // 10)
     samples = round_robin(fns, iters, opts.rounds, opts.warmup, device, clock(opts))
