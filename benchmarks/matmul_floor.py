@@ -1,0 +1,100 @@
+"""How fast the matrix products of an update can possibly run on this machine, against three speed goals.
+
+An MLP update's matrix products are fixed by its shapes: the forward passes (online on s, target on s', and the
+online net on s' for Double DQN) and the backward pass (weight gradients of every layer, input gradients of all but
+the first). This script counts their multiply-adds, times fp32 matrix products of the update's own largest shape on
+1 and 2 torch threads, and divides: the seconds a run would spend in matrix products alone if nothing else cost
+anything. Set beside what a goal allows, that says whether eager PyTorch (whose per-op dispatch comes on top) could
+reach it on this CPU.
+
+    python benchmarks/matmul_floor.py [--out benchmarks/results/matmul_floor.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def update_flops(dims: list[int], batch: int, double_dqn: bool) -> float:
+    """Floating-point operations (2 per multiply-add) of the matrix products of one update of an MLP `dims`."""
+    forward = sum(a * b for a, b in zip(dims, dims[1:]))
+    input_grads = sum(a * b for a, b in zip(dims[1:], dims[2:]))  # no input gradient of the first layer
+    passes = 3 if double_dqn else 2
+    return 2.0 * batch * (passes * forward + forward + input_grads)
+
+
+def gemm_rate(rows: int, inner: int, cols: int, threads: int, seconds: float = 2.0) -> float:
+    """FLOP/s of fp32 `addmm` of (rows x inner) @ (inner x cols) on `threads` torch threads."""
+    torch.set_num_threads(threads)
+    a, w, b = torch.randn(rows, inner), torch.randn(cols, inner), torch.randn(cols)
+    for _ in range(50):
+        torch.addmm(b, a, w.t())
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            torch.addmm(b, a, w.t())
+        n += 20
+    return 2.0 * rows * inner * cols * n / (time.perf_counter() - start)
+
+
+def goals(acrobot_sb3_cpu_s: float, one_agent_s: float) -> list[dict]:
+    """The goals, each with the updates it runs and the seconds it allows for the whole run."""
+    return [
+        {
+            "goal": "Acrobot-v1 at rl-zoo's hyperparameters in a third of SB3's time",
+            "dims": [6, 256, 256, 3],
+            "batch": 128,
+            "double_dqn": False,
+            "updates": 100_000,
+            "threads": 1,  # SB3's run had one torch thread
+            "allowed_s": acrobot_sb3_cpu_s / 3,
+        },
+        {
+            "goal": "5 default CartPole agents in 2x the wall time of one",
+            "dims": [4, 256, 256, 2],
+            "batch": 64,
+            "double_dqn": True,
+            "updates": 5 * 12_500,
+            "threads": 2,
+            "allowed_s": 2 * one_agent_s,
+        },
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "matmul_floor.json")
+    args = parser.parse_args()
+    sb3 = json.loads((RESULTS / "learning-acrobot.json").read_text())["sb3"]["cpu_time_median"]
+    population = json.loads((RESULTS / "bench-20261202-100558.json").read_text())
+    one_agent = next(c for c in population["training"] if c["name"].startswith("1 agent"))
+    one_agent_s = sorted(r["whole_s"] for r in one_agent["runs"])[len(one_agent["runs"]) // 2]
+    rows = []
+    for goal in goals(sb3, one_agent_s):
+        hidden = goal["dims"][1]
+        rate = gemm_rate(goal["batch"], hidden, goal["dims"][2], goal["threads"])
+        flops = update_flops(goal["dims"], goal["batch"], goal["double_dqn"]) * goal["updates"]
+        rows.append({**goal, "gflop_per_s": rate / 1e9, "tflop": flops / 1e12, "matmul_floor_s": flops / rate})
+        print(
+            f"{goal['goal']}: {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s ({goal['threads']} thread(s)) = "
+            f"{flops / rate:.1f} s of matrix products alone; the goal allows {goal['allowed_s']:.1f} s in all"
+        )
+    record = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "sources": {"sb3_cpu_time": "learning-acrobot.json", "one_agent": "bench-20261202-100558.json"},
+        "goals": rows,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
