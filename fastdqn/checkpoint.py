@@ -151,6 +151,17 @@ def checkpoint_nbytes(payload: Any) -> int:
     return sum(sizes) + CHECKPOINT_OVERHEAD + PER_TENSOR_OVERHEAD * len(sizes)
 
 
+def own_storages(payload: Any) -> Any:
+    """`payload` with every tensor that views part of a larger storage replaced by a copy of just that part.
+    torch.save writes a tensor's whole storage, and a population agent's weights and Adam moments are slices of
+    all agents' stacked tensors: each agent's checkpoint of a 32-agent population was 31 times a standalone one's."""
+    from torch.utils._pytree import tree_map
+
+    from fastdqn.disk import is_partial_view
+
+    return tree_map(lambda v: v.clone() if is_partial_view(v) else v, payload)
+
+
 def write_atomically(payload: dict[str, Any], final: Path, what: str = "a checkpoint") -> Path:
     """torch.save `payload` to a temporary file beside `final`, fsync it, then rename it over `final`: a kill or a
     full disk at any moment leaves the old file or the new one, never a part of one. A payload that cannot fit in
@@ -159,6 +170,7 @@ def write_atomically(payload: dict[str, Any], final: Path, what: str = "a checkp
     final.parent.mkdir(parents=True, exist_ok=True)
     import torch  # here, not at the top: path mistakes in `fastdqn train --resume` are reported without it
 
+    payload = own_storages(payload)
     need = checkpoint_nbytes(payload)
     check_space(final, what, need)
     tmp: str | None = None

@@ -81,14 +81,24 @@ def check_space(path: Path, what: str, need: int) -> None:
         raise DiskFull(path, what, format_bytes(need), format_bytes(free))
 
 
+def is_partial_view(value: Any) -> bool:
+    """Is `value` a tensor that covers only part of its storage (a slice of a population's stacked tensors)?"""
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size()
+
+
 def storage_sizes(obj: Any) -> list[int]:
-    """Bytes of each tensor storage in a nested container (each storage once: what torch.save writes)."""
+    """Bytes of each tensor storage in a nested container (each storage once: what torch.save writes), a tensor
+    that views part of a larger storage counted as the copy of its part that a checkpoint writes (own_storages)."""
     import torch
 
     storages: dict[tuple[str, int], int] = {}
 
     def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
+        if is_partial_view(value):
+            storages[("view", id(value))] = value.numel() * value.element_size()
+        elif isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
         elif isinstance(value, dict):

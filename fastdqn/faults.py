@@ -17,7 +17,7 @@ from typing import Any
 
 import gymnasium as gym
 import torch
-from torch.utils._pytree import tree_leaves, tree_structure
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from fastdqn import compile_cache
 from fastdqn.config import Config
@@ -152,7 +152,10 @@ class FiniteGuard:
         return bool(torch.isfinite(torch.stack(norms)).all())
 
     def commit(self, step: int) -> None:
-        self.snapshot, self.step = copy.deepcopy(self.learner.state_dict()), step
+        """Remember the learner's state: a copy of each tensor's own elements (a deep copy of a population agent's
+        tensors, slices of all agents' stacked ones, would copy every agent's)."""
+        self.snapshot = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, self.learner.state_dict())
+        self.step = step
 
     def rollback(self) -> None:
         """Copy the snapshot back into the learner's own tensors, in place, so compiled or graph-captured steps

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from fastdqn import api
 from fastdqn.checkpoint import list_checkpoints, load_checkpoint
@@ -302,3 +303,22 @@ def test_sweep_points_that_differ_in_agent_keys_train_as_one_population(tmp_path
         [*cli, "--grid", "hidden_sizes=[16],[32]", "--out", str(sizes)], capture_output=True, text=True, check=True
     )
     assert "2 of 2 points train as 2 populations of 2 agents" in " ".join((done.stdout + done.stderr).split())
+
+
+def test_an_agent_s_checkpoints_and_snapshots_hold_its_own_tensors_only(tmp_path: Path) -> None:
+    """An agent's weights and Adam moments are slices of the population's stacked tensors; what it saves (last and
+    best checkpoints) and the finite-state snapshot it keeps hold its own slice, not every agent's storage."""
+    cfg = small(total_steps=800, eval_every=400, checkpoint_every=800)
+    alone = api.train(cfg, tmp_path / "alone", show_progress=False)
+    population = Population(cfg.updated(agents=6), tmp_path / "pop", show_progress=False)
+    population.run()
+    for name in ("best.pt", list_checkpoints(alone.run_dir)[-1].name):
+        own = (alone.run_dir / name).stat().st_size
+        agent = (tmp_path / "pop" / "agent-3" / name).stat().st_size
+        assert agent < 1.1 * own, (name, agent, own)  # all six agents' tensors would be about 6x
+    state = load_checkpoint(list_checkpoints(tmp_path / "pop" / "agent-3")[-1])
+    assert state["counters"]["env_step"] == 800 and state["learner"]["q"]["net.0.weight"].shape == (64, 4)
+    guard = population.trainers[3].checkpoints.finite
+    assert guard.step == 800  # committed at the last save, after the agents' tensors were stacked
+    tensors = [t for t in tree_leaves(guard.snapshot) if isinstance(t, torch.Tensor)]
+    assert sum(t.untyped_storage().nbytes() for t in tensors) == sum(t.numel() * t.element_size() for t in tensors)
