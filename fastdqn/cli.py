@@ -563,7 +563,7 @@ def run() -> NoReturn:
     """The `fastdqn` command: `main`, then an exit without the interpreter's teardown, which with torch loaded takes
     about 0.4 s on this project's CPU (a tenth of a short CartPole run). The files are closed by then; stdio is
     flushed and the exit handlers run (Ray, multiprocessing) as at a normal exit. While a non-daemon thread is still
-    alive, or when `main` raises, the exit is the normal one.
+    alive, under a profiler or tracer (cProfile, coverage), or when `main` raises, the exit is the normal one.
 
     The garbage collector runs every 50,000 allocations instead of every 700: importing torch leaves some 280,000
     long-lived objects, and a collection that arrives among them walks them all (0.1-0.2 s of the import here)."""
@@ -571,7 +571,8 @@ def run() -> NoReturn:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+    profiled = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile, coverage: they write at exit
+    if profiled or any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()  # what a normal exit runs first; only the teardown after it is skipped
     os._exit(code)
