@@ -128,11 +128,14 @@ def stacked_losses(
     k's loss with its own loss settings. A plain function of its arguments, which `--compile` compiles (its backward
     with it) once for every population in the process."""
     q, y = q_and_targets(cfgs[0], q_net, target_net, obs, actions, rewards, next_obs, terminated, discounts)
-    kinds = {(c.loss, c.huber_delta) for c in cfgs}
-    if len(kinds) == 1:  # one loss for all agents: computed for all at once
-        kind, delta = kinds.pop()
-        return td_loss(q, y, kind, delta, per_agent=True), q
+    if one_loss(cfgs):  # computed for all agents at once
+        return td_loss(q, y, cfgs[0].loss, cfgs[0].huber_delta, per_agent=True), q
     return torch.stack([td_loss(q[k], y[k], c.loss, c.huber_delta) for k, c in enumerate(cfgs)]), q
+
+
+def one_loss(cfgs: Sequence[Config]) -> bool:
+    """Do all agents take the same TD loss (kind and Huber delta)?"""
+    return len({(c.loss, c.huber_delta) for c in cfgs}) == 1
 
 
 @functools.cache
@@ -174,9 +177,7 @@ class StackedAgents:
         self.grad_limits = torch.tensor([c.max_grad_norm for c in cfgs], device=self.device)
         self.losses = compiled_stacked_losses(compile_mode(self.cfg)) if self.cfg.compile else stacked_losses
         # eager plain MLPs with one loss for all agents take their gradients by hand, as DQNLearner.step_on does
-        self.by_hand = (
-            not self.cfg.compile and by_hand(self.q_net) and len({(c.loss, c.huber_delta) for c in cfgs}) == 1
-        )
+        self.by_hand = not self.cfg.compile and by_hand(self.q_net) and one_loss(cfgs)
         self.adopt()
 
     def adopt(self) -> None:
