@@ -32,7 +32,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_device(device: torch.device, tf32: bool) -> None:
-    """Make `device` the current CUDA device and set float32 matmul and convolution precision (CUDA only).
+    """Make the CPU flush denormal floats to zero, and make `device` the current CUDA device and set float32 matmul
+    and convolution precision (CUDA only).
+
+    Denormals: Adam's first moment of a weight whose gradient stays zero (a dead ReLU unit) decays by beta1 each
+    step through the denormal range, where x86 CPUs compute many times slower. Half the hidden layer's moments of
+    a trained default CartPole net are denormal, and then the fused Adam step alone took 36x its normal time
+    (7.4 ms against 0.2 ms for five agents' moments). Flushed, such a moment is 0 a few hundred steps earlier,
+    where its update (below 1e-31) changed nothing anyway. CUDA computes denormals at full speed; this setting is
+    the CPU's only.
 
     The current device matters beyond the tensors: new streams, events and the CUDA graph capture's random
     generator belong to it, so with cuda:1 and the current device left at cuda:0 they would sit on another GPU.
@@ -40,6 +48,7 @@ def use_device(device: torch.device, tf32: bool) -> None:
     full float32 (PyTorch's own default turns TF32 on for convolutions only). The legacy setters are used on
     purpose: mixing them with the per-backend `fp32_precision` API makes torch's own getters raise.
     """
+    torch.set_flush_denormal(True)
     if device.type != "cuda":
         return
     torch.cuda.set_device(device)

@@ -17,6 +17,15 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _denormals_kept():
+    """Every test starts with the CPU computing denormals, as a fresh process does (a run's use_device flushes them
+    from then on), so no test's numbers depend on which tests ran before it in this process."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def tiny_cfg() -> Config:
     """CartPole with a small net and short schedules: a few seconds of training at most."""

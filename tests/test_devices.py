@@ -82,3 +82,13 @@ def test_free_cuda_memory_counts_blocks_cached_by_pytorch(monkeypatch):
     assert memory.free_bytes(torch.device("cuda", 0)) == 28 * gib
     report = memory.check_replay_fits(20 * gib, 1_000_000, torch.device("cuda", 0))  # 26 GiB cached + 2 free
     assert report.startswith("replay: 1,000,000 transitions")
+
+
+def test_use_device_flushes_denormals_on_the_cpu():
+    """Adam's moments of dead ReLU units decay into the denormal range, where the fused step ran 36x slower: a run
+    computes them as zero (the conftest fixture has just turned flushing off)."""
+    tiny = torch.tensor([1e-39, 1e-30])  # 1e-39 is below float32's smallest normal number (1.2e-38)
+    assert (tiny * 0.5)[0] > 0
+    use_device(torch.device("cpu"), tf32=False)
+    halved = tiny * 0.5
+    assert halved[0] == 0 and halved[1] == 5e-31
