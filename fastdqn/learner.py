@@ -50,7 +50,9 @@ def td_targets(
     if next_q_online is None:
         next_v = next_q_target.max(dim=-1).values
     else:
-        next_v = next_q_target.gather(-1, next_q_online.argmax(dim=-1, keepdim=True)).squeeze(-1)
+        # max's indices are argmax's (the first of equal values); argmax took 34 against 5 us on a population's
+        # (K, B, n_actions) Q-values, which are transposed in memory (networks.Linear)
+        next_v = next_q_target.gather(-1, next_q_online.max(dim=-1, keepdim=True).indices).squeeze(-1)
     return rewards + gamma * (1.0 - terminated) * next_v
 
 
@@ -134,15 +136,18 @@ def batch_targets(
     next_obs: torch.Tensor,
     terminated: torch.Tensor,
     discounts: torch.Tensor | None,
+    next_q_target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The TD targets of a batch (B,) or of a population's batches (K, B) (see `td_targets`)."""
+    """The TD targets of a batch (B,) or of a population's batches (K, B) (see `td_targets`); `next_q_target`, when
+    given, is the target net's Q-values of next_obs computed beforehand."""
     with autocast(cfg, next_obs.device.type):
         next_q_online: torch.Tensor | None
         if target_net is None:  # the online net is its own target
             next_q_target = next_q_online = q_net(next_obs)
         else:
             next_q_online = q_net(next_obs) if cfg.double_dqn else None
-            next_q_target = target_net(next_obs)
+            if next_q_target is None:
+                next_q_target = target_net(next_obs)
     gamma = cfg.gamma if discounts is None else discounts
     return td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
 
@@ -171,13 +176,15 @@ def hand_gradients(
     discounts: torch.Tensor | None,
     weights: torch.Tensor | None,
     per_agent: bool = False,
+    next_q_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(loss, Q(s,a), TD targets, the loss's gradients in `q_net.parameters()` order) of a plain MLP, without the
     autograd engine: `batch_td_loss`'s values, differentiated by `td_loss_grad` and `MLPQNetwork.backward_from`.
-    With `per_agent` (a population's stacked networks), each agent's loss (K,) and its own gradients."""
+    With `per_agent` (a population's stacked networks), each agent's loss (K,) and its own gradients;
+    `next_q_target` as in `batch_targets`."""
     assert by_hand(q_net), "hand gradients are those of a plain MLP"
     q_all, saved = cast(MLPQNetwork, q_net).forward_saving(obs)
-    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts)
+    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts, next_q_target)
     index = actions.unsqueeze(-1)
     q = q_all.gather(-1, index).squeeze(-1)
     loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights, per_agent)

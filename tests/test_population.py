@@ -14,6 +14,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fastdqn import api
+from fastdqn import population as population_module
 from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 from fastdqn.config import Config
 from fastdqn.errors import CheckpointError, ConfigError
@@ -108,6 +109,34 @@ def test_batched_update_is_each_agents_own_update(tmp_path: Path, changes: dict,
     population.close()
     for trainer in alone:
         trainer.close()
+
+
+@pytest.mark.parametrize("target_update", ["hard", "soft"])
+def test_updates_in_chunks_are_the_updates_one_at_a_time(tmp_path: Path, monkeypatch, target_update: str) -> None:
+    """`steps(n)`, the training phase's updates with their samples drawn and gathered in chunks (here of 3) and, with
+    a hard target copy, each chunk's target Q-values from one forward pass, draws what n updates taken one at a time
+    draw and gives their metrics and weights to float tolerance."""
+    monkeypatch.setattr(population_module, "TARGET_PASS_FLOATS", 3 * 3 * 32 * 64)  # chunks of 3 updates
+    cfg = small(agents=3, target_update=target_update)
+    chunked, single = (Population(cfg, tmp_path / name, show_progress=False) for name in ("chunked", "single"))
+    for _ in range(30):
+        for population in (chunked, single):
+            for trainer in population.trainers:
+                trainer.collector.collect()
+    target_passes = []
+    chunked.stacked.target_net.register_forward_hook(lambda module, args, out: target_passes.append(out.shape))
+    got = torch.stack(list(chunked.stacked.steps(7)))
+    expected = torch.stack([metrics for _ in range(7) for metrics in single.stacked.steps(1)])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked.trainers, single.trainers):
+        assert max_diff(weights(a), weights(b)) < 1e-5
+    for a, b in zip(chunked.stacked.generators, single.stacked.generators):
+        assert torch.equal(a.get_state(), b.get_state())  # the same draws, in the same order
+    # hard: one target pass per chunk of 3 (3 x 32 columns, then 1 x 32); soft: the target moves every update
+    columns = [3 * 32, 3 * 32, 32] if target_update == "hard" else [32] * 7
+    assert [shape[1] for shape in target_passes] == columns
+    chunked.close()
+    single.close()
 
 
 def test_agent_dirs_are_standalone_run_dirs(tmp_path: Path) -> None:
