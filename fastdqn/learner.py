@@ -137,17 +137,18 @@ def batch_targets(
     terminated: torch.Tensor,
     discounts: torch.Tensor | None,
     next_q_target: torch.Tensor | None = None,
+    next_q_online: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The TD targets of a batch (B,) or of a population's batches (K, B) (see `td_targets`); `next_q_target`, when
-    given, is the target net's Q-values of next_obs computed beforehand."""
+    """The TD targets of a batch (B,) or of a population's batches (K, B) (see `td_targets`); `next_q_target` and
+    `next_q_online`, when given, are the target and online nets' Q-values of next_obs computed beforehand."""
     with autocast(cfg, next_obs.device.type):
-        next_q_online: torch.Tensor | None
+        if next_q_online is None and (target_net is None or cfg.double_dqn):
+            next_q_online = q_net(next_obs)
         if target_net is None:  # the online net is its own target
-            next_q_target = next_q_online = q_net(next_obs)
-        else:
-            next_q_online = q_net(next_obs) if cfg.double_dqn else None
-            if next_q_target is None:
-                next_q_target = target_net(next_obs)
+            next_q_target = next_q_online
+        elif next_q_target is None:
+            next_q_target = target_net(next_obs)
+    assert next_q_target is not None
     gamma = cfg.gamma if discounts is None else discounts
     return td_targets(rewards, terminated, gamma, next_q_target, next_q_online if cfg.double_dqn else None)
 
@@ -181,17 +182,26 @@ def hand_gradients(
     """(loss, Q(s,a), TD targets, the loss's gradients in `q_net.parameters()` order) of a plain MLP, without the
     autograd engine: `batch_td_loss`'s values, differentiated by `td_loss_grad` and `MLPQNetwork.backward_from`.
     With `per_agent` (a population's stacked networks), each agent's loss (K,) and its own gradients;
-    `next_q_target` as in `batch_targets`."""
+    `next_q_target` as in `batch_targets`. Where the targets need the online net's Q(s') (Double DQN, or no target
+    net) one forward pass takes s and s' together: one matmul per layer instead of two."""
     assert by_hand(q_net), "hand gradients are those of a plain MLP"
-    q_all, saved = cast(MLPQNetwork, q_net).forward_saving(obs)
-    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts, next_q_target)
+    net = cast(MLPQNetwork, q_net)
+    next_q_online = None
+    if target_net is None or cfg.double_dqn:  # the targets need the online net's Q(s'): one pass over s and s'
+        rows = obs.shape[-2]
+        q_both, saved = net.forward_saving(torch.cat([obs, next_obs], dim=-2))
+        q_all, next_q_online = q_both[..., :rows, :], q_both[..., rows:, :]
+        saved = [a[..., :rows, :] for a in saved]  # the backward pass is over s only
+    else:
+        q_all, saved = net.forward_saving(obs)
+    y = batch_targets(cfg, q_net, target_net, rewards, next_obs, terminated, discounts, next_q_target, next_q_online)
     index = actions.unsqueeze(-1)
     q = q_all.gather(-1, index).squeeze(-1)
     loss = td_loss(q, y, cfg.loss, cfg.huber_delta, weights, per_agent)
     grad_q = torch.zeros_like(q_all).scatter_(
         -1, index, td_loss_grad(q, y, cfg.loss, cfg.huber_delta, weights)[..., None]
     )
-    return loss, q, y, cast(MLPQNetwork, q_net).backward_from(saved, grad_q)
+    return loss, q, y, net.backward_from(saved, grad_q)
 
 
 def by_hand(net: nn.Module) -> bool:
