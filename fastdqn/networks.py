@@ -51,14 +51,22 @@ class RunningNormalizer(nn.Module):
         return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
 
 
+# Stacked layers take batches of fewer rows than this (acting, evaluation) as x W^T: on 2 CPU threads five default
+# agents' forward pass took 66 against 107 us for 8 rows that way, and 112 against 95 us for 16.
+FEW_ROWS = 16
+
+
 class Linear(nn.Linear):
     """nn.Linear that also takes a population's stacked weights: with a (K, out, in) weight and (K, out) bias (K
     agents, see population.py) it maps (K, B, in) to (K, B, out), one batched matmul for all agents."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dim() == 3:  # computed as (W x^T + b)^T: every operand, and the weight gradient, contiguous
-            return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, x.transpose(1, 2)).transpose(1, 2)
-        return super().forward(x)
+        if self.weight.dim() != 3:
+            return super().forward(x)
+        if x.shape[-2] < FEW_ROWS:
+            return torch.baddbmm(self.bias.unsqueeze(-2), x, self.weight.transpose(1, 2))
+        # (W x^T + b)^T: every operand, and the weight gradient, contiguous (the update's batches)
+        return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, x.transpose(1, 2)).transpose(1, 2)
 
 
 def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -248,12 +248,10 @@ class StackedAgents:
         """n samples of (K, B) transitions, as (n, K, B): agent k's B of each drawn from its own ring with its own
         generator, as n calls of its replay's `sample` draw them, and all of them gathered at once."""
         size, batch = len(self.replays[0]), self.cfg.batch_size
-        idx = torch.stack(
-            [
-                torch.stack([torch.randint(0, size, (batch,), device=self.device, generator=g) for g in self.generators])
-                for _ in range(n)
-            ]
-        )
+        draws = [
+            torch.randint(0, size, (batch,), device=self.device, generator=g) for _ in range(n) for g in self.generators
+        ]
+        idx = torch.stack(draws).view(n, self.k, batch)
         base = self.ring_starts.expand(n, self.k, batch)
         flat = self.storage.gather(idx.reshape(-1), base.reshape(-1))
         return Batch._make(None if t is None else t.view(n, self.k, batch, *t.shape[1:]) for t in flat)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 
-from fastdqn import api
+from fastdqn import api, networks
 from fastdqn import population as population_module
 from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 from fastdqn.config import Config
@@ -137,6 +137,22 @@ def test_updates_in_chunks_are_the_updates_one_at_a_time(tmp_path: Path, monkeyp
     assert [shape[1] for shape in target_passes] == columns
     chunked.close()
     single.close()
+
+
+@pytest.mark.parametrize("rows", [networks.FEW_ROWS - 1, networks.FEW_ROWS])
+def test_a_stacked_layer_is_each_agents_own_layer(rows: int) -> None:
+    """networks.Linear on stacked (K, out, in) weights maps each agent's rows as that agent's nn.Linear does, in
+    both of its layouts (x W^T for a few rows, (W x^T)^T for more)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 7) for _ in range(3)]
+    stacked = networks.Linear(5, 7)
+    stacked.weight = torch.nn.Parameter(torch.stack([layer.weight for layer in layers]))
+    stacked.bias = torch.nn.Parameter(torch.stack([layer.bias for layer in layers]))
+    x = torch.randn(3, rows, 5)
+    out = stacked(x)
+    assert out.shape == (3, rows, 7)
+    for k, layer in enumerate(layers):
+        assert torch.allclose(out[k], layer(x[k]), rtol=1e-5, atol=1e-6)
 
 
 def test_agent_dirs_are_standalone_run_dirs(tmp_path: Path) -> None:
