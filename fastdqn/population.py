@@ -35,7 +35,17 @@ from fastdqn.config import Config
 from fastdqn.errors import ConfigError
 from fastdqn.evaluation import EVAL_SEED_OFFSET, eval_seeds, evaluate
 from fastdqn.faults import EnvFailure
-from fastdqn.learner import DQNLearner, by_hand, clip_scale, hand_gradients, q_and_targets, soft_update_, td_loss
+from fastdqn.learner import (
+    DQNLearner,
+    by_hand,
+    clip_scale,
+    hand_gradients,
+    q_and_targets,
+    soft_update_,
+    targets_beforehand,
+    td_loss,
+    updates_per_target_pass,
+)
 from fastdqn.logs import ScalarSink, console, summary_table
 from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
@@ -44,10 +54,6 @@ from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
 from fastdqn.update_runner import compile_mode
 
 POPULATION_FILE = "population.json"
-# StackedAgents.steps: the most activations per layer of one batched target pass (4 MB of float32, which stays in
-# cache; measured: 64 updates' target Q-values of five default agents took 14.7 ms in passes of 1,024 columns, 26.1 ms
-# in one of 4,096 and 18.2 ms in 64 of 64, on 2 threads)
-TARGET_PASS_FLOATS = 1 << 20
 # Keys an agent may set to its own value: plain numbers used per agent (acting, clipping, Adam, soft updates,
 # the loss). Everything else is the same for all agents, because it shapes what is batched.
 AGENT_KEYS = (
@@ -266,17 +272,17 @@ class StackedAgents:
         They go in chunks: a chunk's samples are drawn (in the order n single samples draw them) and gathered at once,
         and where the target net stays as it is until the updates are done (hand gradients and a hard target copy,
         made after a training phase), their target Q-values come from one forward pass. Only float rounding differs
-        from updates taken one at a time: a matmul over more columns may sum in another order. A chunk's target pass
-        keeps at most TARGET_PASS_FLOATS activations per layer."""
-        widest = max(self.cfg.hidden_sizes, default=1)
-        chunk = max(1, TARGET_PASS_FLOATS // (self.k * self.cfg.batch_size * widest))
+        from updates taken one at a time: a matmul over more columns may sum in another order. A chunk holds
+        `updates_per_target_pass` updates."""
+        chunk = updates_per_target_pass(self.cfg, self.k)
         for start in range(0, n, chunk):
             yield from self._chunk_steps(min(chunk, n - start))
 
     def _chunk_steps(self, n: int) -> Iterator[torch.Tensor]:
         batches = self.samples(n)
         next_q_target = None
-        if self.by_hand and self.target_net is not None and self.cfg.target_update == "hard":
+        if self.by_hand and targets_beforehand(self.cfg, self.q_net, self.target_net):
+            assert self.target_net is not None, "targets_beforehand: there is a target net"
             next_obs = batches.next_obs.transpose(0, 1).reshape(self.k, -1, *batches.next_obs.shape[3:])  # (K, n*B, ..)
             with torch.no_grad():
                 next_q_target = self.target_net(next_obs).view(self.k, n, self.cfg.batch_size, -1).transpose(0, 1)

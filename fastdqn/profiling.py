@@ -63,6 +63,8 @@ def targets(trainer: Any) -> list[tuple[object, str, str]]:
         (trainer.learner, "sync_target", "target.sync"),
         (trainer.learner, "act", "act"),
     ]
+    if hasattr(trainer.replay, "samples"):  # a phase's samples drawn at once (UpdateRunner.run in chunks)
+        found.append((trainer.replay, "samples", "replay.sample"))
     # The runner's `update` is one update on a sampled batch; a graphed runner's `step` samples and updates.
     update = "step" if trainer.updates.kind == "graphed" else "update"
     return found + [(trainer.updates, update, "learner.update")]

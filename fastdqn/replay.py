@@ -231,6 +231,13 @@ class ReplayBuffer(TransitionStorage):
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.gather(idx)
 
+    def samples(self, n: int, batch_size: int) -> Batch:
+        """n samples as (n, batch_size): drawn as n calls of `sample` draw them, gathered at once."""
+        idx = torch.stack([torch.randint(0, self.size, (batch_size,), device=self.device) for _ in range(n)])
+        return Batch._make(
+            None if t is None else t.view(n, batch_size, *t.shape[1:]) for t in self.gather(idx.view(-1))
+        )
+
     graph_sampling = True  # the fill level and, for n-step returns, the write position are read on the device
 
     def graph_sample(self, batch_size: int) -> Batch:

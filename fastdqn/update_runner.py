@@ -26,9 +26,9 @@ from fastdqn.compile_cache import StoredSteps
 from fastdqn.config import Config
 from fastdqn.cuda_graph import CaptureError, capture, on_side_stream
 from fastdqn.errors import ConfigError, DeviceError, FastDQNError
-from fastdqn.learner import METRICS, DQNLearner, single_graph_step
+from fastdqn.learner import METRICS, DQNLearner, single_graph_step, targets_beforehand, updates_per_target_pass
 from fastdqn.prioritized import PrioritizedReplayBuffer
-from fastdqn.replay import Batch, GraphSampledReplay, Replay, TransitionStorage
+from fastdqn.replay import Batch, GraphSampledReplay, Replay, ReplayBuffer, TransitionStorage
 
 StepFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 WARMUP = 3  # uncaptured updates on a side stream before a capture (compiling, allocating the optimizer state)
@@ -106,11 +106,32 @@ class UpdateRunner:
         self.metrics_sum = torch.zeros(len(METRICS), device=learner.device)
         self.metrics_count = 0
         self.td_errors: torch.Tensor | None = None  # |TD error| per sample of the last update (device tensor)
+        # the eager step on uniform replay takes a training phase's updates in chunks (`run`)
+        self.chunked = (
+            not compiled
+            and isinstance(replay, ReplayBuffer)
+            and self.cfg.replay_buffer
+            and targets_beforehand(self.cfg, learner.q, learner.target_net)
+        )
 
     def run(self, n: int) -> None:
-        """`n` updates, each on a new sample."""
-        for _ in range(n):
-            self.step()
+        """`n` updates, each on a new sample. Where it can (`chunked`), in chunks of `updates_per_target_pass`: a
+        chunk's samples drawn as single samples draw them and gathered at once, and their target Q-values from one
+        forward pass of the target net, which only a hard copy after the phase changes. Only float rounding differs
+        from updates taken one at a time."""
+        if not self.chunked:
+            for _ in range(n):
+                self.step()
+            return
+        assert isinstance(self.replay, ReplayBuffer) and self.learner.target_net is not None, "checked in __init__"
+        chunk, size = updates_per_target_pass(self.cfg), self.cfg.batch_size
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            batches = self.replay.samples(m, size)
+            with torch.no_grad():
+                next_q_target = self.learner.target_net(batches.next_obs.flatten(0, 1)).view(m, size, -1)
+            for u in range(m):
+                self.update(Batch._make(None if t is None else t[u] for t in batches), next_q_target[u])
 
     def step(self) -> torch.Tensor:
         """One update on a new replay sample (the newest vector step in the no-replay ablation); returns its
@@ -121,10 +142,14 @@ class UpdateRunner:
         assert isinstance(self.replay, TransitionStorage), "the no-replay ablation keeps transitions"
         return self.update(self.replay.newest())
 
-    def update(self, batch: Batch) -> torch.Tensor:
-        """One update on `batch`: add its metrics to the sums, keep its |TD errors| and give them to the replay as
-        new priorities when the batch came with slot indices (prioritized replay)."""
-        stats, self.td_errors = self.step_fn(batch)
+    def update(self, batch: Batch, next_q_target: torch.Tensor | None = None) -> torch.Tensor:
+        """One update on `batch` (with its target Q-values when computed beforehand: the eager step): add its
+        metrics to the sums, keep its |TD errors| and give them to the replay as new priorities when the batch came
+        with slot indices (prioritized replay)."""
+        if next_q_target is None:
+            stats, self.td_errors = self.step_fn(batch)
+        else:
+            stats, self.td_errors = self.learner.step_on(batch, next_q_target)
         self.metrics_sum += stats
         self.metrics_count += 1
         if batch.indices is not None:
@@ -156,6 +181,7 @@ class GraphedUpdate(UpdateRunner):
 
     def __init__(self, learner: DQNLearner, replay: GraphSampledReplay, compiled: bool = False):
         super().__init__(learner, replay, compiled)
+        self.chunked = False  # every update is one replay of the captured graph, which samples inside
         self.kind, self.compiled, self.device = "graphed", compiled, learner.device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from compile_checks import assert_compiled
+from fastdqn import learner as learner_module
 from fastdqn import update_runner
 from fastdqn.config import Config
 from fastdqn.cuda_graph import CaptureError
@@ -374,3 +375,32 @@ def test_read_metrics_returns_the_mean_since_the_last_read():
     assert runner.read_metrics() == {}  # the sums were reset
     one = runner.update(data[5])
     assert runner.read_metrics()["loss"] == pytest.approx(one[0].item(), rel=1e-6)
+
+
+def test_eager_runner_takes_a_phase_in_chunks_as_one_update_at_a_time(monkeypatch):
+    """With hand gradients and a hard target copy the eager runner takes a phase's updates in chunks (here of 3):
+    their samples gathered at once, their target Q-values from one forward pass of the target net. The same draws,
+    metrics and weights as one update at a time, to float rounding."""
+    monkeypatch.setattr(learner_module, "TARGET_PASS_FLOATS", 3 * 32 * 32)  # batch 32, widest layer 32
+    cfg = small_cfg()
+    replay = filled_replay()
+    chunked, single = UpdateRunner(learner(cfg), replay), UpdateRunner(learner(cfg), replay)
+    assert chunked.chunked
+    single.chunked = False
+    rows = []
+    assert chunked.learner.target_net is not None
+    chunked.learner.target_net.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    torch.manual_seed(3)
+    chunked.run(7)
+    draws_after = torch.get_rng_state()
+    torch.manual_seed(3)
+    single.run(7)
+    assert torch.equal(draws_after, torch.get_rng_state())  # the same draws, in the same order
+    torch.testing.assert_close(chunked.metrics_sum, single.metrics_sum, rtol=1e-5, atol=1e-6)
+    assert_same_weights(chunked.learner, single.learner, atol=1e-5)
+    assert rows == [3 * 32, 3 * 32, 32]  # one target pass per chunk
+    # where the target moves every update, or the step is compiled or samples by priority: one at a time
+    assert not UpdateRunner(learner(cfg, target_update="soft"), replay).chunked
+    assert not UpdateRunner(learner(cfg), replay, compiled=True).chunked
+    per = PrioritizedReplayBuffer(64, 1, OBS_SHAPE, torch.float32, CPU, 1, 0.99, 0.6, 1e-6)
+    assert not UpdateRunner(learner(cfg, prioritized=True), per).chunked

@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fastdqn import api, networks
-from fastdqn import population as population_module
+from fastdqn import learner as learner_module
 from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 from fastdqn.config import Config
 from fastdqn.errors import CheckpointError, ConfigError
@@ -116,7 +116,7 @@ def test_updates_in_chunks_are_the_updates_one_at_a_time(tmp_path: Path, monkeyp
     """`steps(n)`, the training phase's updates with their samples drawn and gathered in chunks (here of 3) and, with
     a hard target copy, each chunk's target Q-values from one forward pass, draws what n updates taken one at a time
     draw and gives their metrics and weights to float tolerance."""
-    monkeypatch.setattr(population_module, "TARGET_PASS_FLOATS", 3 * 3 * 32 * 64)  # chunks of 3 updates
+    monkeypatch.setattr(learner_module, "TARGET_PASS_FLOATS", 3 * 3 * 32 * 64)  # chunks of 3 updates
     cfg = small(agents=3, target_update=target_update)
     chunked, single = (Population(cfg, tmp_path / name, show_progress=False) for name in ("chunked", "single"))
     for _ in range(30):

@@ -77,9 +77,9 @@ def test_update_count_is_independent_of_num_envs(tmp_path, tiny_cfg, num_envs):
     with trainer_without_run(cfg, tmp_path) as trainer:
         real_update = trainer.updates.update
 
-        def counting_update(batch):
+        def counting_update(batch, *target_q):
             calls.append(trainer.counters.env_step)
-            return real_update(batch)
+            return real_update(batch, *target_q)
 
         trainer.updates.update = counting_update
         drive(trainer, total)
