@@ -264,7 +264,7 @@ class StackedAgents:
 
     def sample(self) -> Batch:
         """(K, B) transitions, as `samples` draws them."""
-        return Batch._make(None if t is None else t[0] for t in self.samples(1))
+        return self.samples(1).at(0)
 
     def steps(self, n: int) -> Iterator[torch.Tensor]:
         """n updates of every agent, each on a new sample, yielding each one's (K, 3) [loss, mean Q, grad norm].
@@ -287,8 +287,7 @@ class StackedAgents:
             with torch.no_grad():
                 next_q_target = self.target_net(next_obs).view(self.k, n, self.cfg.batch_size, -1).transpose(0, 1)
         for u in range(n):
-            batch = Batch._make(None if t is None else t[u] for t in batches)
-            yield self.update(batch, None if next_q_target is None else next_q_target[u])
+            yield self.update(batches.at(u), None if next_q_target is None else next_q_target[u])
 
     def update(self, batch: Batch, next_q_target: torch.Tensor | None = None) -> torch.Tensor:
         """One update of every agent, agent k on `batch`'s k-th (B,) slice, with its own clipping and Adam step as

@@ -35,6 +35,10 @@ class Batch(NamedTuple):
     weights: torch.Tensor | None = None  # (B,) importance weights of prioritized replay; None = all 1
     indices: torch.Tensor | None = None  # (B,) slots sampled, for priority updates
 
+    def at(self, i: int) -> Batch:
+        """The i-th batch of batches stacked along a leading dim (`samples`: (n, B) or a population's (n, K, B))."""
+        return Batch._make(None if t is None else t[i] for t in self)
+
     def loss_inputs(self) -> LossInputs:
         """What a TD loss takes of the batch, in the order of `batch_td_loss`'s batch arguments: every field but the
         sampled slots."""

@@ -131,7 +131,7 @@ class UpdateRunner:
             with torch.no_grad():
                 next_q_target = self.learner.target_net(batches.next_obs.flatten(0, 1)).view(m, size, -1)
             for u in range(m):
-                self.update(Batch._make(None if t is None else t[u] for t in batches), next_q_target[u])
+                self.update(batches.at(u), next_q_target[u])
 
     def step(self) -> torch.Tensor:
         """One update on a new replay sample (the newest vector step in the no-replay ablation); returns its

@@ -101,7 +101,7 @@ def test_batched_update_is_each_agents_own_update(tmp_path: Path, changes: dict,
         batch = population.stacked.sample()
         stats = population.stacked.update(batch)
         for k, trainer in enumerate(alone):
-            own, _ = trainer.learner.step_on(Batch(*(None if t is None else t[k] for t in batch)))
+            own, _ = trainer.learner.step_on(batch.at(k))
             assert torch.allclose(stats[k], own, rtol=1e-5, atol=1e-6), (step, k)
             assert max_diff(weights(population.trainers[k]), weights(trainer)) < 1e-5, (step, k)
             target_a, target_b = population.trainers[k].learner.target, trainer.learner.target
