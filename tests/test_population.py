@@ -19,7 +19,6 @@ from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 from fastdqn.config import Config
 from fastdqn.errors import CheckpointError, ConfigError
 from fastdqn.population import Population, agent_configs
-from fastdqn.replay import Batch
 from fastdqn.trainer import Trainer
 
 SMALL = dict(
