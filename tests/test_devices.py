@@ -85,7 +85,7 @@ def test_free_cuda_memory_counts_blocks_cached_by_pytorch(monkeypatch):
 
 
 def test_use_device_flushes_denormals_on_the_cpu():
-    """Adam's moments of dead ReLU units decay into the denormal range, where the fused step ran 36x slower: a run
+    """Adam's moments of dead ReLU units decay into the denormal range, where the fused step ran 33x slower: a run
     computes them as zero (the conftest fixture has just turned flushing off)."""
     tiny = torch.tensor([1e-39, 1e-30])  # 1e-39 is below float32's smallest normal number (1.2e-38)
     assert (tiny * 0.5)[0] > 0
