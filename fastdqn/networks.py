@@ -122,7 +122,14 @@ class MLPQNetwork(nn.Module):
         return x if self.normalizer is None else self.normalizer(x)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return in_float32(self.net, self.inputs(obs))
+        return in_float32(self.layers, self.inputs(obs))
+
+    def layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers in turn, each by its `forward`: on a few rows (acting) nn.Module's call wrapper and Sequential's
+        cost about as much as a small layer's matmul, and no hooks are set on the layers inside."""
+        for layer in self.net:
+            x = layer.forward(x)
+        return x
 
     def forward_saving(self, obs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(Q-values, what `backward_from` needs: the first layer's input and every layer's output), computed as
@@ -143,8 +150,9 @@ class MLPQNetwork(nn.Module):
         speed: a small MLP's eager update spent more time in autograd's bookkeeping than in its matmuls."""
         grads: list[torch.Tensor] = []
         g = grad_q
-        for i in range(len(self.net) - 1, -1, -1):
-            layer = self.net[i]
+        layers = list(self.net)  # indexing a Sequential copies its module list each time
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
             if isinstance(layer, nn.ReLU):  # autograd's own ReLU backward: g where the output > 0, else 0
                 g = torch.ops.aten.threshold_backward(g, saved[i + 1], 0)
                 continue
