@@ -3,10 +3,15 @@ this CPU machine (the real thing runs in test_cuda.py)."""
 
 from __future__ import annotations
 
+import json
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from fastdqn import memory
+from fastdqn import devices, memory
 from fastdqn.devices import resolve_device, use_device
 from fastdqn.errors import DeviceError
 
@@ -92,3 +97,41 @@ def test_use_device_flushes_denormals_on_the_cpu():
     use_device(torch.device("cpu"), tf32=False)
     halved = tiny * 0.5
     assert halved[0] == 0 and halved[1] == 5e-31
+
+
+# A fresh process: how much of a 4 MB tensor glibc's malloc maps afresh from the OS (mallinfo2's hblkhd, bytes in
+# mapped blocks), before and after keep_freed_memory, which use_device calls.
+MAPPED_4MB = """
+import ctypes, json, torch
+from fastdqn import devices
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                "fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+def mapped():
+    before = mallinfo2().hblkhd
+    tensor = torch.empty(1 << 20)  # 4 MB
+    return mallinfo2().hblkhd - before
+first = mapped()
+kept = devices.keep_freed_memory()
+print(json.dumps([first, kept, mapped()]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_makes_malloc_reuse_blocks_of_a_few_mb():
+    """A population's activations are tensors of a few MB made every update; glibc maps each afresh from the OS
+    (page faults on first touch) until keep_freed_memory has it take them from the heap."""
+    first, kept, after = json.loads(
+        subprocess.run([sys.executable, "-c", MAPPED_4MB], capture_output=True, text=True, check=True).stdout
+    )
+    assert first >= 4 << 20  # glibc's own setting: mapped afresh
+    assert kept is True and after == 0
+
+
+def test_use_device_keeps_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(devices, "keep_freed_memory", lambda: calls.append(True) or True)
+    use_device(torch.device("cpu"), tf32=False)
+    assert calls == [True]
