@@ -10,6 +10,7 @@ enough: on a CartPole MLP trained to Q ~ 100 the hidden layers' rounding still m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -69,7 +70,7 @@ class Linear(nn.Linear):
         return torch.baddbmm(self.bias.unsqueeze(-1), self.weight, x.transpose(1, 2)).transpose(1, 2)
 
 
-def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def in_float32(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """`module(x)` in float32 even under autocast: the Q head, and what follows it (targets, loss), stay exact."""
     with torch.autocast(x.device.type, enabled=False):
         return module(x.float())
