@@ -50,8 +50,8 @@ def td_targets(
     if next_q_online is None:
         next_v = next_q_target.max(dim=-1).values
     else:
-        # max's indices are argmax's (the first of equal values); argmax took 34 against 5 us on a population's
-        # (K, B, n_actions) Q-values, which are transposed in memory (networks.Linear)
+        # max's indices are argmax's (the first of equal values); argmax took 31.6 against 6.7 us on a population's
+        # (K, B, n_actions) Q-values, which are transposed in memory (networks.Linear; benchmarks/layouts.py)
         next_v = next_q_target.gather(-1, next_q_online.max(dim=-1, keepdim=True).indices).squeeze(-1)
     return rewards + gamma * (1.0 - terminated) * next_v
 
@@ -204,9 +204,9 @@ def hand_gradients(
     return loss, q, y, net.backward_from(saved, grad_q)
 
 
-# The most activations per layer one batched target pass holds (4 MB of float32, which stays in cache; measured on
-# 2 CPU threads: 64 updates' target Q-values of five default agents took 14.7 ms in passes of 1,024 columns, 26.1 ms
-# in one of 4,096 and 18.2 ms in 64 of 64)
+# The most activations per layer one batched target pass holds (4 MB of float32). Five default agents' update on 2
+# CPU threads took 2,080 us with chunks of this size, 2,366 us with chunks of one update, 2,071 us with twice the size
+# (benchmarks/layouts.py)
 TARGET_PASS_FLOATS = 1 << 20
 
 

@@ -53,7 +53,8 @@ class RunningNormalizer(nn.Module):
 
 
 # Stacked layers take batches of fewer rows than this (acting, evaluation) as x W^T: on 2 CPU threads five default
-# agents' forward pass took 66 against 107 us for 8 rows that way, and 112 against 95 us for 16.
+# agents' forward pass took 86.6 against 127.9 us for 8 rows that way, and 135.7 against 120.4 us for 16
+# (benchmarks/layouts.py).
 FEW_ROWS = 16
 
 
