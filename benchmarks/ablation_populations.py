@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastdqn.bench import cpu_name
 
 OUT_JSON = Path("benchmarks/results/ablation_populations.json")
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def main() -> None:
     separate = ablate(args.out / "separate", args.seeds, args.workers, ["--separate-runs", *extra])
     populations = ablate(args.out / "populations", args.seeds, args.workers, extra)
     record = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "seeds": args.seeds,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from fastdqn.backends import BackendSpec
+from fastdqn.bench import cpu_name
 from fastdqn.config import Config
 from fastdqn.experiments import execute
 from fastdqn.outcomes import read_run
@@ -246,7 +246,7 @@ def main() -> None:
     args.json.write_text(
         json.dumps(
             {
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+                "machine": f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread",
                 "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d"),
                 "late_from": LATE,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from fastdqn import devices
 from fastdqn.adam import fused_adam_
+from fastdqn.bench import cpu_name
 from fastdqn.config import Config
 from fastdqn.trainer import Trainer
 
@@ -87,7 +87,7 @@ def main() -> None:
     }
     torch.set_flush_denormal(False)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1},
+        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "threads": 1},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "steps": opts.steps,
         "exp_avg_after_run": moments,

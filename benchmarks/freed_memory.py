@@ -95,9 +95,11 @@ def main() -> None:
                 }
             )
             print(f"{agents} agent(s), malloc {mode}: {ms:.3f} ms per update ({default / ms:.2f}x default)")
+    from fastdqn.bench import cpu_name
+
     record = {
         "command": "python benchmarks/freed_memory.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "glibc": platform.libc_ver()[1]},
+        "machine": {"cpu": cpu_name(), "glibc": platform.libc_ver()[1]},
         "what": f"median ms per update of {PHASE}-update phases, default CartPole config, each median over rounds",
         "rows": rows,
     }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastdqn import learner, networks
+from fastdqn.bench import cpu_name
 from fastdqn.config import Config
 from fastdqn.devices import use_device
 from fastdqn.population import Population
@@ -89,7 +89,7 @@ def main() -> None:
         print(f"{name}: {value}")
     record = {
         "command": "python benchmarks/layouts.py --rounds " + str(opts.rounds),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 2},
+        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "threads": 2},
         "what": f"{AGENTS} default CartPole agents' stacked networks; medians over rounds, the cases taking turns",
         "medians": figures,
         "rounds": {name: [round(v, 1) for v in values] for name, values in runs.items()},

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from fastdqn.backends import BackendSpec
+from fastdqn.bench import cpu_name
 from fastdqn.config import Config, from_dict, load_yaml, parse_set
 from fastdqn.experiments import execute
 from fastdqn.outcomes import read_run
@@ -137,35 +137,37 @@ def stamp_load(out: Path, plan: Plan) -> None:
             path.write_text(json.dumps(data))
 
 
+def sb3_command(name: str, seed: int, python: str, out: Path) -> list[str]:
+    """The command of one SB3 run of the env's config (benchmarks/sb3_dqn.py in `python`'s venv), writing `out`."""
+    cfg = env_config(name)
+    params, _ = sb3_hyperparams(cfg)
+    return [
+        python,
+        str(ROOT / "benchmarks" / "sb3_dqn.py"),
+        "--env",
+        cfg.env_id,
+        "--seed",
+        str(seed),
+        "--hyperparams",
+        json.dumps(params),
+        "--total-steps",
+        str(cfg.total_steps),
+        "--eval-every",
+        str(cfg.eval_every),
+        "--eval-episodes",
+        str(cfg.eval_episodes),
+        "--out",
+        str(out),
+    ]
+
+
 def run_sb3(name: str, seed: int, python: str, out: Path) -> None:
     """One SB3 run into out/sb3-seed-<seed>.json (kept: a finished run is not run again)."""
     path = out / f"sb3-seed-{seed}.json"
     if path.is_file():
         return
-    cfg = env_config(name)
-    params, _ = sb3_hyperparams(cfg)
     tmp = path.with_suffix(".tmp")
-    subprocess.run(
-        [
-            python,
-            str(ROOT / "benchmarks" / "sb3_dqn.py"),
-            "--env",
-            cfg.env_id,
-            "--seed",
-            str(seed),
-            "--hyperparams",
-            json.dumps(params),
-            "--total-steps",
-            str(cfg.total_steps),
-            "--eval-every",
-            str(cfg.eval_every),
-            "--eval-episodes",
-            str(cfg.eval_episodes),
-            "--out",
-            str(tmp),
-        ],
-        check=True,
-    )
+    subprocess.run(sb3_command(name, seed, python, tmp), check=True)
     loads = os.getloadavg()
     data = json.loads(tmp.read_text())
     data["load_after"] = round(loads[0], 2)
@@ -221,7 +223,7 @@ def build_report(name: str, out: Path) -> dict[str, Any] | None:
         "solve_line": cfg.solve_line,
         "changes": {k: v for k, v in plan.base.items() if shipped.get(k) != v},  # from the config as shipped now
         "rl_zoo": {"env_id": spec["zoo_env"], "mean_return": spec["zoo"], "env_steps": spec["zoo_steps"]},
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "fastdqn": {

@@ -5,20 +5,27 @@ online net on s' for Double DQN) and the backward pass (weight gradients of ever
 the first). This script counts their multiply-adds, times fp32 matrix products of the update's own largest shape on
 1 and 2 torch threads, and divides: the seconds a run would spend in matrix products alone if nothing else cost
 anything. Set beside what a goal allows, that says whether eager PyTorch (whose per-op dispatch comes on top) could
-reach it on this CPU.
+reach it on this CPU. The same products in bf16 are timed beside them: what reduced-precision products would allow
+(where the CPU has native bf16, AVX512-BF16 or AMX, they are several times faster).
 
-    python benchmarks/matmul_floor.py [--out benchmarks/results/matmul_floor.json]
+What the goals allow comes from measurements of the same machine: SB3's whole Acrobot run from
+`benchmarks/sb3_speed.py`'s JSON, one default agent's whole run from a `fastdqn bench --suite population` JSON.
+
+    python benchmarks/matmul_floor.py [--sb3 sb3_speed-acrobot.json] [--population bench-....json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fastdqn.bench import cpu_name
+from fastdqn.config import Config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,10 +38,12 @@ def update_flops(dims: list[int], batch: int, double_dqn: bool) -> float:
     return 2.0 * batch * (passes * forward + forward + input_grads)
 
 
-def gemm_rate(rows: int, inner: int, cols: int, threads: int, seconds: float = 2.0) -> float:
-    """FLOP/s of fp32 `addmm` of (rows x inner) @ (inner x cols) on `threads` torch threads."""
+def gemm_rate(
+    rows: int, inner: int, cols: int, threads: int, seconds: float = 2.0, dtype: torch.dtype = torch.float32
+) -> float:
+    """FLOP/s of `addmm` of (rows x inner) @ (inner x cols) in `dtype` on `threads` torch threads."""
     torch.set_num_threads(threads)
-    a, w, b = torch.randn(rows, inner), torch.randn(cols, inner), torch.randn(cols)
+    a, w, b = (torch.randn(*shape, dtype=dtype) for shape in ((rows, inner), (cols, inner), (cols,)))
     for _ in range(50):
         torch.addmm(b, a, w.t())
     n, start = 0, time.perf_counter()
@@ -45,8 +54,10 @@ def gemm_rate(rows: int, inner: int, cols: int, threads: int, seconds: float = 2
     return 2.0 * rows * inner * cols * n / (time.perf_counter() - start)
 
 
-def goals(acrobot_sb3_cpu_s: float, one_agent_s: float) -> list[dict]:
+def goals(acrobot_sb3_s: float, one_agent_s: float) -> list[dict]:
     """The goals, each with the updates it runs and the seconds it allows for the whole run."""
+    default = Config()
+    per_agent = (default.total_steps - default.learning_starts) // default.train_every * default.gradient_steps
     return [
         {
             "goal": "Acrobot-v1 at rl-zoo's hyperparameters in a third of SB3's time",
@@ -55,14 +66,14 @@ def goals(acrobot_sb3_cpu_s: float, one_agent_s: float) -> list[dict]:
             "double_dqn": False,
             "updates": 100_000,
             "threads": 1,  # SB3's run had one torch thread
-            "allowed_s": acrobot_sb3_cpu_s / 3,
+            "allowed_s": acrobot_sb3_s / 3,
         },
         {
             "goal": "5 default CartPole agents in 2x the wall time of one",
-            "dims": [4, 256, 256, 2],
-            "batch": 64,
-            "double_dqn": True,
-            "updates": 5 * 12_500,
+            "dims": [4, *default.hidden_sizes, 2],  # CartPole: 4 observations, 2 actions
+            "batch": default.batch_size,
+            "double_dqn": default.double_dqn,
+            "updates": 5 * per_agent,
             "threads": 2,
             "allowed_s": 2 * one_agent_s,
         },
@@ -71,25 +82,38 @@ def goals(acrobot_sb3_cpu_s: float, one_agent_s: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sb3", default="sb3_speed-acrobot.json", help="benchmarks/sb3_speed.py's JSON, in results/")
+    parser.add_argument("--population", default="bench-20261202-183919.json", help="a population bench JSON")
     parser.add_argument("--out", type=Path, default=RESULTS / "matmul_floor.json")
     args = parser.parse_args()
-    sb3 = json.loads((RESULTS / "learning-acrobot.json").read_text())["sb3"]["cpu_time_median"]
-    population = json.loads((RESULTS / "bench-20261202-100558.json").read_text())
+    sb3 = json.loads((RESULTS / args.sb3).read_text())["median_wall_s"]["sb3"]
+    population = json.loads((RESULTS / args.population).read_text())
     one_agent = next(c for c in population["training"] if c["name"].startswith("1 agent"))
     one_agent_s = sorted(r["whole_s"] for r in one_agent["runs"])[len(one_agent["runs"]) // 2]
     rows = []
     for goal in goals(sb3, one_agent_s):
-        hidden = goal["dims"][1]
-        rate = gemm_rate(goal["batch"], hidden, goal["dims"][2], goal["threads"])
+        shape = (goal["batch"], goal["dims"][1], goal["dims"][2], goal["threads"])
+        rate, bf16 = gemm_rate(*shape), gemm_rate(*shape, dtype=torch.bfloat16)
         flops = update_flops(goal["dims"], goal["batch"], goal["double_dqn"]) * goal["updates"]
-        rows.append({**goal, "gflop_per_s": rate / 1e9, "tflop": flops / 1e12, "matmul_floor_s": flops / rate})
+        rows.append(
+            {
+                **goal,
+                "gflop_per_s": rate / 1e9,
+                "tflop": flops / 1e12,
+                "matmul_floor_s": flops / rate,
+                "bf16_gflop_per_s": bf16 / 1e9,
+                "bf16_matmul_floor_s": flops / bf16,
+            }
+        )
         print(
             f"{goal['goal']}: {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s ({goal['threads']} thread(s)) = "
-            f"{flops / rate:.1f} s of matrix products alone; the goal allows {goal['allowed_s']:.1f} s in all"
+            f"{flops / rate:.1f} s of matrix products alone ({flops / bf16:.1f} s in bf16 at {bf16 / 1e9:.0f} "
+            f"GFLOP/s); the goal allows {goal['allowed_s']:.1f} s in all"
         )
     record = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "sources": {"sb3_cpu_time": "learning-acrobot.json", "one_agent": "bench-20261202-100558.json"},
+        "command": "python benchmarks/matmul_floor.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpu": cpu_name(), "torch": torch.__version__},
+        "sources": {"sb3_wall_time": args.sb3, "one_agent": args.population},
         "goals": rows,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -155,8 +155,10 @@ def main() -> None:
     import ray
     import torch
 
+    from fastdqn.bench import cpu_name
+
     record = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} CPUs",
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
