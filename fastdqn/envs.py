@@ -9,8 +9,8 @@ does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -83,6 +83,11 @@ class SameStepCartPole(CartPoleVectorEnv):
         super().__init__(num_envs=num_envs, max_episode_steps=max_episode_steps, **kwargs)
         self.episode_returns = np.zeros(num_envs)
         self.episode_lengths = np.zeros(num_envs, dtype=np.int64)
+        self.constants = kwargs  # the spec's keywords, for `with_envs`
+
+    def with_envs(self, num_envs: int) -> SameStepCartPole:
+        """A CartPole of `num_envs` envs with this one's time limit and constants (`step_together`'s engine)."""
+        return SameStepCartPole(num_envs, self.max_episode_steps, **self.constants)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         self.episode_returns[:] = 0.0
@@ -102,6 +107,13 @@ class SameStepCartPole(CartPoleVectorEnv):
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         obs, reward, terminated, truncated, _ = super().step(action)
+        return self.finish_step(obs, reward, terminated, truncated)
+
+    def finish_step(
+        self, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """What follows the physics of a step: episode statistics, and the reset of every env that just finished,
+        drawn from this env's generator, its final observation kept in `info`."""
         self.episode_returns += reward
         self.episode_lengths += 1
         done = terminated | truncated
@@ -123,6 +135,28 @@ class SameStepCartPole(CartPoleVectorEnv):
             "_final_info": done,
         }
         return obs, reward, terminated, truncated, info
+
+
+def step_together(
+    envs: Sequence[SameStepCartPole], actions: Sequence[np.ndarray], engine: SameStepCartPole
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Step several CartPole vector envs (a population's agents') as one: the physics of all of them in one numpy
+    step of `engine` (a CartPole of as many envs, with the same constants), then each env finishes its own step
+    (`finish_step`: its resets from its own generator). What each env returns, and the state it is left in, are
+    what its own `step` gives, for one numpy step instead of one per env."""
+    assert len({env.max_episode_steps for env in envs}) == 1, "one time limit for all"
+    bounds = np.cumsum([0, *(env.num_envs for env in envs)])
+    state = np.concatenate([env.state for env in envs], axis=1)
+    engine.state = state  # type: ignore[assignment]  # gymnasium types it as None, its value before a reset
+    engine.steps = np.concatenate([env.steps for env in envs])
+    engine.prev_done = np.zeros(engine.num_envs, dtype=np.bool_)  # finished envs were reset in their own step
+    obs, reward, terminated, truncated, _ = CartPoleVectorEnv.step(engine, np.concatenate(actions))
+    state = cast(np.ndarray, engine.state)  # the step's new state array
+    stepped = []
+    for env, lo, hi in zip(envs, bounds[:-1], bounds[1:]):
+        env.state, env.steps = state[:, lo:hi], engine.steps[lo:hi]  # type: ignore[assignment]  # as above
+        stepped.append(env.finish_step(obs[lo:hi], reward[lo:hi], terminated[lo:hi], truncated[lo:hi]))
+    return stepped
 
 
 NATIVE_ENTRY_POINT = "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"

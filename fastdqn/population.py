@@ -50,6 +50,7 @@ from fastdqn.logs import ScalarSink, console, summary_table
 from fastdqn.presets import is_atari_id, is_minatar_id
 from fastdqn.replay import Batch, ReplayBuffer
 from fastdqn.schedules import epsilon_at
+from fastdqn.stepping import JointStep, joint_steppers
 from fastdqn.trainer import RunState, StopRequest, Trainer, TrainResult
 from fastdqn.update_runner import compile_mode
 
@@ -432,6 +433,7 @@ class Population:
         self.cfgs = agent_configs(cfg, values)
         self.dirs = dirs or [agent_dir(run_dir, k) for k in range(cfg.agents)]
         self.trainers: list[Trainer] = []
+        self.joint: list[JointStep] | None = None  # the agents' steppers when their envs step together
         generators = []
         try:
             for k, (agent_cfg, path) in enumerate(zip(self.cfgs, self.dirs)):
@@ -457,6 +459,10 @@ class Population:
                 self.cfgs,
                 generators,
             )
+            # native CartPoles (no overlap) take one numpy step for all agents, each with its own resets
+            self.joint = joint_steppers([t.envs for t in self.trainers], [t.collector.stepper for t in self.trainers])
+            for trainer, stepper in zip(self.trainers, self.joint or []):
+                trainer.collector.stepper = stepper
         except BaseException:
             self.close()
             raise
@@ -476,6 +482,8 @@ class Population:
     def close(self) -> None:
         for trainer in self.trainers:
             trainer.close()
+        if self.joint:
+            self.joint[0].group.close()
 
     # --- the loop -------------------------------------------------------------------------------------
     def run(self, sinks: Sequence[ScalarSink] = ()) -> PopulationResult:

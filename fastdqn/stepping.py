@@ -6,19 +6,22 @@ sequential loop. With it on, the envs step while the updates run: ale-py's vecto
 C++ threads), gymnasium's async vector env through `step_async`/`step_wait` (its worker processes), and sync or
 native envs on a CPU in a worker thread (`ThreadStep`; the torch ops of the updates release the GIL). On CUDA
 sync and native envs step inline: the updates queued before `finish` run on the GPU while the host steps the envs.
+A population's agents' native CartPoles, stepped inline, take one numpy step together (`JointStep`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from fastdqn.config import Config
+from fastdqn.envs import SameStepCartPole, step_together
 from fastdqn.errors import ConfigError
 
 Stepped = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]  # what `envs.step` returns
@@ -123,6 +126,69 @@ class ThreadStep(InFlight):
     def close(self) -> None:
         super().close()
         self.pool.shutdown(wait=True)
+
+
+class CartPoleGroup:
+    """A population's agents' CartPole envs, stepped together (`envs.step_together`) when every agent has started its
+    step; each agent's `JointStep` takes its share. An agent that finishes a step the others have not started (its
+    collector used on its own) steps its envs alone, which gives the same."""
+
+    def __init__(self, envs: Sequence[SameStepCartPole], engine: SameStepCartPole):
+        self.envs, self.engine = list(envs), engine
+        self.actions: list[np.ndarray | None] = [None] * len(self.envs)
+        self.stepped: list[Stepped | None] = [None] * len(self.envs)
+
+    def start(self, k: int, actions: np.ndarray) -> None:
+        self.actions[k] = actions
+
+    def finish(self, k: int) -> Stepped:
+        stepped = self.stepped[k]
+        if stepped is not None:
+            self.stepped[k] = None
+            return stepped
+        mine = self.actions[k]
+        assert mine is not None, "finish() follows start()"
+        if any(a is None for a in self.actions):  # the others have not started: this agent's envs step alone
+            self.actions[k] = None
+            return self.envs[k].step(mine)
+        actions, self.actions = self.actions, [None] * len(self.envs)
+        self.stepped = list(step_together(self.envs, cast(list[np.ndarray], actions), self.engine))
+        stepped, self.stepped[k] = self.stepped[k], None
+        assert stepped is not None, "step_together returns every env's step"
+        return stepped
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class JointStep:
+    """Agent k's stepper in a `CartPoleGroup`: its envs step with every other agent's, in the first `finish`."""
+
+    def __init__(self, group: CartPoleGroup, k: int):
+        self.group, self.k = group, k
+
+    @property
+    def envs(self) -> gym.vector.VectorEnv:
+        return self.group.envs[self.k]
+
+    def start(self, actions: np.ndarray) -> None:
+        self.group.start(self.k, actions)
+
+    def finish(self) -> Stepped:
+        return self.group.finish(self.k)
+
+    def close(self) -> None:
+        self.group.actions[self.k] = None  # a step started and not taken is dropped
+
+
+def joint_steppers(envs: Sequence[gym.vector.VectorEnv], steppers: Sequence[Stepper]) -> list[JointStep] | None:
+    """Steppers that step a population's agents' envs together, where all are native CartPoles stepped inline (no
+    overlap); None where they are not."""
+    if not all(isinstance(e, SameStepCartPole) for e in envs) or not all(isinstance(s, InlineStep) for s in steppers):
+        return None
+    group_envs = cast(list[SameStepCartPole], list(envs))
+    group = CartPoleGroup(group_envs, group_envs[0].with_envs(sum(e.num_envs for e in group_envs)))
+    return [JointStep(group, k) for k in range(len(group_envs))]
 
 
 def is_ale_vector_env(envs: gym.vector.VectorEnv) -> bool:

@@ -11,7 +11,14 @@ from gymnasium.vector import AutoresetMode
 
 from core_helpers import COUNTER_ENV, REWARD, TIME_LIMIT, classic, drive, trainer_without_run
 from fastdqn.config import Config
-from fastdqn.envs import check_env_id, check_spaces, finished_episodes, make_vector_env, true_next_obs
+from fastdqn.envs import (
+    check_env_id,
+    check_spaces,
+    finished_episodes,
+    make_vector_env,
+    step_together,
+    true_next_obs,
+)
 from fastdqn.errors import EnvError
 
 
@@ -216,6 +223,37 @@ def test_native_cartpole_steps_like_gymnasiums_single_env_and_resets_in_the_same
         ended["terminated"] += int(terminated.sum())
         ended["truncated"] += int((truncated & ~terminated).sum())
     assert ended["terminated"] > 10 and ended["truncated"] > 5
+
+
+def test_cartpoles_stepped_together_step_as_each_alone():
+    """`step_together` (a population's agents' envs in one numpy step) gives what each env's own step gives, resets
+    from each env's own generator included, and leaves each env in the state its own steps leave it."""
+    cfg = Config(env_id="CartPole-v1", vector_mode="native", max_episode_steps=30)
+    alone = [make_vector_env(cfg, n) for n in (4, 3, 5)]
+    together = [make_vector_env(cfg, n) for n in (4, 3, 5)]
+    for k, (a, b) in enumerate(zip(alone, together)):
+        a.reset(seed=10 + k)
+        b.reset(seed=10 + k)
+    engine = together[0].with_envs(12)
+    rng = np.random.default_rng(0)
+    ended = 0
+    for _ in range(200):
+        actions = [rng.integers(0, 2, env.num_envs) for env in alone]
+        for a, b, act in zip(alone, step_together(together, actions, engine), actions):
+            expected = a.step(act)
+            for got, want in zip(b[:4], expected[:4]):
+                assert np.array_equal(got, want)
+            assert b[4].keys() == expected[4].keys()
+            if expected[4]:
+                assert np.array_equal(b[4]["final_obs"], expected[4]["final_obs"])
+                assert np.array_equal(b[4]["_final_obs"], expected[4]["_final_obs"])
+                episode, want_episode = b[4]["final_info"]["episode"], expected[4]["final_info"]["episode"]
+                assert all(np.array_equal(episode[key], want_episode[key]) for key in ("r", "l"))
+                ended += int(expected[4]["_final_obs"].sum())
+    assert ended > 50  # terminations and 30-step time limits, each reset drawn from its env's generator
+    for a, b in zip(alone, together):
+        assert np.array_equal(a.state, b.state) and np.array_equal(a.steps, b.steps)
+        assert a.np_random.bit_generator.state == b.np_random.bit_generator.state
 
 
 def test_vector_mode_auto_is_native_for_cartpole_only_and_native_elsewhere_names_the_fix():

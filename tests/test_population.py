@@ -57,11 +57,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize("overlap", ["never", "always"])
 def test_agents_follow_their_standalone_runs(tmp_path: Path, overlap: str) -> None:
     """Agent k acts, stores and learns as the standalone run with seed + k: the same actions in every replay
-    slot, the same episodes and updates, and weights equal to float tolerance after ~400 updates. With the
-    overlap (each agent's envs stepping in a worker thread while the updates run) as well."""
+    slot, the same episodes and updates, and weights equal to float tolerance after ~400 updates: without the
+    overlap every agent's CartPoles take one numpy step together (`envs.step_together`); with it each agent's envs
+    step in a worker thread of their own while the updates run."""
     cfg = small(agents=3, seed=4, overlap=overlap)
     population = Population(cfg, tmp_path / "pop", show_progress=False)
     assert all(t.overlap == (overlap == "always") for t in population.trainers)
+    assert (population.joint is not None) == (overlap == "never")
     population.run()
     for k, agent in enumerate(population.trainers):
         alone = Trainer(cfg.updated(agents=1, seed=4 + k), tmp_path / f"alone-{k}", show_progress=False)
