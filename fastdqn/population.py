@@ -95,7 +95,6 @@ def unbatchable(cfg: Config) -> tuple[str, str] | None:
     are known by their id here (Atari, MinAtar) and by their observation once built (`Population`)."""
     refused = [
         (cfg.prioritized, "prioritized replay", "--no-prioritized"),
-        (not cfg.replay_buffer, "replay_buffer: false", "--replay-buffer"),
         (cfg.normalize_obs, "normalize_obs", "--no-normalize-obs"),
         (cfg.profile, "profile", "--no-profile, and profile a single agent"),
         (cfg.cuda_graph == "always", "cuda_graph: always", "--cuda-graph auto"),
@@ -267,14 +266,27 @@ class StackedAgents:
         """(K, B) transitions, as `samples` draws them."""
         return self.samples(1).at(0)
 
+    def newest(self) -> Batch:
+        """Every agent's last vector step, (K, N) in env order: the no-replay ablation's batches, as each agent's
+        replay's `newest` gives them (the agents write in lockstep, so their rings stand at the same slot)."""
+        n, replay = self.cfg.num_envs, self.replays[0]
+        start = (replay.pos - n) % replay.capacity  # writes fill whole rows of n slots, so the step is one slice
+        slots = self.ring_starts + torch.arange(start, start + n, device=self.device)  # (K, n)
+        return self.storage.gather(slots)  # one-step transitions: replay_buffer: false has n_step 1
+
     def steps(self, n: int) -> Iterator[torch.Tensor]:
-        """n updates of every agent, each on a new sample, yielding each one's (K, 3) [loss, mean Q, grad norm].
+        """n updates of every agent, each on a new sample (with replay_buffer: false, each on the newest vector step),
+        yielding each one's (K, 3) [loss, mean Q, grad norm].
 
         They go in chunks: a chunk's samples are drawn (in the order n single samples draw them) and gathered at once,
         and where the target net stays as it is until the updates are done (hand gradients and a hard target copy,
         made after a training phase), their target Q-values come from one forward pass. Only float rounding differs
         from updates taken one at a time: a matmul over more columns may sum in another order. A chunk holds
         `updates_per_target_pass` updates."""
+        if not self.cfg.replay_buffer:
+            for _ in range(n):
+                yield self.update(self.newest())
+            return
         chunk = updates_per_target_pass(self.cfg, self.k)
         for start in range(0, n, chunk):
             yield from self._chunk_steps(min(chunk, n - start))

@@ -54,13 +54,22 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-@pytest.mark.parametrize("overlap", ["never", "always"])
-def test_agents_follow_their_standalone_runs(tmp_path: Path, overlap: str) -> None:
+# the no-replay ablation (plans.ablation_variants): every update trains on the vector step just taken
+NO_REPLAY = dict(
+    replay_buffer=False, buffer_size=4, batch_size=4, train_every=4, gradient_steps=1, learning_starts=0, n_step=1
+)
+
+
+@pytest.mark.parametrize(
+    ("overlap", "changes"), [("never", {}), ("always", {}), ("never", NO_REPLAY)], ids=["never", "always", "no-replay"]
+)
+def test_agents_follow_their_standalone_runs(tmp_path: Path, overlap: str, changes: dict) -> None:
     """Agent k acts, stores and learns as the standalone run with seed + k: the same actions in every replay
     slot, the same episodes and updates, and weights equal to float tolerance after ~400 updates: without the
     overlap every agent's CartPoles take one numpy step together (`envs.step_together`); with it each agent's envs
-    step in a worker thread of their own while the updates run."""
-    cfg = small(agents=3, seed=4, overlap=overlap)
+    step in a worker thread of their own while the updates run. Without a replay buffer every agent's update trains
+    on its own newest vector step."""
+    cfg = small(agents=3, seed=4, overlap=overlap, **changes)
     population = Population(cfg, tmp_path / "pop", show_progress=False)
     assert all(t.overlap == (overlap == "always") for t in population.trainers)
     assert (population.joint is not None) == (overlap == "never")
@@ -253,13 +262,14 @@ def test_train_points_a_population_to_train_population(tmp_path: Path) -> None:
 
 
 def test_ablate_trains_each_variants_seeds_as_one_population(tmp_path: Path) -> None:
-    """A variant that batches trains its seeds as one population (population dir, each seed's run dir with its
-    result); one that cannot (no replay buffer) trains a run per seed; --separate-runs trains every seed alone."""
+    """A variant that batches (no replay buffer among them) trains its seeds as one population (population dir, each
+    seed's run dir with its result); one that cannot (prioritized replay) trains a run per seed; --separate-runs
+    trains every seed alone."""
     flags = ["--seeds", "2", "--set", "total_steps=600", "--set", "learning_starts=200", "--set", "eval_every=0"]
-    cli = [sys.executable, "-m", "fastdqn.cli", "ablate", "--variants", "full,no-replay", *flags]
+    cli = [sys.executable, "-m", "fastdqn.cli", "ablate", "--variants", "full,no-replay,per", *flags]
     out = tmp_path / "grouped"
     done = subprocess.run([*cli, "--out", str(out)], capture_output=True, text=True, check=True)
-    assert "1 of 2 points train as 1 population of 2 agents" in " ".join((done.stdout + done.stderr).split())
+    assert "2 of 3 points train as 2 populations of 2 agents" in " ".join((done.stdout + done.stderr).split())
     assert json.loads((out / "plan.json").read_text())["populations"] is True
     population = json.loads((out / "full-DQN" / "population" / "population.json").read_text())
     assert population["values"] == {"seed": [1, 2]}
@@ -268,8 +278,9 @@ def test_ablate_trains_each_variants_seeds_as_one_population(tmp_path: Path) -> 
         assert result["env_steps"] == 600 and result["population"].endswith("population")
         saved = Config(**load_checkpoint(list_checkpoints(out / "full-DQN" / f"seed-{seed}")[-1])["config"])
         assert saved.seed == seed
-        assert (out / "no-replay-buffer" / f"seed-{seed}" / "result.json").is_file()
-    assert not (out / "no-replay-buffer" / "population").exists()
+        assert (out / "prioritized-replay" / f"seed-{seed}" / "result.json").is_file()
+    assert (out / "no-replay-buffer" / "population" / "population.json").is_file()
+    assert not (out / "prioritized-replay" / "population").exists()
     assert "full DQN" in (out / "results.md").read_text()
     alone = tmp_path / "alone"
     subprocess.run([*cli, "--separate-runs", "--out", str(alone)], capture_output=True, text=True, check=True)
