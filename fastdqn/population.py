@@ -269,9 +269,7 @@ class StackedAgents:
     def newest(self) -> Batch:
         """Every agent's last vector step, (K, N) in env order: the no-replay ablation's batches, as each agent's
         replay's `newest` gives them (the agents write in lockstep, so their rings stand at the same slot)."""
-        n, replay = self.cfg.num_envs, self.replays[0]
-        start = (replay.pos - n) % replay.capacity  # writes fill whole rows of n slots, so the step is one slice
-        slots = self.ring_starts + torch.arange(start, start + n, device=self.device)  # (K, n)
+        slots = self.ring_starts + self.replays[0].newest_slots()  # (K, N)
         return self.storage.gather(slots)  # one-step transitions: replay_buffer: false has n_step 1
 
     def steps(self, n: int) -> Iterator[torch.Tensor]:

@@ -120,6 +120,11 @@ class RingStorage:
         self.size = min(self.size + n, self.capacity)
         self._refresh_fill()
 
+    def newest_slots(self) -> torch.Tensor:
+        """The slots of the last vector step written, in env order: one row of N slots, as writes fill whole rows."""
+        start = (self.pos - self.num_envs) % self.capacity
+        return torch.arange(start, start + self.num_envs, device=self.device)
+
     def _refresh_fill(self) -> None:
         """Copy the fill level and the write position to the device-side tensors that samplers read."""
         self.filled.fill_(self.size)
@@ -224,8 +229,7 @@ class TransitionStorage(RingStorage):
 
     def newest(self) -> Batch:
         """The last vector step added, one transition per env in env order (the no-replay ablation's batch)."""
-        idx = torch.remainder(self.pos - self.num_envs + torch.arange(self.num_envs, device=self.device), self.capacity)
-        return self.gather(idx)
+        return self.gather(self.newest_slots())
 
 
 class ReplayBuffer(TransitionStorage):
